@@ -1,0 +1,70 @@
+"""Every Redis key in one place.
+
+All keys of one deployment share the hash tag `{namespace}`, so each Lua script touches a single slot
+and runs unchanged on Redis Cluster (the deployment then lives on one shard; sharding by hub is the
+path past that, see README).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "sw"
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "}"
+
+    # sites ---------------------------------------------------------------------------------------
+    def site(self, site: str) -> str:
+        """Hash: hub, cluster, status, seq, seen, mv (meta version), meta (pools, energy, latency JSON)."""
+        return f"{self.prefix}:site:{site}"
+
+    def capacity(self, site: str) -> str:
+        """Hash per site: t:<model> total, x:<model> in use outside the broker, a:<model> allocated."""
+        return f"{self.prefix}:cap:{site}"
+
+    def site_jobs(self, site: str) -> str:
+        """Set of jobs holding capacity at the site (assigned or running)."""
+        return f"{self.prefix}:site:{site}:jobs"
+
+    @property
+    def sites(self) -> str:
+        """Sorted set: site -> change version; the registry and the change log the matcher follows."""
+        return f"{self.prefix}:sites"
+
+    @property
+    def seen(self) -> str:
+        """Sorted set: site -> last message time (ms), for the heartbeat check."""
+        return f"{self.prefix}:seen"
+
+    @property
+    def clock(self) -> str:
+        """Counter that orders site changes."""
+        return f"{self.prefix}:clock"
+
+    # jobs ----------------------------------------------------------------------------------------
+    def job(self, job: str) -> str:
+        return f"{self.prefix}:job:{job}"
+
+    @property
+    def queue(self) -> str:
+        """Sorted set of queued jobs by priority then submission time."""
+        return f"{self.prefix}:queue"
+
+    def tenant_jobs(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:jobs"
+
+    @property
+    def assigned(self) -> str:
+        """Sorted set: assigned job -> deadline (ms) for the site's `accepted`."""
+        return f"{self.prefix}:assigned"
+
+    # events --------------------------------------------------------------------------------------
+    @property
+    def events(self) -> str:
+        """Stream: every allocation, release and job state change."""
+        return f"{self.prefix}:events"

@@ -1,0 +1,89 @@
+"""Giving work back: jobs of a site that went offline or silent, and assignments never accepted.
+
+Every path ends in the `transition` script, which checks the job's site and attempt, so running any of
+these twice, or on several replicas at once, changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import orjson
+
+from broker.schemas import ASSIGNMENTS_SCHEMA
+from broker.store import Store, now_ms
+from suanwang import logs
+
+log = logs.get("suanwang.lifecycle")
+
+PublishAssignments = Callable[[str, bytes], Awaitable[None]]
+
+
+def cancel_payload(site: str, jobs: Sequence[tuple[str, int]]) -> bytes:
+    """An assignments message telling `site` to stop these (job, attempt) pairs."""
+    return orjson.dumps({
+        "schema": ASSIGNMENTS_SCHEMA, "site": site,
+        "assignments": [{"job": job, "attempt": attempt, "action": "cancel"} for job, attempt in jobs],
+    })  # fmt: skip
+
+
+async def tell_site_to_cancel(publish: PublishAssignments, site: str, jobs: Sequence[tuple[str, int]]) -> None:
+    if not jobs:
+        return
+    try:
+        await publish(site, cancel_payload(site, jobs))
+    except Exception as exc:  # best effort: the site's stale events are ignored by attempt anyway
+        log.warning("cancel.publish_failed", site=site, error=str(exc))
+
+
+async def requeue_site(store: Store, publish: PublishAssignments, site: str, reason: str) -> int:
+    """Return every job held at `site` to the queue; returns how many went back."""
+    jobs = await store.jobs_at(site)
+    if not jobs:
+        return 0
+    attempts = await store.get_jobs(jobs, "attempt")
+    results = await store.transitions((job, "requeue", site, "", reason) for job in jobs)
+    back = [(job, int(a or 0)) for job, (a,), r in zip(jobs, attempts, results, strict=True) if r == "queued"]
+    for job, _ in back:
+        log.info("job.requeued", job=job, site=site, reason=reason)
+    await tell_site_to_cancel(publish, site, back)
+    return len(back)
+
+
+async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> int:
+    """One maintenance pass: expire unaccepted assignments and give back the work of silent sites."""
+    now = now_ms()
+    moved = 0
+    overdue = await store.overdue_assignments(now)
+    if overdue:
+        rows = await store.get_jobs(overdue, "site", "attempt")
+        results = await store.transitions(
+            (job, "expire", "", "", "the site did not accept the assignment in time") for job in overdue
+        )
+        for job, (site, attempt), result in zip(overdue, rows, results, strict=True):
+            if result == "queued" and site:
+                moved += 1
+                log.info("job.requeued", job=job, site=site, reason="accept timeout")
+                await tell_site_to_cancel(publish, site, [(job, int(attempt or 0))])
+    for site in await store.silent_sites(now - site_ttl_ms):
+        if await store.set_site_status(site, "stale", expect="online"):
+            log.warning("site.silent", site=site)
+            moved += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
+    return moved
+
+
+async def run_sweeper(
+    store: Store, publish: PublishAssignments, site_ttl_s: float, kick: asyncio.Event, stop: asyncio.Event,
+    every_s: float = 1.0,
+) -> None:  # fmt: skip
+    while not stop.is_set():
+        try:
+            if await sweep(store, publish, int(site_ttl_s * 1000)):
+                kick.set()
+        except Exception as exc:  # Redis away: try again next round
+            log.warning("sweep.failed", error=str(exc), error_type=type(exc).__name__)
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            pass

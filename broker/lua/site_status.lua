@@ -1,0 +1,14 @@
+-- Set a site's status (online, offline, stale) and record the change for the matcher.
+-- KEYS: site, sites, clock
+-- ARGV: site_id, status, expect ('' for any; otherwise only change when the current status equals it)
+-- Returns 1 when the status changed, 0 otherwise.
+local current = redis.call('HGET', KEYS[1], 'status')
+if ARGV[3] ~= '' and current ~= ARGV[3] then
+  return 0
+end
+if current == ARGV[2] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+return 1

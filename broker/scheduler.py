@@ -1,0 +1,158 @@
+"""The shell around the pure matcher: refresh the snapshot, match a batch, commit, publish.
+
+Round trips per pass, whatever the batch size: one to learn which sites changed (plus one to load
+them), one to read the head of the queue (plus one for job specs not seen before), one pipelined commit
+of every placement, and one MQTT message per site that received work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, defaultdict
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from broker.matching import Decision, NoFit, Request, match
+from broker.schemas import ASSIGNMENTS_SCHEMA, JobSpec
+from broker.snapshot import Snapshot
+from broker.store import Placement, Store
+from suanwang import logs
+
+log = logs.get("suanwang.scheduler")
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        snapshot: Snapshot,
+        publish_assignments: Publish,
+        *,
+        batch: int = 512,
+        accept_timeout_s: float = 30.0,
+        idle_poll_s: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self.publish_assignments = publish_assignments
+        self.batch = batch
+        self.accept_timeout_ms = int(accept_timeout_s * 1000)
+        self.idle_poll_s = idle_poll_s
+        self.kick = asyncio.Event()
+        self._requests: OrderedDict[str, Request | None] = OrderedDict()
+        self._unfit: dict[str, tuple[int, str]] = {}  # job -> (snapshot version, reason written)
+        self.placed = 0
+
+    async def refresh(self) -> int:
+        """Apply every site change since the last refresh; returns how many sites changed."""
+        changed = await self.store.changed_sites(self.snapshot.version)
+        if not changed:
+            return 0
+        records = await self.store.load_sites([site for site, _ in changed], self.snapshot.meta_versions())
+        for record in records:
+            self.snapshot.apply(record)
+        self.snapshot.version = max(self.snapshot.version, max(version for _, version in changed))
+        return len(changed)
+
+    async def _requests_for(self, ids: list[str]) -> list[Request]:
+        missing = [job_id for job_id in ids if job_id not in self._requests]
+        if missing:
+            for job_id, (spec,) in zip(missing, await self.store.get_jobs(missing, "spec"), strict=True):
+                self._requests[job_id] = Request.of(job_id, JobSpec.model_validate_json(spec)) if spec else None
+            while len(self._requests) > 200_000:
+                self._requests.popitem(last=False)
+        return [req for job_id in ids if (req := self._requests.get(job_id)) is not None]
+
+    async def _queue_head(self) -> list[str]:
+        """Up to `batch` queued jobs, in queue order, skipping those already found unfit at this version."""
+        ids: list[str] = []
+        start = 0
+        version = self.snapshot.version
+        for _ in range(8):  # bounded: a long unfit queue is not re-read in full on every tick
+            if len(ids) >= self.batch:
+                break
+            page = await self.store.queued(start, self.batch)
+            if not page:
+                break
+            ids += [job_id for job_id in page if self._unfit.get(job_id, (-1, ""))[0] != version]
+            start += len(page)
+        return ids[: self.batch]
+
+    async def run_once(self) -> int:
+        """One scheduling pass; returns the number of jobs placed."""
+        await self.refresh()
+        requests = await self._requests_for(await self._queue_head())
+        if not requests:
+            return 0
+        if len(self._unfit) > 200_000:
+            self._unfit.clear()  # entries of jobs that left the queue elsewhere; rebuilt as needed
+        placements: list[tuple[Placement, Request, Decision]] = []
+        reasons: dict[str, str] = {}
+        for req in requests:
+            result = match(req, self.snapshot)
+            if isinstance(result, NoFit):
+                message = result.message
+                previous = self._unfit.get(req.job_id)
+                self._unfit[req.job_id] = (self.snapshot.version, message)
+                if previous is None or previous[1] != message:
+                    reasons[req.job_id] = message
+                continue
+            chosen = result.chosen
+            table = self.snapshot.tables[chosen.arch]
+            table.allocated[chosen.row] += req.count  # optimistic: the commit below confirms or refuses
+            placements.append((Placement(req.job_id, chosen.site, chosen.hub, chosen.model, req.count,
+                                         chosen.price, round(chosen.latency_ms, 2)), req, result))  # fmt: skip
+        await self.store.set_reasons(reasons)
+        results = await self.store.allocate([p for p, _, _ in placements], self.accept_timeout_ms)
+        by_site: dict[str, list[dict[str, object]]] = defaultdict(list)
+        stale = False
+        for (placement, req, _decision), attempt in zip(placements, results, strict=True):
+            if attempt > 0:
+                self._unfit.pop(req.job_id, None)
+                self._requests.pop(req.job_id, None)
+                by_site[placement.site].append(
+                    {"job": req.job_id, "attempt": attempt, "action": "run", "model": placement.model,
+                     "count": placement.count, "duration_hours": req.duration_hours, "name": req.name,
+                     "workload": req.workload}
+                )  # fmt: skip
+                log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
+                         count=placement.count, attempt=attempt)  # fmt: skip
+            elif attempt == -1:
+                self._requests.pop(req.job_id, None)  # cancelled or placed by another replica
+            else:
+                stale = True  # our view was behind Redis; the next pass reloads the site
+        if by_site:
+            await self._publish(by_site)
+        placed = sum(len(v) for v in by_site.values())
+        self.placed += placed
+        if stale:
+            self.kick.set()
+        return placed
+
+    async def _publish(self, by_site: dict[str, list[dict[str, object]]]) -> None:
+        for site, items in by_site.items():
+            payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items})
+            try:
+                await self.publish_assignments(site, payload)
+            except Exception as exc:  # the assignment is in Redis; the accept timeout returns it to the queue
+                log.warning("assignment.publish_failed", site=site, error=str(exc))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Schedule until `stop` is set: at once when kicked, otherwise every `idle_poll_s`."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(self.kick.wait(), self.idle_poll_s)
+            except TimeoutError:
+                pass
+            self.kick.clear()
+            try:
+                placed = await self.run_once()
+            except Exception as exc:  # a pass that fails (Redis down) is retried on the next tick
+                log.warning("scheduler.pass_failed", error=str(exc), error_type=type(exc).__name__)
+                await asyncio.sleep(self.idle_poll_s)
+                continue
+            if placed:
+                self.kick.set()  # there may be more behind this batch

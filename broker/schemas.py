@@ -1,0 +1,206 @@
+"""Wire formats: the job users submit over HTTP and the messages sites and broker exchange over MQTT.
+
+Every model forbids unknown fields so that a typo is an error naming the field, not a silent default.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from suanwang.errors import InvalidInput
+
+T = TypeVar("T", bound=BaseModel)
+
+CAPACITY_SCHEMA = "suanwang.capacity/1"
+EVENT_SCHEMA = "suanwang.event/1"
+ASSIGNMENTS_SCHEMA = "suanwang.assignments/1"
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+Model = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]
+Stack = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._+-]*$")]
+Count = Annotated[int, Field(ge=0, le=10_000_000)]
+
+
+class Arch(StrEnum):
+    CPU = "CPU"
+    GPU = "GPU"
+    ASIC = "ASIC"
+    FPGA = "FPGA"
+
+
+class Priority(StrEnum):
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class SiteEventKind(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+# --------------------------------------------------------------------------- jobs (HTTP)
+
+
+class Resources(_Strict):
+    arch: Arch
+    models: tuple[Model, ...] = Field(default=(), max_length=32, description="Acceptable device models; empty means any")
+    count: int = Field(ge=1, le=100_000, description="Devices wanted, all of one model at one site")
+    min_memory_gb: float = Field(default=0, ge=0, le=100_000)
+    same_site: bool = True
+
+
+class JobSpec(_Strict):
+    name: str = Field(default="job", min_length=1, max_length=128)
+    workload: Literal["training", "inference", "hpc", "rendering", "batch", "general"] = "general"
+    resources: Resources
+    origin: Identifier = Field(description="City (or hub/cluster) the job's users and data are in")
+    max_latency_ms: float | None = Field(default=None, gt=0, le=10_000)
+    max_price_cny_per_hour: float | None = Field(default=None, gt=0, le=1_000_000, description="Per device-hour")
+    duration_hours: float = Field(gt=0, le=24 * 365)
+    priority: Priority = Priority.NORMAL
+    tenant: Identifier = "default"
+    labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=32
+    )
+
+
+# --------------------------------------------------------------------------- MQTT, site -> broker
+
+
+class Pool(_Strict):
+    arch: Arch
+    model: Model
+    memory_gb: float = Field(ge=0, le=100_000)
+    total: Count
+    in_use_external: Count = 0
+    per_node: int = Field(default=1, ge=1, le=1024)
+    interconnect: str = Field(default="none", max_length=32)
+    stacks: tuple[Stack, ...] = Field(default=(), max_length=32)
+    price_cny_per_hour: float = Field(ge=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _external_within_total(self) -> Pool:
+        if self.in_use_external > self.total:
+            raise ValueError(f"in_use_external {self.in_use_external} exceeds total {self.total}")
+        return self
+
+
+class Energy(_Strict):
+    pue: float = Field(default=1.3, ge=1.0, le=3.0)
+    green_share: float = Field(default=0.3, ge=0, le=1)
+    tariff_cny_per_kwh: float = Field(default=0.5, ge=0, le=10)
+
+
+class Capacity(_Strict):
+    schema_: Literal["suanwang.capacity/1"] = Field(alias="schema")
+    site: Identifier
+    hub: Identifier
+    cluster: Identifier | None = None
+    seq: int = Field(ge=0, le=2**53)
+    pools: tuple[Pool, ...] = Field(max_length=256)
+    energy: Energy = Energy()
+    latency_ms: dict[Identifier, Annotated[float, Field(ge=0, le=10_000)]] = Field(
+        default_factory=dict, max_length=512, description="Measured round trip per origin; overrides the model"
+    )
+    ts: float | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_models(cls, pools: tuple[Pool, ...]) -> tuple[Pool, ...]:
+        seen: set[str] = set()
+        for pool in pools:
+            if pool.model in seen:
+                raise ValueError(f"model {pool.model} appears in two pools")
+            seen.add(pool.model)
+        return pools
+
+
+class SiteEvent(_Strict):
+    schema_: Literal["suanwang.event/1"] = Field(alias="schema")
+    site: Identifier
+    job: Identifier
+    attempt: int = Field(ge=1, le=1_000_000)
+    event: SiteEventKind
+    reason: str | None = Field(default=None, max_length=512)
+    ts: float | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- MQTT, broker -> site
+
+
+class Assignment(_Strict):
+    job: Identifier
+    attempt: int
+    action: Literal["run", "cancel"] = "run"
+    model: Model | None = None
+    count: int = 0
+    duration_hours: float = 0
+    name: str = ""
+    workload: str = ""
+
+
+class Assignments(_Strict):
+    schema_: Literal["suanwang.assignments/1"] = Field(alias="schema")
+    site: Identifier
+    assignments: tuple[Assignment, ...]
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- parsing with clear errors
+
+
+def _field_of(error: ValidationError) -> tuple[str, str | None]:
+    first = error.errors(include_url=False)[0]
+    loc = ".".join(str(part) for part in first["loc"]) or None
+    if loc == "schema_":
+        loc = "schema"
+    message = first["msg"]
+    if loc:
+        message = f"{loc}: {message}"
+    return message, loc
+
+
+def parse(model: type[T], payload: bytes | str | dict) -> T:
+    """Validate `payload` (JSON bytes or a decoded dict) as `model`, raising InvalidInput naming the field."""
+    if isinstance(payload, bytes | str):
+        try:
+            payload = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"body is not valid JSON: {exc}", None, code="malformed_json") from None
+    if not isinstance(payload, dict):
+        raise InvalidInput("body must be a JSON object", None)
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        message, field = _field_of(exc)
+        raise InvalidInput(message, field) from None

@@ -1,0 +1,118 @@
+"""`suanwang serve`: one broker replica. It holds nothing a restart would lose; run as many as needed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from broker import topics
+from broker.api import make_app
+from broker.events import EventFeed, run_mirror
+from broker.ingest import Ingest
+from broker.lifecycle import run_sweeper
+from broker.mqtt import MqttLink
+from broker.scheduler import Scheduler
+from broker.snapshot import Snapshot
+from broker.store import Store
+from regions import load_geography
+from suanwang import logs
+from suanwang.config import Settings
+
+log = logs.get("suanwang.broker")
+
+
+@dataclass
+class Broker:
+    """A running replica's parts, for the CLI, the demo and the tests."""
+
+    settings: Settings
+    store: Store
+    scheduler: Scheduler
+    ingest: Ingest
+    mqtt: MqttLink
+    feed: EventFeed
+    stop: asyncio.Event
+    runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        host, _ = self.settings.http_address
+        return f"http://{host}:{self.port}"
+
+    async def close(self) -> None:
+        self.stop.set()
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.runner is not None:
+            await self.runner.cleanup()
+        await self.store.close()
+
+
+async def start_broker(settings: Settings) -> Broker:
+    """Start every part of a replica and return once HTTP is listening."""
+    store = Store.from_url(settings.redis_url, settings.namespace)
+    geo = load_geography()
+    stop = asyncio.Event()
+    kick = asyncio.Event()
+    link_holder: list[MqttLink] = []
+
+    async def publish_assignments(site: str, payload: bytes) -> None:
+        await link_holder[0].publish(topics.assignments(site), payload, qos=1)
+
+    ingest = Ingest(store, publish_assignments, kick)
+    root = topics.ROOT
+    mqtt = MqttLink(
+        settings.mqtt, f"suanwang-broker-{settings.replica}",
+        [
+            (f"{root}/sites/+/capacity", 1),  # every replica: retained capacity reaches a fresh one
+            (f"{root}/sites/+/status", 1),
+            (topics.shared(f"{root}/sites/+/events", settings.share_group), 1),  # each event to one replica
+        ],
+        ingest.handle,
+    )  # fmt: skip
+    link_holder.append(mqtt)
+    scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
+                          accept_timeout_s=settings.accept_timeout_s)  # fmt: skip
+    scheduler.kick = kick
+    feed = EventFeed(store)
+
+    async def mirror_publish(payload: bytes) -> None:
+        await mqtt.publish(topics.ALLOCATIONS, payload, qos=0)
+
+    broker = Broker(settings, store, scheduler, ingest, mqtt, feed, stop)
+    broker.tasks = [
+        asyncio.create_task(mqtt.run(stop), name="mqtt"),
+        asyncio.create_task(scheduler.run(stop), name="scheduler"),
+        asyncio.create_task(run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop), name="sweep"),
+        asyncio.create_task(feed.run(stop), name="feed"),
+        asyncio.create_task(run_mirror(store, settings.replica, mirror_publish, stop), name="mirror"),
+    ]
+    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, settings.max_body_bytes)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    host, port = settings.http_address
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    broker.runner = runner
+    server = site._server  # the bound port, when 0 asked for a free one
+    broker.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
+    log.info("broker.started", http=broker.url, redis=settings.redis_url, mqtt=settings.mqtt.url,
+             replica=settings.replica)  # fmt: skip
+    return broker
+
+
+async def serve(settings: Settings) -> None:
+    broker = await start_broker(settings)
+    print(f"Suanwang broker listening on {broker.url}", flush=True)
+    try:
+        await broker.stop.wait()
+    finally:
+        await broker.close()

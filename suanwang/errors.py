@@ -1,0 +1,44 @@
+"""The project's own exceptions; library errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class SuanwangError(Exception):
+    """Base class of every error Suanwang raises on purpose."""
+
+    code = "internal"
+
+
+class InvalidInput(SuanwangError):
+    """A request body or message that fails validation; `field` names the offending part."""
+
+    code = "invalid"
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code:
+            self.code = code
+
+
+class NotFound(SuanwangError):
+    code = "not_found"
+
+
+class Conflict(SuanwangError):
+    """The request is valid but the object is in a state that does not allow it."""
+
+    code = "conflict"
+
+
+class StoreUnavailable(SuanwangError):
+    """Redis cannot be reached or answered with an error."""
+
+    code = "store_unavailable"
+
+
+class MessagingUnavailable(SuanwangError):
+    """The MQTT broker cannot be reached."""
+
+    code = "mqtt_unavailable"

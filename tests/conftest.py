@@ -1,0 +1,76 @@
+"""Real servers for the tests: one redis-server and one mosquitto per session, on free ports.
+
+Tests that need to kill or restart a server ask for the function-scoped `own_redis` / `own_mosquitto`.
+Every test gets its own key namespace, so tests sharing a server never see each other's state.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from suanwang import logs
+from suanwang.servers import MosquittoServer, RedisServer, mosquitto_available
+
+
+def _ensure_debian_package(binary: str, package: str) -> None:
+    if shutil.which(binary) or (binary == "mosquitto" and mosquitto_available()):
+        return
+    subprocess.run(["apt-get", "install", "-y", "-q", package], check=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    logs.configure("warning", json=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    _ensure_debian_package("redis-server", "redis-server")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[MosquittoServer]:
+    _ensure_debian_package("mosquitto", "mosquitto")
+    server = MosquittoServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=True)
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_mosquitto() -> Iterator[MosquittoServer]:
+    server = MosquittoServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A key and topic-free namespace unique to the test."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
