@@ -34,6 +34,7 @@ class Scheduler:
         batch: int = 512,
         accept_timeout_s: float = 30.0,
         idle_poll_s: float = 0.5,
+        kick: asyncio.Event | None = None,
     ) -> None:
         self.store = store
         self.snapshot = snapshot
@@ -41,7 +42,7 @@ class Scheduler:
         self.batch = batch
         self.accept_timeout_ms = int(accept_timeout_s * 1000)
         self.idle_poll_s = idle_poll_s
-        self.kick = asyncio.Event()
+        self.kick = kick or asyncio.Event()
         self._requests: OrderedDict[str, Request | None] = OrderedDict()
         self._unfit: dict[str, tuple[int, str]] = {}  # job -> (snapshot version, reason written)
         self.placed = 0

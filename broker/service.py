@@ -80,8 +80,7 @@ async def start_broker(settings: Settings) -> Broker:
     )  # fmt: skip
     link_holder.append(mqtt)
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
-                          accept_timeout_s=settings.accept_timeout_s)  # fmt: skip
-    scheduler.kick = kick
+                          accept_timeout_s=settings.accept_timeout_s, kick=kick)  # fmt: skip
     feed = EventFeed(store)
 
     async def mirror_publish(payload: bytes) -> None:
