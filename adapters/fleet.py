@@ -7,6 +7,7 @@ sequential, so `sites_for_hub(h, 500)` is a prefix of `sites_for_hub(h, 1000)` f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from collections.abc import Mapping
@@ -31,7 +32,7 @@ def _clone(template: SiteSeed, **changes: Any) -> SiteSeed:
 
 
 def _jitter_pool(pool: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
-    out = dict(pool)
+    out = copy.deepcopy(dict(pool))  # seed pools are shared; never alias their lists
     total = int(pool["total"])
     per_node = max(1, int(pool.get("per_node", 1)))
     factor = rng.uniform(1 - TOTAL_JITTER, 1 + TOTAL_JITTER)
@@ -54,7 +55,7 @@ def sites_for_hub(hub: str, n: int | None = None, seed: int = 0) -> list[SiteSee
     """The hub's seeded sites, then (if `n` asks for more) synthetic ones cloned from them.
 
     `n=None` means exactly the seeded sites; `n` smaller than the seeded count takes the first `n`.
-    Synthetic ids are `{template.cluster}-s{i:04d}` with `i` the site's position in the returned list.
+    Synthetic ids are `{template.cluster}-s{i:04d}`, `i` counting on from the seeded sites' count.
     """
     seeded = [site for site in load_fleet() if site.hub == hub]
     if not seeded:

@@ -82,9 +82,7 @@ class SimSite:
         self.running[key] = run
         self.link.emit(item.job, item.attempt, SiteEventKind.ACCEPTED)
         run.task = asyncio.create_task(self._execute(key, item.duration_hours), name=f"sim-{site}-{item.job}")
-        log.info(
-            "job accepted", site=site, job=item.job, attempt=item.attempt, model=item.model, count=item.count
-        )
+        log.info("job accepted", site=site, job=item.job, attempt=item.attempt, model=item.model, count=item.count)
 
     def _reject(self, key: tuple[str, int], reason: str) -> None:
         self._remember(key)
@@ -113,8 +111,12 @@ class SimSite:
     def _cancel(self, item: Assignment) -> None:
         # A cancel for attempt N also stops older attempts of the job still running here.
         for key, run in list(self.running.items()):
-            if key[0] == item.job and key[1] <= item.attempt and run.task is not None:
-                run.task.cancel()
+            if key[0] == item.job and key[1] <= item.attempt:
+                # Free the devices now: a task cancelled before its first step never runs `finally`.
+                del self.running[key]
+                self._remember(key)
+                if run.task is not None:
+                    run.task.cancel()
                 log.info("job cancelled", site=self.link.site, job=key[0], attempt=key[1])
         self._remember((item.job, item.attempt))
 

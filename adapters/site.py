@@ -104,9 +104,14 @@ class SiteLink:
     def emit(self, job: str, attempt: int, event: SiteEventKind | str, reason: str | None = None) -> None:
         """Queue a job event for delivery (QoS 1, in emission order, kept across reconnects)."""
         message = SiteEvent(
-            schema=EVENT_SCHEMA, site=self.site, job=job, attempt=attempt,
-            event=SiteEventKind(event), reason=reason, ts=time.time(),
-        )  # fmt: skip
+            schema=EVENT_SCHEMA,  # type: ignore[arg-type]  # the constant is that Literal
+            site=self.site,
+            job=job,
+            attempt=attempt,
+            event=SiteEventKind(event),
+            reason=reason,
+            ts=time.time(),
+        )
         self._outbox.append(orjson.dumps(message.model_dump(mode="json", by_alias=True)))
         self._outbox_ready.set()
         log.debug("event queued", site=self.site, job=job, attempt=attempt, kind=str(event))
@@ -129,9 +134,15 @@ class SiteLink:
 
     def _capacity_message(self, pools: tuple[Pool, ...], seq: int) -> Capacity:
         return Capacity(
-            schema=CAPACITY_SCHEMA, site=self.site, hub=self.hub, cluster=self.cluster, seq=seq,
-            pools=pools, energy=self._energy, ts=time.time(),
-        )  # fmt: skip
+            schema=CAPACITY_SCHEMA,  # type: ignore[arg-type]  # the constant is that Literal
+            site=self.site,
+            hub=self.hub,
+            cluster=self.cluster,
+            seq=seq,
+            pools=pools,
+            energy=self._energy,
+            ts=time.time(),
+        )
 
     def _client(self) -> aiomqtt.Client:
         return aiomqtt.Client(
@@ -188,9 +199,10 @@ class SiteLink:
                     await client.publish(topics.status(self.site), b"offline", qos=1, retain=True)
             raise
         await self._cancel(workers, stopper)
-        for task in done:
-            if task is not stopper and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        if stopper not in done:
+            # A worker only ends on a broken connection; treat any other ending the same way.
+            error = next((t.exception() for t in done if t.exception() is not None), None)
+            raise error or aiomqtt.MqttError("site worker ended unexpectedly")
         # Graceful stop: deliver what is already queued (briefly), then say `offline` explicitly,
         # since a clean DISCONNECT does not fire the Last Will.
         with contextlib.suppress(TimeoutError):
@@ -240,9 +252,7 @@ class SiteLink:
             try:
                 batch = parse(Assignments, payload)
             except InvalidInput as exc:
-                log.warning(
-                    "malformed assignments dropped", site=self.site, error=exc.message, field=exc.field
-                )
+                log.warning("malformed assignments dropped", site=self.site, error=exc.message, field=exc.field)
                 continue
             if batch.site != self.site:
                 log.warning("assignments for another site dropped", site=self.site, addressed_to=batch.site)

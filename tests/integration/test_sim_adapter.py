@@ -71,9 +71,7 @@ async def next_event(client: aiomqtt.Client, site: str, timeout: float = WAIT) -
     return parse(SiteEvent, message.payload)  # type: ignore[arg-type]
 
 
-def assignment(
-    site: str, job: str, model: str, count: int = 1, *, attempt: int = 1, hours: float = 0.2
-) -> bytes:
+def assignment(site: str, job: str, model: str, count: int = 1, *, attempt: int = 1, hours: float = 0.2) -> bytes:
     body = {
         "schema": ASSIGNMENTS_SCHEMA, "site": site,
         "assignments": [{"job": job, "attempt": attempt, "action": "run", "model": model, "count": count,
@@ -116,9 +114,7 @@ async def test_sites_publish_retained_online_and_growing_capacity_seq(own_mosqui
             assert values == sorted(values) and len(set(values)) == len(values), values
 
         # A newcomer (a restarting broker) must find both messages retained.
-        async with broker_side(
-            own_mosquitto, "suanwang/v1/sites/+/status", "suanwang/v1/sites/+/capacity"
-        ) as late:
+        async with broker_side(own_mosquitto, "suanwang/v1/sites/+/status", "suanwang/v1/sites/+/capacity") as late:
             seen: dict[tuple[str, str], aiomqtt.Message] = {}
             async with asyncio.timeout(WAIT):
                 async for message in late.messages:
@@ -141,9 +137,7 @@ async def test_assignment_runs_accepted_running_completed(own_mosquitto: Mosquit
     site, pool = first_free_pool()
     async with broker_side(own_mosquitto, topics.events(site)) as client, sim(own_mosquitto, 1):
         await online_site(own_mosquitto, client, site)
-        await client.publish(
-            topics.assignments(site), assignment(site, "job-b", pool.model, attempt=3), qos=1
-        )
+        await client.publish(topics.assignments(site), assignment(site, "job-b", pool.model, attempt=3), qos=1)
         events = [await next_event(client, site) for _ in range(3)]
     assert [e.event for e in events] == ["accepted", "running", "completed"]
     assert {(e.job, e.attempt, e.site) for e in events} == {("job-b", 3, site)}
@@ -175,7 +169,7 @@ async def test_duplicate_assignment_is_accepted_once(own_mosquitto: MosquittoSer
         events: list[SiteEvent] = []
         while not any(e.job == "marker" and e.event == "accepted" for e in events):
             events.append(await next_event(client, site))
-    assert [e.event for e in events if e.job == "job-d"].count("accepted") == 1
+    assert [str(e.event) for e in events if e.job == "job-d"].count("accepted") == 1
 
 
 async def test_malformed_assignments_are_dropped_and_site_keeps_working(
@@ -196,6 +190,23 @@ async def test_malformed_assignments_are_dropped_and_site_keeps_working(
         ("job-e", "running"),
         ("job-e", "completed"),
     ]
+
+
+async def test_cancel_stops_the_job_and_frees_its_devices(own_mosquitto: MosquittoServer) -> None:
+    """A cancel stops a running job without further events and frees its devices for the next job."""
+    site, pool = first_free_pool()
+    free = pool.total - pool.in_use_external
+    cancel = orjson.loads(assignment(site, "job-long", pool.model))
+    cancel["assignments"][0]["action"] = "cancel"
+    async with broker_side(own_mosquitto, topics.events(site)) as client, sim(own_mosquitto, 1):
+        await online_site(own_mosquitto, client, site)
+        long_job = assignment(site, "job-long", pool.model, count=free, hours=1000)
+        await client.publish(topics.assignments(site), long_job, qos=1)
+        assert [(await next_event(client, site)).event for _ in range(2)] == ["accepted", "running"]
+        await client.publish(topics.assignments(site), orjson.dumps(cancel), qos=1)
+        await client.publish(topics.assignments(site), assignment(site, "job-next", pool.model, count=free), qos=1)
+        event = await next_event(client, site)
+    assert (event.job, event.event) == ("job-next", "accepted")
 
 
 # --------------------------------------------------------------------------- (f) Last Will, (h) reconnect

@@ -1,0 +1,206 @@
+"""The `suanwang` command line (click: nested commands, env-var backed options, help for free)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+
+from suanwang import logs
+from suanwang.config import DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
+from suanwang.errors import SuanwangError
+
+console = Console()
+
+redis_option = click.option("--redis", "redis_url", envvar="SUANWANG_REDIS_URL", show_envvar=True,
+                            help=f"Redis URL [default: {DEFAULT_REDIS}]")  # fmt: skip
+mqtt_option = click.option("--mqtt", "mqtt_url", envvar="SUANWANG_MQTT_URL", show_envvar=True,
+                           help=f"MQTT URL, mqtt://user:pass@host:port [default: {DEFAULT_MQTT}]")  # fmt: skip
+http_option = click.option("--http", envvar="SUANWANG_HTTP", show_envvar=True, default=DEFAULT_HTTP,
+                           show_default=True, help="HTTP address host:port")  # fmt: skip
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+log_option = click.option("--log-level", default="info", show_default=True,
+                          type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return None
+    except SuanwangError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(value, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+@click.group()
+@click.version_option(package_name="suanwang")
+def main() -> None:
+    """Suanwang (算网): a national compute-network broker."""
+
+
+@main.command()
+@redis_option
+@mqtt_option
+@http_option
+@click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True,
+              help="Redis key namespace (one deployment per namespace)")  # fmt: skip
+@click.option("--share-group", envvar="SUANWANG_SHARE_GROUP", default="suanwang", show_default=True,
+              help="MQTT $share group for site events; empty for brokers without shared subscriptions")  # fmt: skip
+@log_option
+def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str, share_group: str,
+          log_level: str) -> None:  # fmt: skip
+    """Run one broker replica: HTTP API, MQTT ingest and the matcher."""
+    from broker.service import serve as serve_broker
+
+    logs.configure(log_level)
+    settings = Settings.from_env(redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace,
+                                 share_group=share_group)  # fmt: skip
+    _run(serve_broker(settings))
+
+
+@main.command()
+@redis_option
+@mqtt_option
+@http_option
+@click.option("--sites-per-hub", type=int, default=None, help="Simulated sites per hub [default: the seeded fleet]")
+@click.option("--time-scale", type=float, default=1800.0, show_default=True, help="Simulated seconds per second")
+@click.option("--rate", type=float, default=2.0, show_default=True, help="Sample jobs submitted per second")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds")
+@click.option("--quiet", is_flag=True, help="Do not print the live view")
+@json_option
+def demo(redis_url: str | None, mqtt_url: str | None, http: str, sites_per_hub: int | None, time_scale: float,
+         rate: float, duration: float | None, quiet: bool, as_json: bool) -> None:  # fmt: skip
+    """The whole system on one machine: broker, simulated sites in all 8 hubs, sample jobs, live view."""
+    from suanwang.demo import DemoOptions, run_demo
+
+    logs.configure("error")
+    options = DemoOptions(redis_url, mqtt_url, http, sites_per_hub, time_scale, rate, duration, quiet=quiet)
+    summary = _run(run_demo(options, console))
+    if as_json and summary is not None:
+        _print_json(summary)
+
+
+@main.group()
+def adapter() -> None:
+    """Site adapters: publish a site's capacity and run its assignments."""
+
+
+@adapter.command("sim")
+@mqtt_option
+@click.option("--hub", required=True, help="Hub id, e.g. guizhou (see GET /v1/hubs)")
+@click.option("--sites", type=int, default=None, help="Number of sites [default: the hub's seeded sites]")
+@click.option("--time-scale", type=float, default=3600.0, show_default=True, help="Simulated seconds per second")
+@click.option("--interval", type=float, default=5.0, show_default=True, help="Capacity heartbeat, seconds")
+@click.option("--fail-rate", type=float, default=0.0, show_default=True, help="Share of jobs that fail")
+@click.option("--seed", type=int, default=0, show_default=True)
+@log_option
+def adapter_sim(mqtt_url: str | None, hub: str, sites: int | None, time_scale: float, interval: float,
+                fail_rate: float, seed: int, log_level: str) -> None:  # fmt: skip
+    """Simulated sites of one hub."""
+    from adapters.sim import run_sim
+    from regions import load_geography
+
+    if hub not in load_geography().hubs:
+        raise click.BadParameter(f"unknown hub; one of {', '.join(load_geography().hubs)}", param_hint="--hub")
+    logs.configure(log_level)
+    target = MqttTarget.from_url(mqtt_url or DEFAULT_MQTT)
+    _run(run_sim(target, hub, sites, time_scale=time_scale, interval=interval, fail_rate=fail_rate, seed=seed))
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@http_option
+@click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
+@json_option
+def submit(file: str, http: str, tenant: str | None, as_json: bool) -> None:
+    """Submit the job in FILE.json (- for standard input)."""
+    from suanwang.client import call
+
+    body = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    job = _run(call(http, "POST", "/v1/jobs", body, tenant=tenant))
+    if as_json:
+        _print_json(job)
+    else:
+        console.print(f"submitted [bold]{job['id']}[/] ({job['state']}); follow it with: suanwang jobs")
+
+
+@main.command()
+@http_option
+@click.option("--state", default=None, help="Only jobs in this state")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
+@json_option
+def jobs(http: str, state: str | None, limit: int, tenant: str | None, as_json: bool) -> None:
+    """List your jobs, newest first."""
+    from suanwang.client import call
+    from suanwang.view import jobs_table
+
+    params = {"limit": str(limit), **({"state": state} if state else {})}
+    result = _run(call(http, "GET", "/v1/jobs", params=params, tenant=tenant))
+    _print_json(result) if as_json else console.print(jobs_table(result["jobs"]))
+
+
+@main.command()
+@http_option
+@click.option("--hub", default=None, help="Only sites of this hub")
+@json_option
+def sites(http: str, hub: str | None, as_json: bool) -> None:
+    """List sites with their pools and capacity."""
+    from suanwang.client import call
+    from suanwang.view import sites_table
+
+    result = _run(call(http, "GET", "/v1/sites", params={"hub": hub} if hub else None))
+    _print_json(result) if as_json else console.print(sites_table(result["sites"]))
+
+
+@main.command()
+@http_option
+@click.option("--from", "last_event_id", default=None, help="Resume after this event id")
+@json_option
+def watch(http: str, last_event_id: str | None, as_json: bool) -> None:
+    """Follow the live allocation stream."""
+    from suanwang.client import follow
+    from suanwang.view import event_line
+
+    async def _watch() -> None:
+        async for event in follow(http, last_event_id):
+            if as_json:
+                sys.stdout.buffer.write(orjson.dumps(event) + b"\n")
+                sys.stdout.flush()
+            else:
+                console.print(event_line(event), highlight=False)
+
+    _run(_watch())
+
+
+@main.command()
+@redis_option
+@mqtt_option
+@click.option("--sites", type=int, default=1000, show_default=True, help="Simulated sites in all")
+@click.option("--jobs", "n_jobs", type=int, default=5000, show_default=True, help="Jobs to submit")
+@click.option("--concurrency", type=int, default=32, show_default=True, help="Parallel HTTP submitters")
+@click.option("--brokers", type=int, default=1, show_default=True, help="Broker replicas (processes)")
+@json_option
+def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
+          as_json: bool) -> None:  # fmt: skip
+    """Measure the real system: placements per second and submit-to-allocation latency."""
+    from suanwang.bench import BenchOptions, print_report, run_bench
+
+    logs.configure("error")
+    report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
+    if report is not None:
+        _print_json(report) if as_json else print_report(console, report)
+
+
+if __name__ == "__main__":
+    main()
