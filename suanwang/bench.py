@@ -1,0 +1,217 @@
+"""`suanwang bench`: the real system under load, measured from the outside.
+
+Broker replicas and simulated sites run as their own processes; this process plays the users (HTTP
+submitters) and an operator (the SSE stream), so the numbers include every hop a real job takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from regions import load_geography
+from suanwang.samples import sample_job
+from suanwang.servers import MosquittoServer, RedisServer, free_port
+
+
+@dataclass
+class BenchOptions:
+    redis_url: str | None = None
+    mqtt_url: str | None = None
+    sites: int = 1000
+    jobs: int = 5000
+    concurrency: int = 32
+    brokers: int = 1
+    time_scale: float = 3600.0
+    heartbeat_s: float = 10.0
+    settle_s: float = 5.0
+    seed: int = 11
+
+
+@dataclass
+class _Run:
+    submitted_at: dict[str, float] = field(default_factory=dict)
+    allocated_at: dict[str, float] = field(default_factory=dict)  # seen on the stream by this client
+    committed_ms: dict[str, int] = field(default_factory=dict)  # the allocation's own timestamp
+    first_submit: float = 0.0
+    last_submit: float = 0.0
+    errors: int = 0
+
+
+def _percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+
+
+async def _wait_sites(url: str, n: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    seen = 0
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/v1/sites") as response:
+                    if response.status == 200:
+                        seen = len((await response.json())["sites"])
+                        if seen >= n:
+                            return seen
+            await asyncio.sleep(0.5)
+    return seen
+
+
+async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+        f"{url}/v1/allocations/stream"
+    ) as response:
+        ready.set()
+        async for raw in response.content:
+            if raw.startswith(b"data: ") and b'"allocated"' in raw:
+                event = orjson.loads(raw[6:])
+                if event.get("type") == "allocated" and event["job"] not in run.allocated_at:
+                    run.allocated_at[event["job"]] = time.monotonic()
+                    run.committed_ms[event["job"]] = event.get("ts", 0)
+
+
+async def _submit(urls: list[str], jobs: list[bytes], run: _Run, concurrency: int) -> None:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    wall_offset = time.time() - time.monotonic()
+
+    async def worker(i: int) -> None:
+        url = urls[i % len(urls)]
+        async with aiohttp.ClientSession() as session:
+            while not queue.empty():
+                body = queue.get_nowait()
+                sent = time.monotonic()
+                async with session.post(f"{url}/v1/jobs", data=body,
+                                        headers={"Content-Type": "application/json"}) as response:  # fmt: skip
+                    payload = await response.read()
+                if response.status != 202:
+                    run.errors += 1
+                    continue
+                job_id = orjson.loads(payload)["id"]
+                run.submitted_at[job_id] = sent
+                run.committed_ms.setdefault("__offset__", int(wall_offset * 1000))
+
+    run.first_submit = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    run.last_submit = time.monotonic()
+
+
+async def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Start everything, submit the jobs, wait for placements to settle, and report."""
+    own: list[Any] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        redis_url, mqtt_url = options.redis_url, options.mqtt_url
+        if not redis_url:
+            server = RedisServer()
+            server.start()
+            own.append(server)
+            redis_url = server.url
+        if not mqtt_url:
+            mqtt = MosquittoServer()
+            mqtt.start()
+            own.append(mqtt)
+            mqtt_url = mqtt.url
+        namespace = f"bench{uuid.uuid4().hex[:6]}"
+        env = {**os.environ, "SUANWANG_REDIS_URL": redis_url, "SUANWANG_MQTT_URL": mqtt_url,
+               "SUANWANG_NAMESPACE": namespace}  # fmt: skip
+        urls = []
+        for _ in range(options.brokers):
+            port = free_port()
+            urls.append(f"http://127.0.0.1:{port}")
+            procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", "--log-level", "error"], env))
+        hubs = list(load_geography().hubs)
+        per_hub = [options.sites // len(hubs) + (1 if i < options.sites % len(hubs) else 0) for i in range(len(hubs))]
+        for hub, n in zip(hubs, per_hub, strict=True):
+            if n:
+                procs.append(_spawn(["adapters.sim", "--mqtt", mqtt_url, "--hub", hub, "--sites", str(n), "--time-scale",
+                                     str(options.time_scale), "--interval", str(options.heartbeat_s),
+                                     "--log-level", "error"], env))  # fmt: skip
+        started = time.monotonic()
+        sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
+        startup_s = time.monotonic() - started
+        rng = random.Random(options.seed)
+        jobs = [orjson.dumps(sample_job(rng, tenant="bench")) for _ in range(options.jobs)]
+        run = _Run()
+        ready = asyncio.Event()
+        listener = asyncio.create_task(_listen(urls[0], run, ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        await _submit(urls, jobs, run, options.concurrency)
+        # Settle: until every job is placed or nothing new is placed for `settle_s`.
+        last_count, last_change = -1, time.monotonic()
+        while time.monotonic() - last_change < options.settle_s:
+            placed = sum(1 for job in run.submitted_at if job in run.allocated_at)
+            if placed == len(run.submitted_at):
+                break
+            if placed != last_count:
+                last_count, last_change = placed, time.monotonic()
+            await asyncio.sleep(0.1)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await listener
+        return _report(options, run, sites_seen, startup_s)
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for server in own:
+            server.cleanup()
+
+
+def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float) -> dict[str, Any]:
+    offset_ms = run.committed_ms.pop("__offset__", 0)
+    placed = [job for job in run.submitted_at if job in run.allocated_at]
+    seen_latency = [(run.allocated_at[j] - run.submitted_at[j]) * 1000 for j in placed]
+    commit_latency = [run.committed_ms[j] - (run.submitted_at[j] * 1000 + offset_ms) for j in placed]
+    end = max((run.allocated_at[j] for j in placed), default=run.last_submit)
+    window = max(end - run.first_submit, 1e-9)
+    submit_window = max(run.last_submit - run.first_submit, 1e-9)
+    return {
+        "sites": options.sites, "sites_online": sites_seen, "startup_s": round(startup_s, 2),
+        "brokers": options.brokers, "jobs_submitted": len(run.submitted_at), "submit_errors": run.errors,
+        "jobs_placed": len(placed), "jobs_unplaced": len(run.submitted_at) - len(placed),
+        "submits_per_s": round(len(run.submitted_at) / submit_window, 1),
+        "placements_per_s": round(len(placed) / window, 1),
+        "submit_to_allocation_ms": {"p50": round(_percentile(commit_latency, 50), 1),
+                                    "p99": round(_percentile(commit_latency, 99), 1)},
+        "submit_to_stream_ms": {"p50": round(_percentile(seen_latency, 50), 1),
+                                "p99": round(_percentile(seen_latency, 99), 1)},
+        "cpu_count": os.cpu_count(),
+    }  # fmt: skip
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    table = Table("measure", "value", title="suanwang bench")
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = "  ".join(f"{k} {v}" for k, v in value.items())
+        table.add_row(key, str(value))
+    console.print(table)
