@@ -268,21 +268,25 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 return
             await send(backlog)
 
-    async with feed.subscribe() as subscription:
-        await catch_up()
-        while True:
-            if subscription.overflowed and subscription.queue.empty():
-                await catch_up()  # fell behind the live feed: read the rest from the log
-                feed.resubscribe(subscription)
-            try:
-                first = await asyncio.wait_for(subscription.queue.get(), KEEPALIVE_S)
-            except TimeoutError:
-                await response.write(b": keepalive\n\n")
-                continue
-            batch = [first]
-            while not subscription.queue.empty() and len(batch) < 500:
-                batch.append(subscription.queue.get_nowait())
-            await send(batch)
+    try:
+        async with feed.subscribe() as subscription:
+            await catch_up()
+            while True:
+                if subscription.overflowed and subscription.queue.empty():
+                    await catch_up()  # fell behind the live feed: read the rest from the log
+                    feed.resubscribe(subscription)
+                try:
+                    first = await asyncio.wait_for(subscription.queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                batch = [first]
+                while not subscription.queue.empty() and len(batch) < 500:
+                    batch.append(subscription.queue.get_nowait())
+                await send(batch)
+    except ConnectionResetError:
+        pass  # the operator went away
+    return response
 
 
 def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssignments, kick: asyncio.Event,

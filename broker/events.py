@@ -129,8 +129,7 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awa
             for _stream, entries in reply or ():
                 if not entries:
                     continue
-                for event_id, fields in entries:
-                    await publish(orjson.dumps(decode_event(event_id, fields)))
+                await asyncio.gather(*(publish(orjson.dumps(decode_event(i, f))) for i, f in entries))
                 await redis.xack(key, MIRROR_GROUP, *[event_id for event_id, _ in entries])
         except redis_errors.ResponseError as exc:
             if "NOGROUP" in str(exc):

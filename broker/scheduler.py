@@ -134,12 +134,16 @@ class Scheduler:
         return placed
 
     async def _publish(self, by_site: dict[str, list[dict[str, object]]]) -> None:
-        for site, items in by_site.items():
+        """One message per site, all sites at once (each QoS 1 publish waits for its PUBACK)."""
+
+        async def one(site: str, items: list[dict[str, object]]) -> None:
             payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items})
             try:
                 await self.publish_assignments(site, payload)
             except Exception as exc:  # the assignment is in Redis; the accept timeout returns it to the queue
                 log.warning("assignment.publish_failed", site=site, error=str(exc))
+
+        await asyncio.gather(*(one(site, items) for site, items in by_site.items()))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Schedule until `stop` is set: at once when kicked, otherwise every `idle_poll_s`."""

@@ -68,7 +68,9 @@ class _Strict(BaseModel):
 
 class Resources(_Strict):
     arch: Arch
-    models: tuple[Model, ...] = Field(default=(), max_length=32, description="Acceptable device models; empty means any")
+    models: tuple[Model, ...] = Field(
+        default=(), max_length=32, description="Acceptable device models; empty means any"
+    )
     count: int = Field(ge=1, le=100_000, description="Devices wanted, all of one model at one site")
     min_memory_gb: float = Field(default=0, ge=0, le=100_000)
     same_site: bool = True

@@ -172,9 +172,7 @@ def _complete_pool(site: str, rec: Mapping[str, Any], devices: Mapping[str, Devi
     return pool
 
 
-def build_fleet(
-    doc: Mapping[str, Any], devices: Mapping[str, Device], geo: Geography
-) -> tuple[SiteSeed, ...]:
+def build_fleet(doc: Mapping[str, Any], devices: Mapping[str, Device], geo: Geography) -> tuple[SiteSeed, ...]:
     """Validate a parsed fleet document against catalog and geography, filling catalog/hub defaults."""
     sites: list[SiteSeed] = []
     seen: set[str] = set()
@@ -191,9 +189,7 @@ def build_fleet(
         if cluster not in geo.clusters:
             raise ValueError(f"site {sid!r}: unknown cluster {cluster!r}")
         if geo.clusters[cluster].hub != hub:
-            raise ValueError(
-                f"site {sid!r}: cluster {cluster!r} belongs to {geo.clusters[cluster].hub!r}, not {hub!r}"
-            )
+            raise ValueError(f"site {sid!r}: cluster {cluster!r} belongs to {geo.clusters[cluster].hub!r}, not {hub!r}")
         h = geo.hubs[hub]
         energy = {"pue": h.pue, "green_share": h.green_share, "tariff_cny_per_kwh": h.tariff_cny_per_kwh}
         given = dict(rec.get("energy", {}))

@@ -55,12 +55,17 @@ def _percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 async def _wait_sites(url: str, n: int, timeout: float) -> int:
@@ -80,9 +85,10 @@ async def _wait_sites(url: str, n: int, timeout: float) -> int:
 
 async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-        f"{url}/v1/allocations/stream"
-    ) as response:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{url}/v1/allocations/stream") as response,
+    ):
         ready.set()
         async for raw in response.content:
             if raw.startswith(b"data: ") and b'"allocated"' in raw:
@@ -104,8 +110,9 @@ async def _submit(urls: list[str], jobs: list[bytes], run: _Run, concurrency: in
             while not queue.empty():
                 body = queue.get_nowait()
                 sent = time.monotonic()
-                async with session.post(f"{url}/v1/jobs", data=body,
-                                        headers={"Content-Type": "application/json"}) as response:  # fmt: skip
+                async with session.post(
+                    f"{url}/v1/jobs", data=body, headers={"Content-Type": "application/json"}
+                ) as response:
                     payload = await response.read()
                 if response.status != 202:
                     run.errors += 1
@@ -136,8 +143,12 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             own.append(mqtt)
             mqtt_url = mqtt.url
         namespace = f"bench{uuid.uuid4().hex[:6]}"
-        env = {**os.environ, "SUANWANG_REDIS_URL": redis_url, "SUANWANG_MQTT_URL": mqtt_url,
-               "SUANWANG_NAMESPACE": namespace}  # fmt: skip
+        env = {
+            **os.environ,
+            "SUANWANG_REDIS_URL": redis_url,
+            "SUANWANG_MQTT_URL": mqtt_url,
+            "SUANWANG_NAMESPACE": namespace,
+        }
         urls = []
         for _ in range(options.brokers):
             port = free_port()
@@ -147,9 +158,26 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         per_hub = [options.sites // len(hubs) + (1 if i < options.sites % len(hubs) else 0) for i in range(len(hubs))]
         for hub, n in zip(hubs, per_hub, strict=True):
             if n:
-                procs.append(_spawn(["adapters.sim", "--mqtt", mqtt_url, "--hub", hub, "--sites", str(n), "--time-scale",
-                                     str(options.time_scale), "--interval", str(options.heartbeat_s),
-                                     "--log-level", "error"], env))  # fmt: skip
+                procs.append(
+                    _spawn(
+                        [
+                            "adapters.sim",
+                            "--mqtt",
+                            mqtt_url,
+                            "--hub",
+                            hub,
+                            "--sites",
+                            str(n),
+                            "--time-scale",
+                            str(options.time_scale),
+                            "--interval",
+                            str(options.heartbeat_s),
+                            "--log-level",
+                            "error",
+                        ],
+                        env,
+                    )
+                )
         started = time.monotonic()
         sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
         startup_s = time.monotonic() - started
@@ -195,17 +223,26 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
     window = max(end - run.first_submit, 1e-9)
     submit_window = max(run.last_submit - run.first_submit, 1e-9)
     return {
-        "sites": options.sites, "sites_online": sites_seen, "startup_s": round(startup_s, 2),
-        "brokers": options.brokers, "jobs_submitted": len(run.submitted_at), "submit_errors": run.errors,
-        "jobs_placed": len(placed), "jobs_unplaced": len(run.submitted_at) - len(placed),
+        "sites": options.sites,
+        "sites_online": sites_seen,
+        "startup_s": round(startup_s, 2),
+        "brokers": options.brokers,
+        "jobs_submitted": len(run.submitted_at),
+        "submit_errors": run.errors,
+        "jobs_placed": len(placed),
+        "jobs_unplaced": len(run.submitted_at) - len(placed),
         "submits_per_s": round(len(run.submitted_at) / submit_window, 1),
         "placements_per_s": round(len(placed) / window, 1),
-        "submit_to_allocation_ms": {"p50": round(_percentile(commit_latency, 50), 1),
-                                    "p99": round(_percentile(commit_latency, 99), 1)},
-        "submit_to_stream_ms": {"p50": round(_percentile(seen_latency, 50), 1),
-                                "p99": round(_percentile(seen_latency, 99), 1)},
+        "submit_to_allocation_ms": {
+            "p50": round(_percentile(commit_latency, 50), 1),
+            "p99": round(_percentile(commit_latency, 99), 1),
+        },
+        "submit_to_stream_ms": {
+            "p50": round(_percentile(seen_latency, 50), 1),
+            "p99": round(_percentile(seen_latency, 99), 1),
+        },
         "cpu_count": os.cpu_count(),
-    }  # fmt: skip
+    }
 
 
 def print_report(console: Console, report: dict[str, Any]) -> None:

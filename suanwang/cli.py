@@ -56,15 +56,28 @@ def main() -> None:
               help="Redis key namespace (one deployment per namespace)")  # fmt: skip
 @click.option("--share-group", envvar="SUANWANG_SHARE_GROUP", default="suanwang", show_default=True,
               help="MQTT $share group for site events; empty for brokers without shared subscriptions")  # fmt: skip
+@click.option(
+    "--site-ttl",
+    type=float,
+    default=None,
+    help="Seconds without a heartbeat before a site's work returns to the queue [env SUANWANG_SITE_TTL; 30]",
+)
+@click.option(
+    "--accept-timeout",
+    type=float,
+    default=None,
+    help="Seconds a site has to accept an assignment [env SUANWANG_ACCEPT_TIMEOUT; 30]",
+)
 @log_option
 def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str, share_group: str,
-          log_level: str) -> None:  # fmt: skip
+          site_ttl: float | None, accept_timeout: float | None, log_level: str) -> None:  # fmt: skip
     """Run one broker replica: HTTP API, MQTT ingest and the matcher."""
     from broker.service import serve as serve_broker
 
     logs.configure(log_level)
     settings = Settings.from_env(redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace,
-                                 share_group=share_group)  # fmt: skip
+                                 share_group=share_group, site_ttl_s=site_ttl,
+                                 accept_timeout_s=accept_timeout)  # fmt: skip
     _run(serve_broker(settings))
 
 

@@ -32,9 +32,10 @@ async def call(http: str, method: str, path: str, body: bytes | None = None,
     if tenant:
         headers["X-Suanwang-Tenant"] = tenant
     try:
-        async with aiohttp.ClientSession() as session, session.request(
-            method, base_url(http) + path, data=body, params=params, headers=headers
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, base_url(http) + path, data=body, params=params, headers=headers) as response,
+        ):
             payload = orjson.loads(await response.read() or b"null")
             if response.status >= 400:
                 raise ApiError(response.status, payload)
@@ -51,9 +52,10 @@ async def follow(http: str, last_event_id: str | None = None) -> AsyncIterator[d
     while True:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-                base_url(http) + "/v1/allocations/stream", headers=headers
-            ) as response:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(base_url(http) + "/v1/allocations/stream", headers=headers) as response,
+            ):
                 if response.status != 200:
                     raise ApiError(response.status, orjson.loads(await response.read() or b"null"))
                 data: list[bytes] = []

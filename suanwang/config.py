@@ -89,5 +89,11 @@ class Settings:
             "namespace": env.get("SUANWANG_NAMESPACE", "sw"),
             "share_group": env.get("SUANWANG_SHARE_GROUP", "suanwang"),
         }
+        for name, var in (("site_ttl_s", "SUANWANG_SITE_TTL"), ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT")):
+            if var in env:
+                try:
+                    values[name] = float(env[var])
+                except ValueError:
+                    raise InvalidInput(f"{var} must be a number of seconds, got {env[var]!r}", var) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -83,8 +83,9 @@ async def _submit_jobs(url: str, rate: float, seed: int, stop: asyncio.Event) ->
         while not stop.is_set():
             job = sample_job(rng, tenant=rng.choice(["sjtu-ai-lab", "fintech-risk", "render-studio", "gov-cloud"]))
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(f"{url}/v1/jobs", data=orjson.dumps(job),
-                                        headers={"Content-Type": "application/json"}) as response:  # fmt: skip
+                async with session.post(
+                    f"{url}/v1/jobs", data=orjson.dumps(job), headers={"Content-Type": "application/json"}
+                ) as response:
                     await response.read()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), rng.expovariate(rate))
@@ -97,9 +98,11 @@ def _banner(console: Console, broker: Broker, options: DemoOptions) -> None:
     console.print("Submit your own job:")
     console.print(
         f"  curl -s -X POST {url}/v1/jobs -H 'Content-Type: application/json' -d "
-        "'{\"name\":\"my-train\",\"workload\":\"training\",\"resources\":{\"arch\":\"ASIC\",\"models\":[\"Ascend-910B\"],"
-        "\"count\":16},\"origin\":\"shanghai\",\"duration_hours\":2}'",
-        markup=False, highlight=False, soft_wrap=True,
+        '\'{"name":"my-train","workload":"training","resources":{"arch":"ASIC","models":["Ascend-910B"],'
+        '"count":16},"origin":"shanghai","duration_hours":2}\'',
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
     console.print(f"  curl -N {url}/v1/allocations/stream      curl -s {url}/v1/hubs", markup=False, highlight=False)
     console.print("Press Ctrl-C to stop.")
@@ -117,15 +120,21 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
     kinds: Counter[str] = Counter()
     try:
         redis_url, mqtt_url, share_group = await servers.start(options, console)
-        settings = Settings.from_env(redis_url=redis_url, mqtt_url=mqtt_url, http=options.http,
-                                     namespace="demo", share_group=share_group)  # fmt: skip
+        settings = Settings.from_env(
+            redis_url=redis_url, mqtt_url=mqtt_url, http=options.http, namespace="demo", share_group=share_group
+        )
         broker = await start_broker(settings)
         target = MqttTarget.from_url(mqtt_url)
         for hub in load_geography().hubs:
-            tasks.append(asyncio.create_task(run_sim(target, hub, options.sites_per_hub,
-                                                     time_scale=options.time_scale, interval=5.0, stop=stop)))  # fmt: skip
+            tasks.append(
+                asyncio.create_task(
+                    run_sim(target, hub, options.sites_per_hub, time_scale=options.time_scale, interval=5.0, stop=stop)
+                )
+            )
         tasks.append(asyncio.create_task(_submit_jobs(broker.url, options.rate, options.seed, stop)))
-        if not options.quiet:
+        if options.quiet:
+            console.print(f"Broker HTTP API: {broker.url}", highlight=False)
+        else:
             _banner(console, broker, options)
         started = time.monotonic()
         async with broker.feed.subscribe() as subscription:

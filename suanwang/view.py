@@ -8,9 +8,17 @@ from typing import Any
 
 from rich.table import Table
 
-_COLOURS = {"allocated": "green", "completed": "cyan", "failed": "red", "requeued": "yellow",
-            "cancelled": "magenta", "released": "dim", "queued": "blue", "running": "bright_green",
-            "accepted": "dim green"}  # fmt: skip
+_COLOURS = {
+    "allocated": "green",
+    "completed": "cyan",
+    "failed": "red",
+    "requeued": "yellow",
+    "cancelled": "magenta",
+    "released": "dim",
+    "queued": "blue",
+    "running": "bright_green",
+    "accepted": "dim green",
+}
 
 
 def event_line(event: dict[str, Any]) -> str:
@@ -21,9 +29,11 @@ def event_line(event: dict[str, Any]) -> str:
     job = event.get("job", "")
     text = f"[dim]{clock}[/] [{colour}]{kind:<9}[/] {job}"
     if kind == "allocated":
-        text += (f"  {event.get('origin', '?')} → [bold]{event.get('site')}[/] ({event.get('hub')})"
-                 f"  {event.get('count')}× {event.get('model')} @ {event.get('price')} CNY/h"
-                 f"  {event.get('latency_ms')} ms")  # fmt: skip
+        text += (
+            f"  {event.get('origin', '?')} → [bold]{event.get('site')}[/] ({event.get('hub')})"
+            f"  {event.get('count')}× {event.get('model')} @ {event.get('price')} CNY/h"
+            f"  {event.get('latency_ms')} ms"
+        )
     elif event.get("site"):
         text += f"  {event.get('site')}"
     if event.get("reason"):
@@ -37,9 +47,17 @@ def jobs_table(jobs: Iterable[dict[str, Any]]) -> Table:
         res = job["resources"]
         alloc = job.get("allocation") or {}
         want = f"{res['count']}× {res['arch']}" + (f" ({', '.join(res['models'])})" if res.get("models") else "")
-        table.add_row(job["id"], job["name"], job["state"], want, job["origin"], alloc.get("site", ""),
-                      f"{alloc.get('devices', '')} {alloc.get('model', '')}".strip(),
-                      str(alloc.get("cost_cny_per_hour", "")), job.get("waiting") or job.get("reason") or "")  # fmt: skip
+        table.add_row(
+            job["id"],
+            job["name"],
+            job["state"],
+            want,
+            job["origin"],
+            alloc.get("site", ""),
+            f"{alloc.get('devices', '')} {alloc.get('model', '')}".strip(),
+            str(alloc.get("cost_cny_per_hour", "")),
+            job.get("waiting") or job.get("reason") or "",
+        )
     return table
 
 
@@ -48,7 +66,16 @@ def sites_table(sites: Iterable[dict[str, Any]]) -> Table:
     for site in sites:
         for i, pool in enumerate(site["pools"]):
             first = i == 0
-            table.add_row(site["id"] if first else "", site["hub"] if first else "", site["status"] if first else "",
-                          pool["model"], pool["arch"], str(pool["total"]), str(pool["in_use_external"]),
-                          str(pool["allocated"]), str(pool["free"]), f"{pool['price_cny_per_hour']:g}")  # fmt: skip
+            table.add_row(
+                site["id"] if first else "",
+                site["hub"] if first else "",
+                site["status"] if first else "",
+                pool["model"],
+                pool["arch"],
+                str(pool["total"]),
+                str(pool["in_use_external"]),
+                str(pool["allocated"]),
+                str(pool["free"]),
+                f"{pool['price_cny_per_hour']:g}",
+            )
     return table

@@ -88,9 +88,7 @@ def test_place_prefers_city_then_cluster_then_hub():
     assert geo.place("atlantis") is None
 
 
-@pytest.mark.parametrize(
-    ("name", "known"), [("beijing", True), ("wuhu", True), ("gansu", True), ("mars", False)]
-)
+@pytest.mark.parametrize(("name", "known"), [("beijing", True), ("wuhu", True), ("gansu", True), ("mars", False)])
 def test_is_origin_accepts_cities_clusters_and_hubs(name, known):
     """Any city, cluster or hub id is a valid job origin."""
     assert load_geography().is_origin(name) is known

@@ -204,7 +204,7 @@ def test_snapshot_update_in_place_frees_capacity():
     snap.apply(record(S("a", (P(total=16, allocated=12),))))
     result = match(request(count=4), snap)
     assert chosen_site(result) == "a"
-    assert result.chosen.free == 4
+    assert isinstance(result, Decision) and result.chosen.free == 4
 
 
 def test_site_going_offline_in_snapshot_is_no_longer_chosen():
@@ -225,8 +225,8 @@ def test_decision_carries_the_chosen_pool_facts():
     result = match(request(count=4), snap)
     assert isinstance(result, Decision)
     c = result.chosen
-    assert (c.site, c.hub, c.model, c.arch, c.free, c.price, c.latency_ms) == (
-        "a", "guizhou", "H800", "GPU", 50, 12.5, 21.0)
+    expected = ("a", "guizhou", "H800", "GPU", 50, 12.5, 21.0)
+    assert (c.site, c.hub, c.model, c.arch, c.free, c.price, c.latency_ms) == expected
     assert set(c.scores) == {"price", "latency"}
     assert all(0 <= v <= 100 for v in c.scores.values())
     assert result.runners_up == ()
@@ -276,6 +276,7 @@ def test_site_at_an_unknown_place_does_not_distort_the_ranking_of_the_others():
     for n in range(20):
         result = match(request(f"job-{n}"), snap)
         assert chosen_site(result) == "near"
+        assert isinstance(result, Decision)
         for c in (result.chosen, *result.runners_up):
             assert 0 <= c.score <= 100, c
             assert all(0 <= v <= 100 for v in c.scores.values()), c

@@ -84,9 +84,8 @@ def test_interface_capacity_sample_parses_from_json_text():
     """The capacity sample in INTERFACE.md parses from a JSON string, pools in order, energy as given."""
     cap = parse(Capacity, orjson.dumps(CAPACITY).decode())
     assert (cap.site, cap.hub, cap.seq, cap.cluster) == ("guian-01", "guizhou", 1842, None)
-    assert [(p.arch, p.model, p.total, p.in_use_external) for p in cap.pools] == [
-        (Arch.GPU, "A100-80G", 512, 64), (Arch.ASIC, "Ascend-910B", 256, 0)
-    ]
+    pools = [(p.arch, p.model, p.total, p.in_use_external) for p in cap.pools]
+    assert pools == [(Arch.GPU, "A100-80G", 512, 64), (Arch.ASIC, "Ascend-910B", 256, 0)]
     assert cap.pools[0].stacks == ("cuda-12.4",)
     assert cap.energy.pue == 1.18
     assert cap.latency_ms == {}
