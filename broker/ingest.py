@@ -11,6 +11,7 @@ from broker import topics
 from broker.lifecycle import PublishAssignments, requeue_site
 from broker.schemas import Capacity, SiteEvent, parse
 from broker.store import Store
+from regions import Geography
 from suanwang import logs
 from suanwang.errors import InvalidInput, SuanwangError
 
@@ -20,8 +21,11 @@ _RELEASING = {"completed", "failed", "queued", "cancelled"}
 
 
 class Ingest:
-    def __init__(self, store: Store, publish_assignments: PublishAssignments, kick: asyncio.Event) -> None:
+    def __init__(
+        self, store: Store, publish_assignments: PublishAssignments, kick: asyncio.Event, geography: Geography
+    ) -> None:
         self.store = store
+        self.geography = geography
         self.publish_assignments = publish_assignments
         self.kick = kick
         self.received: Counter[str] = Counter()
@@ -53,6 +57,11 @@ class Ingest:
         capacity = parse(Capacity, payload)
         if capacity.site != site:
             raise InvalidInput(f"site {capacity.site!r} does not match the topic's {site!r}", "site")
+        hub = self.geography.hubs.get(capacity.hub)
+        if hub is None:
+            raise InvalidInput(f"unknown hub {capacity.hub!r}; one of {', '.join(self.geography.hubs)}", "hub")
+        if capacity.cluster is not None and capacity.cluster not in hub.clusters:
+            raise InvalidInput(f"cluster {capacity.cluster!r} is not in hub {hub.id!r}", "cluster")
         if await self.store.apply_capacity(capacity):
             self.kick.set()
         else:

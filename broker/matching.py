@@ -131,9 +131,14 @@ def _select(req: Request, snap: Snapshot, table: PoolTable, rows: np.ndarray, la
     price = table.price[rows]
     lat = latency[rows]
     price_ref = req.max_price if req.max_price is not None else float(price.max())
-    lat_ref = req.max_latency_ms if req.max_latency_ms is not None else float(lat.max())
+    # A site at no known place has no latency estimate: it scores 0 on latency and sets no reference.
+    known = np.isfinite(lat)
+    if req.max_latency_ms is not None:
+        lat_ref = req.max_latency_ms
+    else:
+        lat_ref = float(lat[known].max()) if known.any() else 1.0
     price_score = 100.0 * (1.0 - price / max(price_ref, 1e-9))
-    latency_score = 100.0 * (1.0 - lat / max(lat_ref, 1e-9))
+    latency_score = np.where(known, 100.0 * (1.0 - np.where(known, lat, 0.0) / max(lat_ref, 1e-9)), 0.0)
     total = PRICE_WEIGHT * np.clip(price_score, 0, 100) + LATENCY_WEIGHT * np.clip(latency_score, 0, 100)
     # Deterministic tie-break: a per-job permutation of sites, far below any real score difference.
     seed = zlib.crc32(req.job_id.encode())

@@ -67,7 +67,7 @@ async def start_broker(settings: Settings) -> Broker:
     async def publish_assignments(site: str, payload: bytes) -> None:
         await link_holder[0].publish(topics.assignments(site), payload, qos=1)
 
-    ingest = Ingest(store, publish_assignments, kick)
+    ingest = Ingest(store, publish_assignments, kick, geo)
     root = topics.ROOT
     mqtt = MqttLink(
         settings.mqtt, f"suanwang-broker-{settings.replica}",

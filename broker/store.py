@@ -93,9 +93,13 @@ class Store:
         self._transition = redis.register_script((lua / "transition.lua").read_text())
 
     @classmethod
-    def from_url(cls, url: str, namespace: str = "sw") -> Store:
-        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=15)
-        return cls(client, Keys(namespace))
+    def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64) -> Store:
+        """A store on a blocking pool: a burst of callers waits for a connection instead of failing."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=10, socket_timeout=5, socket_connect_timeout=2,
+            health_check_interval=15,
+        )  # fmt: skip
+        return cls(aioredis.Redis(connection_pool=pool), Keys(namespace))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -37,6 +37,7 @@ class DemoOptions:
     seed: int = 7
     quiet: bool = False
     summary_json: bool = False
+    embedded_mqtt: str = "auto"  # auto (mosquitto if installed, else amqtt), mosquitto, amqtt
 
 
 class Servers:
@@ -56,7 +57,7 @@ class Servers:
             console.print(f"[dim]embedded Redis on {redis_url}[/]")
         mqtt_url, share_group = options.mqtt_url, "suanwang"
         if not mqtt_url:
-            if mosquitto_available():
+            if options.embedded_mqtt == "mosquitto" or (options.embedded_mqtt == "auto" and mosquitto_available()):
                 self.mqtt_process = MosquittoServer()
                 await asyncio.to_thread(self.mqtt_process.start)
                 mqtt_url = self.mqtt_process.url
