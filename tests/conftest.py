@@ -6,6 +6,7 @@ Every test gets its own key namespace, so tests sharing a server never see each 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import uuid
