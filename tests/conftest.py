@@ -6,7 +6,6 @@ Every test gets its own key namespace, so tests sharing a server never see each 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import uuid
