@@ -73,7 +73,11 @@ class Resources(_Strict):
     )
     count: int = Field(ge=1, le=100_000, description="Devices wanted, all of one model at one site")
     min_memory_gb: float = Field(default=0, ge=0, le=100_000)
-    same_site: bool = True
+    same_site: bool = Field(
+        default=True,
+        description="All devices at one site (gang). Placements are currently always on one site, which also "
+        "satisfies same_site=false.",
+    )
 
 
 class JobSpec(_Strict):

@@ -60,7 +60,8 @@ class _Process:
     proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line; each kind of server defines its own."""
+        return []
 
     @property
     def log(self) -> Path:
@@ -69,9 +70,12 @@ class _Process:
     def start(self, timeout: float = 10.0) -> None:
         if self.proc and self.proc.poll() is None:
             return
+        command = self.command()
+        if not command:
+            raise ServerError(f"{type(self).__name__} has no command")
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                self.command(), cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=self.workdir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         _wait_port(self.port, self.proc, timeout, self.log)
 
