@@ -52,7 +52,7 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         status = next((s for cls, s in _STATUS_OF.items() if isinstance(exc, cls)), 500)
         return error_response(status, exc.code, str(exc), getattr(exc, "field", None))
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "too_large", f"body larger than {exc.max_size} bytes")
+        return error_response(413, "too_large", f"request body too large: {exc.text}")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

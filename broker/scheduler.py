@@ -110,7 +110,9 @@ class Scheduler:
         results = await self.store.allocate([p for p, _, _ in placements], self.accept_timeout_ms)
         by_site: dict[str, list[dict[str, object]]] = defaultdict(list)
         stale = False
-        for (placement, req, _decision), attempt in zip(placements, results, strict=True):
+        for (placement, req, decision), attempt in zip(placements, results, strict=True):
+            if attempt <= 0:  # undo the optimistic take; Redis holds the truth
+                self.snapshot.tables[decision.chosen.arch].allocated[decision.chosen.row] -= req.count
             if attempt > 0:
                 self._unfit.pop(req.job_id, None)
                 self._requests.pop(req.job_id, None)

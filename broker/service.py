@@ -24,6 +24,19 @@ from suanwang.config import Settings
 log = logs.get("suanwang.broker")
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel until every task has ended: on Python 3.11 `asyncio.wait_for` inside a library call can
+    swallow one cancellation, leaving a task running on after a single `cancel()`."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
+
+
 @dataclass
 class Broker:
     """A running replica's parts, for the CLI, the demo and the tests."""
@@ -46,11 +59,7 @@ class Broker:
 
     async def close(self) -> None:
         self.stop.set()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_all(self.tasks)
         if self.runner is not None:
             await self.runner.cleanup()
         await self.store.close()
