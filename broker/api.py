@@ -75,7 +75,9 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
     view: dict[str, Any] = {
         "id": job["id"], "name": spec["name"], "state": state, "tenant": job["tenant"],
         "priority": spec["priority"], "workload": spec["workload"], "origin": spec["origin"],
-        "resources": spec["resources"], "max_latency_ms": spec["max_latency_ms"],
+        "resources": spec["resources"], "software": spec["software"], "residency": spec["residency"],
+        "domestic_only": spec["domestic_only"], "policy": spec["policy"], "weights": spec["weights"],
+        "max_latency_ms": spec["max_latency_ms"],
         "max_price_cny_per_hour": spec["max_price_cny_per_hour"], "duration_hours": spec["duration_hours"],
         "labels": spec["labels"], "attempts": int(job.get("attempt", 0)),
         "created": _iso(job.get("created")), "updated": _iso(job.get("updated")),
@@ -83,12 +85,20 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
     }  # fmt: skip
     if job.get("site"):
         view["allocation"] = {
-            "site": job["site"], "hub": job.get("hub"), "model": job.get("model"), "arch": spec["resources"]["arch"],
+            "site": job["site"], "hub": job.get("hub"), "model": job.get("model"), "arch": job.get("arch"),
             "devices": int(job.get("count", 0)), "price_cny_per_hour": float(job.get("price", 0)),
             "cost_cny_per_hour": round(float(job.get("price", 0)) * int(job.get("count", 0)), 4),
             "latency_ms": float(job.get("latency_ms", 0)), "attempt": int(job.get("attempt", 0)),
             "assigned_at": _iso(job.get("assigned_at")), "started_at": _iso(job.get("started_at")),
         }  # fmt: skip
+        decision = orjson.loads(job.get("decision") or "{}")
+        if decision:
+            chosen = decision["chosen"]
+            view["allocation"].update({
+                "cost_cny_per_hour": chosen["cost_cny_per_hour"], "unit_price_cny_per_hour": chosen["unit_price_cny_per_hour"],
+                "est_hours": chosen["est_hours"], "score": chosen["score"], "scores": chosen["scores"],
+                "stack": chosen["stack"], "image": chosen["image"], "runners_up": decision["runners_up"],
+            })  # fmt: skip
     if state == JobState.QUEUED:
         view["waiting"] = job.get("reason") or "waiting for the matcher"
         if job.get("last_site"):

@@ -1,25 +1,40 @@
 """The pure matcher: a job and a snapshot in, a decision (or the reasons there is none) out.
 
-No I/O and no `await`: the scheduler loads the snapshot and commits the decision. Filters run cheapest
-first over whole columns; every site a filter removes is counted under that filter's reason, so a queued
-job can say why. Scores are bounded 0-100 and named; ties break by a seed from the job id, so the same
-input always gives the same decision.
+No I/O and no `await`. Reading top to bottom: pick the tables (device models) the job may use, then
+visit their pools in the order of the policy's main score (cheapest, nearest, fastest or greenest
+first), filtering and scoring a chunk of rows at a time. A single-score policy stops as soon as no
+later row can beat the best; a mixed policy stops after `limit` feasible pools (as Nomad limits the
+nodes it scores), so a decision costs about the same over 1,000 or 100,000 sites. Scores are bounded
+0-100 and named; ties break by a seed from the job id, so the same input always gives the same decision.
+When nothing fits, `explain` counts per reason the sites each filter ruled out.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from broker.schemas import JobSpec
 from broker.snapshot import PoolTable, Snapshot
+from broker.stacks import Requirement, parse_requirement
 
-# Weights of the default policy: cheapest first, then nearest.
-PRICE_WEIGHT = 0.6
-LATENCY_WEIGHT = 0.4
 RUNNERS_UP = 3
+CHUNK = 512
+LIMIT = 2048  # feasible pools a mixed policy scores before it decides
+LATENCY_REF_MS = 100.0  # latency that scores 0 when the job sets no cap
+TOLERANT = frozenset({"training", "batch", "rendering", "hpc"})
+POLICIES: dict[str, dict[str, float]] = {
+    "cheapest": {"price": 1.0},
+    "fastest": {"speed": 1.0},
+    "nearest": {"latency": 1.0},
+    "greenest": {"green": 1.0},
+}
+# 东数西算: latency-tolerant work leans west when price and latency allow; sensitive work stays near.
+BALANCED_TOLERANT = {"price": 0.45, "latency": 0.1, "speed": 0.15, "green": 0.1, "packing": 0.1, "west": 0.1}
+BALANCED_SENSITIVE = {"price": 0.35, "latency": 0.45, "speed": 0.1, "packing": 0.1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,9 +42,11 @@ class Request:
     """What the matcher needs from a job."""
 
     job_id: str
-    arch: str
+    archs: tuple[str, ...]
     models: tuple[str, ...]
-    count: int
+    count: int | None
+    units: float | None
+    reference: str
     min_memory_gb: float
     origin: str
     max_latency_ms: float | None
@@ -37,12 +54,44 @@ class Request:
     duration_hours: float = 1.0
     name: str = ""
     workload: str = "general"
+    software: tuple[Requirement, ...] = ()
+    interconnect: tuple[str, ...] = ()
+    whole_nodes: bool = False
+    allow_hubs: frozenset[str] = frozenset()
+    deny_hubs: frozenset[str] = frozenset()
+    allow_provinces: frozenset[str] = frozenset()
+    deny_provinces: frozenset[str] = frozenset()
+    domestic_only: bool = False
+    policy: str = "balanced"
+    weights: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def of(cls, job_id: str, spec: JobSpec) -> Request:
-        r = spec.resources
-        return cls(job_id, r.arch.value, r.models, r.count, r.min_memory_gb, spec.origin, spec.max_latency_ms,
-                   spec.max_price_cny_per_hour, spec.duration_hours, spec.name, spec.workload)  # fmt: skip
+        r, res = spec.resources, spec.residency
+        return cls(
+            job_id=job_id, archs=r.arch_set, models=r.models, count=r.count,
+            units=r.equivalent.units if r.equivalent else None,
+            reference=r.equivalent.reference if r.equivalent else (r.models[0] if r.models else ""),
+            min_memory_gb=r.min_memory_gb, origin=spec.origin, max_latency_ms=spec.max_latency_ms,
+            max_price=spec.max_price_cny_per_hour, duration_hours=spec.duration_hours, name=spec.name,
+            workload=spec.workload,
+            software=tuple(parse_requirement(s.stack, s.versions, s.image) for s in spec.software),
+            interconnect=tuple(i.lower() for i in r.interconnect), whole_nodes=r.whole_nodes,
+            allow_hubs=frozenset(res.allow_hubs), deny_hubs=frozenset(res.deny_hubs),
+            allow_provinces=frozenset(p.lower() for p in res.allow_provinces),
+            deny_provinces=frozenset(p.lower() for p in res.deny_provinces),
+            domestic_only=spec.domestic_only, policy=spec.policy.value, weights=tuple(sorted(spec.weights.items())),
+        )  # fmt: skip
+
+    def relaxed(self, **changes: object) -> Request:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def weight_map(self) -> dict[str, float]:
+        base = POLICIES.get(self.policy)
+        if base is None:
+            base = BALANCED_TOLERANT if self.workload in TOLERANT else BALANCED_SENSITIVE
+        weights = {**base, **dict(self.weights)}
+        return {k: v for k, v in weights.items() if v > 0} or {"price": 1.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,22 +101,34 @@ class Candidate:
     model: str
     arch: str
     row: int
+    devices: int
     free: int
-    price: float
+    price: float  # per device-hour
+    cost_per_hour: float  # for all the job's devices
+    unit_price: float  # per reference-device-hour (equivalent jobs) or per device-hour
     latency_ms: float
+    est_hours: float
     score: float
     scores: dict[str, float]
+    stack: str | None = None
+    image: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return {"site": self.site, "hub": self.hub, "model": self.model, "free": self.free,
-                "price_cny_per_hour": self.price, "latency_ms": round(self.latency_ms, 2),
-                "score": round(self.score, 2), "scores": {k: round(v, 2) for k, v in self.scores.items()}}  # fmt: skip
+        return {
+            "site": self.site, "hub": self.hub, "model": self.model, "arch": self.arch, "devices": self.devices,
+            "free": self.free, "price_cny_per_hour": self.price, "cost_cny_per_hour": round(self.cost_per_hour, 4),
+            "unit_price_cny_per_hour": round(self.unit_price, 4),
+            "latency_ms": round(self.latency_ms, 2) if math.isfinite(self.latency_ms) else None,
+            "est_hours": round(self.est_hours, 3), "score": round(self.score, 2),
+            "scores": {k: round(v, 2) for k, v in self.scores.items()}, "stack": self.stack, "image": self.image,
+        }  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     chosen: Candidate
     runners_up: tuple[Candidate, ...]
+    feasible_sites: int = 0  # counted only by an exhaustive match
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,105 +144,332 @@ class NoFit:
         return "; ".join(f"{n} site{'s' if n != 1 else ''}: {reason}" for reason, n in self.reasons)
 
 
-def _stage_reasons(req: Request, snap: Snapshot) -> list[str]:
-    models = ", ".join(req.models)
-    return [
-        "site offline",
-        f"no {models} pool",
-        f"no pool with >= {req.min_memory_gb:g} GB",
-        f"price above {req.max_price:g} CNY/h" if req.max_price is not None else "price",
-        f"latency from {req.origin} above {req.max_latency_ms:g} ms" if req.max_latency_ms is not None else "latency",
-        f"fewer than {req.count} devices free",
-    ]
+# ------------------------------------------------------------------------------------------ per request
 
 
-def match(req: Request, snap: Snapshot) -> Decision | NoFit:
+class _Plan:
+    """Everything about a request that does not depend on the row: lookup arrays, references, weights."""
+
+    def __init__(self, req: Request, snap: Snapshot) -> None:
+        self.req, self.snap = req, snap
+        self.weights = req.weight_map()
+        self.weight_sum = sum(self.weights.values())
+        self.seed = zlib.crc32(req.job_id.encode())
+        self.origin_known = req.origin in snap.origins
+        # stack set id -> index of the first requirement it satisfies, or -1
+        self.stack_ok = np.array(
+            [next((i for i, r in enumerate(req.software) if any(r.admits(f"{n}-{v}" if v else n) for n, v in ss)), -1)
+             for ss in snap.stacksets] if req.software else [0] * len(snap.stacksets), np.int32,
+        ).reshape(-1)  # fmt: skip
+        self.ic_ok = np.array([not req.interconnect or ic.lower() in req.interconnect for ic in snap.interconnects],
+                              np.bool_).reshape(-1)  # fmt: skip
+        self.place_ok = np.array([self._place_ok(c) for c in range(len(snap.cluster_names))], np.bool_)
+        self.tables = [t for t in self._candidate_tables() if self._table_ok(t) is None]
+        self.reference_perf = self._reference_perf()
+
+    def _place_ok(self, cluster: int) -> bool:
+        req, snap = self.req, self.snap
+        hub, province = snap.cluster_hub[cluster], snap.cluster_province[cluster].lower()
+        if req.allow_hubs and hub not in req.allow_hubs or hub in req.deny_hubs:
+            return False
+        return not (req.allow_provinces and province not in req.allow_provinces or province in req.deny_provinces)
+
+    def _candidate_tables(self) -> list[PoolTable]:
+        archs = self.req.archs or tuple(self.snap.arch_models)
+        return [self.snap.tables[m] for a in archs for m in self.snap.arch_models.get(a, ())]
+
+    def _table_ok(self, table: PoolTable) -> str | None:
+        """The model-level reason a table is out, or None."""
+        req = self.req
+        if req.models and table.model not in req.models:
+            return "model"
+        if req.domestic_only and not table.domestic:
+            return "domestic"
+        if req.units is not None and not table.perf_for(req.workload) > 0:
+            return "perf"
+        return None
+
+    def _reference_perf(self) -> float:
+        """Performance of the model equivalent units are counted in (the API refuses unknown references)."""
+        device = self.snap.devices.get(self.req.reference)
+        perf = PoolTable(device.model, device.arch, device, 1).perf_for(self.req.workload) if device else 1.0
+        return perf if perf > 0 else 1.0
+
+    def need(self, table: PoolTable) -> int:
+        """Devices of this model the job needs (before rounding up to whole nodes)."""
+        if self.req.count is not None:
+            return self.req.count
+        perf = table.perf_for(self.req.workload)
+        return max(1, math.ceil(self.req.units * self.reference_perf / perf - 1e-9))  # type: ignore[operator]
+
+    def price_floor(self, table: PoolTable) -> float:
+        """The lowest cost per hour this table could offer (its cheapest row, before any filter)."""
+        return float(table.price[table.by_price[0]]) * self.need(table) if table.size else math.inf
+
+    def speed_perf(self, table: PoolTable) -> float:
+        perf = table.perf_for(self.req.workload)
+        return perf if perf > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
+def match(req: Request, snap: Snapshot, *, limit: int = LIMIT, exhaustive: bool = False,
+          keep: int = RUNNERS_UP + 1) -> Decision | NoFit:  # fmt: skip
     """Choose the best pool for `req` in `snap`, or say why none fits."""
-    known_sites = len(snap.sites)
-    table = snap.tables.get(req.arch)
-    origin = snap.origins.get(req.origin)
-    if table is None or table.size == 0:
-        return NoFit(((f"no {req.arch} pool", known_sites),) if known_sites else ())
-    if origin is None:
-        return NoFit(((f"unknown origin {req.origin}", known_sites),))
-    n = table.size
-    latency = table.latency[:n, origin]
-    free = table.free()
-    # Each stage is a mask of rows that pass it; a row's stage is the first one it fails.
-    stages = [
-        table.online[:n],
-        np.isin(table.model_code[:n], [snap.models.get(m, -1) for m in req.models]) if req.models else None,
-        table.memory_gb[:n] >= req.min_memory_gb if req.min_memory_gb > 0 else None,
-        table.price[:n] <= req.max_price if req.max_price is not None else None,
-        latency <= req.max_latency_ms if req.max_latency_ms is not None else None,
-        free >= req.count,
-    ]
-    passing = np.ones(n, np.bool_)
-    for stage in stages:
-        if stage is not None:
-            passing &= stage
-    rows = np.flatnonzero(passing)
-    if rows.size == 0:
-        return _explain(req, snap, table, stages)
-    return _select(req, snap, table, rows, latency, free)
+    plan = _Plan(req, snap)
+    if not plan.tables or not plan.origin_known:
+        return explain(req, snap, plan)
+    scan = _Scan(plan, keep=max(keep, RUNNERS_UP + 1), exhaustive=exhaustive)
+    scan.run(limit)
+    if not scan.found:
+        return explain(req, snap, plan)
+    ranked = scan.ranked(keep)
+    return Decision(ranked[0], tuple(ranked[1:]), len(scan.feasible_sites) if exhaustive else 0)
 
 
-def _select(req: Request, snap: Snapshot, table: PoolTable, rows: np.ndarray, latency: np.ndarray,
-            free: np.ndarray) -> Decision:  # fmt: skip
-    price = table.price[rows]
-    lat = latency[rows]
-    price_ref = req.max_price if req.max_price is not None else float(price.max())
-    # A site at no known place has no latency estimate: it scores 0 on latency and sets no reference.
-    known = np.isfinite(lat)
-    if req.max_latency_ms is not None:
-        lat_ref = req.max_latency_ms
-    else:
-        lat_ref = float(lat[known].max()) if known.any() else 1.0
-    price_score = 100.0 * (1.0 - price / max(price_ref, 1e-9))
-    latency_score = np.where(known, 100.0 * (1.0 - np.where(known, lat, 0.0) / max(lat_ref, 1e-9)), 0.0)
-    total = PRICE_WEIGHT * np.clip(price_score, 0, 100) + LATENCY_WEIGHT * np.clip(latency_score, 0, 100)
-    # Deterministic tie-break: a per-job permutation of sites, far below any real score difference.
-    seed = zlib.crc32(req.job_id.encode())
-    jitter = ((table.site_code[rows].astype(np.uint64) * 2654435761 + seed) % 1_000_003) * 1e-9
-    order = np.argsort(-(total + jitter), kind="stable")
-    picked: list[Candidate] = []
-    seen_sites: set[int] = set()
-    for i in order:
-        code = int(table.site_code[rows[i]])
-        if code in seen_sites:
-            continue
-        seen_sites.add(code)
-        row = int(rows[i])
-        site = snap.site_names[code]
-        picked.append(Candidate(
-            site=site, hub=snap.sites[site].hub, model=snap.model_names[int(table.model_code[row])], arch=table.arch,
-            row=row, free=int(free[row]), price=float(price[i]), latency_ms=float(lat[i]), score=float(total[i]),
-            scores={"price": float(np.clip(price_score[i], 0, 100)),
-                    "latency": float(np.clip(latency_score[i], 0, 100))},
-        ))  # fmt: skip
-        if len(picked) > RUNNERS_UP:
-            break
-    return Decision(picked[0], tuple(picked[1:]))
+class _Scan:
+    def __init__(self, plan: _Plan, keep: int, exhaustive: bool) -> None:
+        self.plan = plan
+        self.keep = keep
+        self.exhaustive = exhaustive
+        self.found: list[tuple[float, Candidate]] = []
+        self.feasible_sites: set[int] = set()
+        self.scored = 0
+        self.best_key = -math.inf  # best value of the single score a one-score policy ranks by
+        weights = plan.weights
+        self.single = next(iter(weights)) if len(weights) == 1 else None
+        self.order = self.single or max(weights, key=lambda k: weights[k])
+        self.ref_cost = min((plan.price_floor(t) for t in plan.tables), default=math.inf)
+        perfs = [p for t in plan.tables if (p := plan.speed_perf(t)) == p]
+        self.best_perf = max(perfs) if perfs else float("nan")
+        self.lat_ref = plan.req.max_latency_ms or LATENCY_REF_MS
+
+    def segments(self) -> list[tuple[float, PoolTable, np.ndarray, bool]]:
+        """(best possible value of the ordering score, table, rows, whether the rows are in score order)."""
+        plan, order = self.plan, self.order
+        out: list[tuple[float, PoolTable, np.ndarray, bool]] = []
+        for table in plan.tables:
+            if table.size == 0:
+                continue
+            rows = table.by_price
+            if order == "price":
+                bound = 100.0 * self.ref_cost / max(plan.price_floor(table), 1e-12)
+            elif order == "speed":
+                bound = self._speed(table, plan.need(table))
+            elif order == "green":
+                rows = rows[np.argsort(-table.green[rows], kind="stable")]
+                bound = float(table.green[rows[0]])
+            elif order == "latency":
+                out += self._latency_segments(table)
+                continue
+            else:  # packing and west: no useful order, price order
+                out.append((100.0, table, rows, False))
+                continue
+            out.append((bound, table, rows, True))
+        out.sort(key=lambda s: -s[0])
+        return out
+
+    def _latency_segments(self, table: PoolTable) -> list[tuple[float, PoolTable, np.ndarray, bool]]:
+        """Rows grouped by cluster, nearest cluster first; rows with measured latency go first."""
+        rows = table.by_price
+        o = self.plan.snap.origins[self.plan.req.origin]
+        measured = table.measured[rows]
+        groups = [(100.0, table, rows[measured], False)] if measured.any() else []
+        rest = rows[~measured]
+        clusters = table.cluster[rest]
+        for c in np.unique(clusters):
+            lat = float(self.plan.snap.cluster_latency[c, o])
+            groups.append((self._latency_score(lat), table, rest[clusters == c], True))
+        return groups
+
+    def _latency_score(self, latency_ms: float) -> float:
+        return 100.0 * min(max(1.0 - latency_ms / self.lat_ref, 0.0), 1.0) if math.isfinite(latency_ms) else 0.0
+
+    def _speed(self, table: PoolTable, devices: int) -> float:
+        """100 for the fastest delivery any eligible model could give, less for slower ones."""
+        perf = self.plan.speed_perf(table)
+        if perf != perf or self.best_perf != self.best_perf:
+            return 50.0  # no catalog figure: neither rewarded nor ruled out
+        req = self.plan.req
+        if req.count is None:  # compute delivered over compute asked: 1 (as asked) scores 50, 2x or more 100
+            ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
+            return min(100.0, 50.0 * ratio)
+        return 100.0 * perf / self.best_perf
+
+    def run(self, limit: int) -> None:
+        for bound, table, rows, in_order in self.segments():
+            if self.single and self.found and bound < self.best_key - 1e-9 and not self.exhaustive:
+                continue  # nothing in this segment can beat what we have
+            for start in range(0, rows.shape[0], CHUNK):
+                hit = self._chunk(table, rows[start : start + CHUNK])
+                if hit and self.single and in_order and not self.exhaustive:
+                    break  # rows are in order of the score: later rows only tie or lose
+                if self.scored >= limit and not self.exhaustive and not self.single:
+                    return
+
+    def _chunk(self, table: PoolTable, rows: np.ndarray) -> bool:
+        plan, req = self.plan, self.plan.req
+        need = plan.need(table)
+        per_node = table.per_node[rows]
+        devices = -(-need // per_node) * per_node if req.whole_nodes else np.full(rows.shape[0], need)
+        free = table.free(rows)
+        price = table.price[rows]
+        cost = price * devices
+        unit_price = cost / req.units if req.units is not None else price
+        ok = table.online[rows] & (free >= devices) & plan.place_ok[table.cluster[rows]]
+        ok &= plan.ic_ok[table.interconnect[rows]] & (plan.stack_ok[table.stackset[rows]] >= 0)
+        if req.min_memory_gb > 0:
+            ok &= table.memory_gb[rows] >= req.min_memory_gb
+        if req.max_price is not None:
+            ok &= unit_price <= req.max_price
+        if not ok.any():
+            return False
+        latency = plan.snap.latency(table, rows, req.origin)
+        if req.max_latency_ms is not None:
+            ok &= latency <= req.max_latency_ms
+        idx = np.flatnonzero(ok)
+        if idx.size == 0:
+            return False
+        self.scored += idx.size
+        rows, devices, free, price, cost, unit_price, latency = (
+            rows[idx], devices[idx], free[idx], price[idx], cost[idx], unit_price[idx], latency[idx])  # fmt: skip
+        if self.exhaustive:
+            self.feasible_sites.update(table.site_code[rows].tolist())
+        scores = self._scores(table, rows, devices, free, cost, latency)
+        total = sum(self.plan.weights[k] * scores[k] for k in self.plan.weights) / self.plan.weight_sum
+        jitter = ((table.site_code[rows].astype(np.uint64) * 2654435761 + plan.seed) % 1_000_003) * 1e-9
+        ranked = total + jitter
+        if self.single:
+            self.best_key = max(self.best_key, float(np.max(scores[self.single])))
+        top = np.argsort(-ranked, kind="stable")[: self.keep * 2]
+        for i in top:
+            self.found.append((float(ranked[i]), self._candidate(table, int(rows[i]), int(devices[i]), int(free[i]),
+                               float(price[i]), float(cost[i]), float(unit_price[i]), float(latency[i]),
+                               float(total[i]), {k: float(v[i]) for k, v in scores.items()})))  # fmt: skip
+        if len(self.found) > self.keep * 8:
+            self.found = sorted(self.found, key=lambda f: -f[0])[: self.keep * 4]
+        return True
+
+    def _scores(self, table: PoolTable, rows: np.ndarray, devices: np.ndarray, free: np.ndarray, cost: np.ndarray,
+                latency: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+        known = np.isfinite(latency)
+        safe = np.where(known, latency, 0.0)
+        per_node = table.per_node[rows]
+        remainder = devices % per_node
+        fits_partial = (free % per_node) >= remainder
+        return {
+            "price": 100.0 * self.ref_cost / np.maximum(cost, 1e-12),
+            "latency": np.where(known, 100.0 * np.clip(1.0 - safe / self.lat_ref, 0.0, 1.0), 0.0),
+            "speed": np.array([self._speed(table, int(d)) for d in devices]) if self.plan.req.count is None
+            else np.full(rows.shape[0], self._speed(table, int(devices[0]))),
+            "green": table.green[rows].astype(np.float64),
+            "packing": np.where((remainder == 0) | fits_partial, 100.0, 100.0 * remainder / per_node),
+            "west": 100.0 * self.plan.snap.cluster_west[table.cluster[rows]],
+        }  # fmt: skip
+
+    def _candidate(self, table: PoolTable, row: int, devices: int, free: int, price: float, cost: float,
+                   unit_price: float, latency: float, total: float, scores: dict[str, float]) -> Candidate:  # fmt: skip
+        plan = self.plan
+        snap, req = plan.snap, plan.req
+        site = snap.site_names[int(table.site_code[row])]
+        requirement = req.software[int(plan.stack_ok[table.stackset[row]])] if req.software else None
+        stack = None
+        if requirement is not None:
+            stack = next((f"{n}-{v}" for n, v in snap.stacksets[int(table.stackset[row])]
+                          if requirement.admits(f"{n}-{v}")), None)  # fmt: skip
+        perf = plan.speed_perf(table)
+        if req.units is not None and perf == perf:
+            est = req.duration_hours * req.units * plan.reference_perf / (devices * perf)
+        elif req.models and perf == perf and req.models[0] in snap.tables:
+            est = req.duration_hours * snap.tables[req.models[0]].perf_for(req.workload) / perf
+        else:
+            est = req.duration_hours
+        named = {k: scores[k] for k in plan.weights}
+        return Candidate(site=site, hub=snap.sites[site].hub, model=table.model, arch=table.arch, row=row,
+                         devices=devices, free=free, price=price, cost_per_hour=cost, unit_price=unit_price,
+                         latency_ms=latency, est_hours=est if est == est else req.duration_hours, score=total,
+                         scores=named, stack=stack, image=requirement.image if requirement else None)  # fmt: skip
+
+    def ranked(self, keep: int) -> list[Candidate]:
+        out: list[Candidate] = []
+        sites: set[str] = set()
+        for _, candidate in sorted(self.found, key=lambda f: -f[0]):
+            if candidate.site not in sites:
+                sites.add(candidate.site)
+                out.append(candidate)
+                if len(out) >= keep:
+                    break
+        return out
 
 
-def _explain(req: Request, snap: Snapshot, table: PoolTable, stages: list[np.ndarray | None]) -> NoFit:
+# ------------------------------------------------------------------------------------------ explanations
+
+_STAGES = ("offline", "model", "domestic", "perf", "stack", "interconnect", "memory", "residency", "price",
+           "latency", "capacity")  # fmt: skip
+
+
+def _labels(req: Request) -> dict[str, str]:
+    need = f"fewer than {req.count} devices free" if req.count is not None else "too few devices free"
+    return {
+        "offline": "site offline",
+        "model": f"no {', '.join(req.models)} pool",
+        "domestic": "no domestic (信创) pool",
+        "perf": f"no pool with a catalog {req.workload} performance for equivalent compute",
+        "stack": "no pool with " + " or ".join(r.text for r in req.software),
+        "interconnect": "no pool with " + " or ".join(req.interconnect) + " interconnect",
+        "memory": f"no pool with >= {req.min_memory_gb:g} GB",
+        "residency": "outside the allowed hubs and provinces",
+        "price": f"price above {req.max_price:g} CNY/h" if req.max_price is not None else "price",
+        "latency": f"latency from {req.origin} above {req.max_latency_ms:g} ms" if req.max_latency_ms else "latency",
+        "capacity": need,
+    }
+
+
+def explain(req: Request, snap: Snapshot, plan: _Plan | None = None) -> NoFit:
     """Count, per reason, the sites whose best pool got no further than that filter."""
-    n = table.size
-    reached = np.zeros(n, np.int8)
-    alive = np.ones(n, np.bool_)
-    for i, stage in enumerate(stages):
-        if stage is not None:
-            alive &= stage
-        reached[alive] = i + 1
-    best = np.full(len(snap.site_names), -1, np.int8)
-    np.maximum.at(best, table.site_code[:n], reached)
-    labels = _stage_reasons(req, snap)
+    if not snap.sites:
+        return NoFit(())
+    plan = plan or _Plan(req, snap)
+    if not plan.origin_known:
+        return NoFit(((f"unknown origin {req.origin}", len(snap.sites)),))
+    best = np.full(len(snap.site_names), -1, np.int16)
+    for table in plan._candidate_tables():
+        n = table.size
+        if n == 0:
+            continue
+        rows = np.arange(n)
+        need = plan.need(table) if plan._table_ok(table) is None else 1
+        devices = -(-need // table.per_node[:n]) * table.per_node[:n] if req.whole_nodes else np.full(n, need)
+        unit_price = table.price[:n] * devices / req.units if req.units is not None else table.price[:n]
+        static = plan._table_ok(table)
+        stages = {
+            "offline": table.online[:n],
+            "model": np.full(n, static != "model"),
+            "domestic": np.full(n, static != "domestic"),
+            "perf": np.full(n, static != "perf"),
+            "stack": plan.stack_ok[table.stackset[:n]] >= 0,
+            "interconnect": plan.ic_ok[table.interconnect[:n]],
+            "memory": table.memory_gb[:n] >= req.min_memory_gb,
+            "residency": plan.place_ok[table.cluster[:n]],
+            "price": unit_price <= req.max_price if req.max_price is not None else np.ones(n, np.bool_),
+            "latency": snap.latency(table, rows, req.origin) <= req.max_latency_ms
+            if req.max_latency_ms is not None else np.ones(n, np.bool_),
+            "capacity": table.free() >= devices,
+        }  # fmt: skip
+        reached = np.zeros(n, np.int16)
+        alive = np.ones(n, np.bool_)
+        for i, stage in enumerate(_STAGES):
+            alive &= stages[stage]
+            reached[alive] = i + 1
+        np.maximum.at(best, table.site_code[:n], reached)
+    labels = _labels(req)
     counts: dict[str, int] = {}
-    for stage_index in range(len(stages)):
-        n_sites = int(np.count_nonzero(best == stage_index))
+    for i, stage in enumerate(_STAGES):
+        n_sites = int(np.count_nonzero(best == i))
         if n_sites:
-            counts[labels[stage_index]] = n_sites
-    without_arch = len(snap.sites) - int(np.count_nonzero(best >= 0))
-    if without_arch:
-        counts[f"no {req.arch} pool"] = without_arch
+            counts[labels[stage]] = counts.get(labels[stage], 0) + n_sites
+    without = len(snap.sites) - int(np.count_nonzero(best >= 0))
+    if without:
+        counts[f"no {'/'.join(req.archs) if req.archs else 'usable'} pool"] = without
     return NoFit(tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))))

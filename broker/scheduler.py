@@ -24,6 +24,15 @@ log = logs.get("suanwang.scheduler")
 Publish = Callable[[str, bytes], Awaitable[None]]
 
 
+def placement_of(job_id: str, decision: Decision) -> Placement:
+    """What to commit for a decision, with the record of why it was made (scores and runners-up)."""
+    chosen = decision.chosen
+    record = orjson.dumps({"chosen": chosen.as_dict(), "runners_up": [c.as_dict() for c in decision.runners_up]})
+    latency = round(chosen.latency_ms, 2) if chosen.latency_ms < float("inf") else -1.0
+    return Placement(job_id, chosen.site, chosen.hub, chosen.model, chosen.devices, chosen.price, latency,
+                     arch=chosen.arch, decision=record.decode())  # fmt: skip
+
+
 class Scheduler:
     def __init__(
         self,
@@ -102,24 +111,23 @@ class Scheduler:
                     reasons[req.job_id] = message
                 continue
             chosen = result.chosen
-            table = self.snapshot.tables[chosen.arch]
-            table.allocated[chosen.row] += req.count  # optimistic: the commit below confirms or refuses
-            placements.append((Placement(req.job_id, chosen.site, chosen.hub, chosen.model, req.count,
-                                         chosen.price, round(chosen.latency_ms, 2)), req, result))  # fmt: skip
+            self.snapshot.tables[chosen.model].allocated[chosen.row] += chosen.devices  # optimistic; commit decides
+            placements.append((placement_of(req.job_id, result), req, result))
         await self.store.set_reasons(reasons)
         results = await self.store.allocate([p for p, _, _ in placements], self.accept_timeout_ms)
         by_site: dict[str, list[dict[str, object]]] = defaultdict(list)
         stale = False
         for (placement, req, decision), attempt in zip(placements, results, strict=True):
             if attempt <= 0:  # undo the optimistic take; Redis holds the truth
-                self.snapshot.tables[decision.chosen.arch].allocated[decision.chosen.row] -= req.count
+                self.snapshot.tables[decision.chosen.model].allocated[decision.chosen.row] -= decision.chosen.devices
             if attempt > 0:
                 self._unfit.pop(req.job_id, None)
                 self._requests.pop(req.job_id, None)
+                chosen = decision.chosen
                 by_site[placement.site].append(
                     {"job": req.job_id, "attempt": attempt, "action": "run", "model": placement.model,
-                     "count": placement.count, "duration_hours": req.duration_hours, "name": req.name,
-                     "workload": req.workload}
+                     "count": placement.count, "duration_hours": round(chosen.est_hours, 4), "name": req.name,
+                     "workload": req.workload, "stack": chosen.stack, "image": chosen.image}
                 )  # fmt: skip
                 log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
                          count=placement.count, attempt=attempt)  # fmt: skip

@@ -54,6 +54,8 @@ class Placement:
     count: int
     price: float
     latency_ms: float
+    arch: str = ""
+    decision: str = "{}"  # JSON: the chosen pool's named scores and the runners-up
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,7 @@ class Store:
                     keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
                           k.sites, k.clock, k.site(p.site)],
                     args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, now, now + accept_timeout_ms,
-                          self.events_maxlen, p.hub],
+                          self.events_maxlen, p.hub, p.arch, p.decision],
                     client=pipe,
                 )  # fmt: skip
             return [int(r) for r in await pipe.execute()]

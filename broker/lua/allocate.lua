@@ -1,6 +1,7 @@
 -- Take `count` devices of `model` at a site for a queued job, atomically, or refuse.
 -- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site
--- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms, accept_deadline_ms, events_maxlen, hub
+-- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms, accept_deadline_ms, events_maxlen, hub,
+--       arch, decision (JSON: the scores and runners-up that decided)
 -- Returns the attempt number (>= 1) on success; 0 when the pool has too little free (the caller's
 -- view was stale); -1 when the job is no longer queued; -2 when the site is not online.
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
@@ -19,14 +20,14 @@ redis.call('HINCRBY', KEYS[2], 'a:' .. model, count)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'model', model,
   'count', count, 'price', ARGV[5], 'latency_ms', ARGV[6], 'updated', ARGV[7], 'assigned_at', ARGV[7],
-  'reason', '')
+  'reason', '', 'arch', ARGV[11], 'decision', ARGV[12])
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
 redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), ARGV[2])
 local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name')
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[9], '*', 'type', 'allocated', 'job', ARGV[1],
-  'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'model', model, 'count', count,
+  'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'arch', ARGV[11], 'model', model, 'count', count,
   'price', ARGV[5], 'latency_ms', ARGV[6], 'attempt', attempt, 'tenant', job[1], 'origin', job[2],
   'name', job[3], 'ts', ARGV[7])
 return attempt

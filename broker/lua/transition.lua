@@ -60,8 +60,8 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
   end
   release()
   redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
-  redis.call('HDEL', KEYS[1], 'site', 'hub', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
-    'accepted_at', 'started_at')
+  redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
+    'accepted_at', 'started_at', 'decision')
   redis.call('ZADD', KEYS[2], j[8], job_id)
   event('requeued', 'queued', reason)
   return 'queued'

@@ -81,6 +81,9 @@ def request(job_id: str = "job-1", **overrides: object) -> Request:
         "max_latency_ms": None, "max_price": None,
     }  # fmt: skip
     fields |= overrides
+    fields["archs"] = (fields.pop("arch"),)
+    fields.setdefault("units", None)
+    fields.setdefault("reference", "")
     return Request(**fields)  # type: ignore[arg-type]
 
 
@@ -191,8 +194,8 @@ def test_request_of_job_spec_copies_the_constraints():
         "origin": "shanghai", "max_latency_ms": 30, "max_price_cny_per_hour": 15, "duration_hours": 6,
     })  # fmt: skip
     req = Request.of("j-7", spec)
-    assert (req.job_id, req.arch, req.models, req.count, req.min_memory_gb) == ("j-7", "GPU", ("A100-80G", "H800"),
-                                                                                 16, 80)  # fmt: skip
+    assert (req.job_id, req.archs, req.models, req.count, req.min_memory_gb) == (
+        "j-7", ("GPU",), ("A100-80G", "H800"), 16, 80)  # fmt: skip
     assert (req.origin, req.max_latency_ms, req.max_price, req.duration_hours) == ("shanghai", 30, 15, 6)
 
 
@@ -227,7 +230,7 @@ def test_decision_carries_the_chosen_pool_facts():
     c = result.chosen
     expected = ("a", "guizhou", "H800", "GPU", 50, 12.5, 21.0)
     assert (c.site, c.hub, c.model, c.arch, c.free, c.price, c.latency_ms) == expected
-    assert set(c.scores) == {"price", "latency"}
+    assert set(c.scores) == {"price", "latency", "speed", "packing"}  # the balanced policy for general work
     assert all(0 <= v <= 100 for v in c.scores.values())
     assert result.runners_up == ()
 
@@ -327,7 +330,7 @@ def fits(req: Request, site: S, pool: P) -> bool:
     """Brute force: does this pool satisfy every hard constraint of the request?"""
     return (
         site.status == "online"
-        and pool.arch == req.arch
+        and pool.arch in req.archs
         and (not req.models or pool.model in req.models)
         and pool.memory_gb >= req.min_memory_gb
         and (req.max_price is None or pool.price <= req.max_price)
