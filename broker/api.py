@@ -95,7 +95,8 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
         if decision:
             chosen = decision["chosen"]
             view["allocation"].update({
-                "cost_cny_per_hour": chosen["cost_cny_per_hour"], "unit_price_cny_per_hour": chosen["unit_price_cny_per_hour"],
+                "cost_cny_per_hour": chosen["cost_cny_per_hour"],
+                "unit_price_cny_per_hour": chosen["unit_price_cny_per_hour"],
                 "est_hours": chosen["est_hours"], "score": chosen["score"], "scores": chosen["scores"],
                 "stack": chosen["stack"], "image": chosen["image"], "runners_up": decision["runners_up"],
             })  # fmt: skip

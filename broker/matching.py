@@ -170,9 +170,9 @@ class _Plan:
     def _place_ok(self, cluster: int) -> bool:
         req, snap = self.req, self.snap
         hub, province = snap.cluster_hub[cluster], snap.cluster_province[cluster].lower()
-        if req.allow_hubs and hub not in req.allow_hubs or hub in req.deny_hubs:
+        if (req.allow_hubs and hub not in req.allow_hubs) or hub in req.deny_hubs:
             return False
-        return not (req.allow_provinces and province not in req.allow_provinces or province in req.deny_provinces)
+        return not ((req.allow_provinces and province not in req.allow_provinces) or province in req.deny_provinces)
 
     def _candidate_tables(self) -> list[PoolTable]:
         archs = self.req.archs or tuple(self.snap.arch_models)
