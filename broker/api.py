@@ -16,7 +16,7 @@ from broker.events import EventFeed, id_after
 from broker.lifecycle import PublishAssignments, tell_site_to_cancel
 from broker.schemas import JobSpec, JobState, parse
 from broker.store import SiteRecord, Store
-from regions import Geography
+from regions import Geography, load_devices
 from suanwang import logs
 from suanwang.errors import Conflict, InvalidInput, NotFound, StoreUnavailable, SuanwangError
 
@@ -28,6 +28,7 @@ GEO: web.AppKey[Geography] = web.AppKey("geo", Geography)
 PUBLISH: web.AppKey[PublishAssignments] = web.AppKey("publish", object)  # type: ignore[arg-type]
 KICK: web.AppKey[asyncio.Event] = web.AppKey("kick", asyncio.Event)
 MQTT_UP: web.AppKey[Callable[[], bool]] = web.AppKey("mqtt_up", object)  # type: ignore[arg-type]
+QUOTER: web.AppKey[Callable[[str, JobSpec], Awaitable[dict[str, Any]]]] = web.AppKey("quoter", object)  # type: ignore[arg-type]
 
 TENANT_HEADER = "X-Suanwang-Tenant"
 KEEPALIVE_S = 15.0
@@ -50,6 +51,8 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         return await handler(request)
     except SuanwangError as exc:
         status = next((s for cls, s in _STATUS_OF.items() if isinstance(exc, cls)), 500)
+        if exc.code == "unsupported_media_type":
+            status = 415
         return error_response(status, exc.code, str(exc), getattr(exc, "field", None))
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(413, "too_large", f"request body too large: {exc.text}")
@@ -120,23 +123,50 @@ def new_job_id() -> str:
     return f"j{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
 
 
-async def submit_job(request: web.Request) -> web.Response:
+def check_against_network(spec: JobSpec, geo: Geography) -> None:
+    """What only the broker knows: places and reference models must exist."""
+    if not geo.is_origin(spec.origin):
+        raise InvalidInput(f"unknown origin {spec.origin!r}: use a city, cluster or hub id (GET /v1/hubs)", "origin")
+    equivalent = spec.resources.equivalent
+    if equivalent is not None and equivalent.reference not in load_devices():
+        raise InvalidInput(f"unknown reference model {equivalent.reference!r}", "resources.equivalent.reference")
+    provinces = {p.lower() for hub in geo.hubs.values() for p in hub.provinces}
+    for name in ("allow_hubs", "deny_hubs"):
+        for hub in getattr(spec.residency, name):
+            if hub not in geo.hubs:
+                raise InvalidInput(f"unknown hub {hub!r}; one of {', '.join(geo.hubs)}", f"residency.{name}")
+    for name in ("allow_provinces", "deny_provinces"):
+        for province in getattr(spec.residency, name):
+            if province.lower() not in provinces:
+                raise InvalidInput(f"unknown province {province!r}", f"residency.{name}")
+
+
+async def _read_spec(request: web.Request) -> JobSpec:
     if request.content_type != "application/json":
-        return error_response(415, "unsupported_media_type", "send the job as application/json")
-    body = await request.read()
-    raw = parse(JobSpec, body)  # syntax and types first, then what only the broker knows
+        raise InvalidInput("send the job as application/json", None, code="unsupported_media_type")
+    raw = parse(JobSpec, await request.read())  # syntax and types first, then what only the broker knows
     tenant_header = request.headers.get(TENANT_HEADER)
     spec = raw.model_copy(update={"tenant": tenant_header}) if tenant_header else raw
-    if not request.app[GEO].is_origin(spec.origin):
-        raise InvalidInput(f"unknown origin {spec.origin!r}: use a city, cluster or hub id (GET /v1/hubs)", "origin")
+    check_against_network(spec, request.app[GEO])
+    return spec
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    spec = await _read_spec(request)
     job_id = new_job_id()
     stored = await request.app[STORE].submit(job_id, spec)
     request.app[KICK].set()
-    log.info("job.submitted", job=job_id, tenant=spec.tenant, arch=spec.resources.arch.value,
+    log.info("job.submitted", job=job_id, tenant=spec.tenant, archs=spec.resources.arch_set,
              count=spec.resources.count, origin=spec.origin)  # fmt: skip
     response = json_response(job_view(stored), 202)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return response
+
+
+async def quote_job(request: web.Request) -> web.Response:
+    """Where the job would go now and what would make it fit better; takes no capacity."""
+    spec = await _read_spec(request)
+    return json_response(await request.app[QUOTER](new_job_id(), spec))
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -301,10 +331,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 
 def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssignments, kick: asyncio.Event,
-             mqtt_up: Callable[[], bool], max_body_bytes: int = 64 * 1024) -> web.Application:  # fmt: skip
+             mqtt_up: Callable[[], bool], quoter: Callable[[str, JobSpec], Awaitable[dict[str, Any]]],
+             max_body_bytes: int = 64 * 1024) -> web.Application:  # fmt: skip
     app = web.Application(middlewares=[errors], client_max_size=max_body_bytes)
     app[STORE], app[FEED], app[GEO], app[PUBLISH], app[KICK], app[MQTT_UP] = store, feed, geo, publish, kick, mqtt_up
+    app[QUOTER] = quoter
     app.router.add_post("/v1/jobs", submit_job)
+    app.router.add_post("/v1/quote", quote_job)
     app.router.add_get("/v1/jobs", list_jobs)
     app.router.add_get("/v1/jobs/{id}", get_job)
     app.router.add_delete("/v1/jobs/{id}", cancel_job)

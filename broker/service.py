@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -13,8 +14,11 @@ from broker.api import make_app
 from broker.events import EventFeed, run_mirror
 from broker.ingest import Ingest
 from broker.lifecycle import run_sweeper
+from broker.matching import Request
 from broker.mqtt import MqttLink
+from broker.quote import quote
 from broker.scheduler import Scheduler
+from broker.schemas import JobSpec
 from broker.snapshot import Snapshot
 from broker.store import Store
 from regions import load_geography
@@ -103,7 +107,12 @@ async def start_broker(settings: Settings) -> Broker:
         asyncio.create_task(feed.run(stop), name="feed"),
         asyncio.create_task(run_mirror(store, settings.replica, mirror_publish, stop), name="mirror"),
     ]
-    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, settings.max_body_bytes)
+
+    async def quoter(job_id: str, spec: JobSpec) -> dict[str, Any]:
+        await scheduler.refresh()
+        return quote(Request.of(job_id, spec), scheduler.snapshot)
+
+    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, quoter, settings.max_body_bytes)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     host, port = settings.http_address
