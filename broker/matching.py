@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from broker.stacks import Requirement, parse_requirement
 
 RUNNERS_UP = 3
 CHUNK = 512
-LIMIT = 2048  # feasible pools a mixed policy scores before it decides
+LIMIT = 1024  # feasible pools a mixed policy scores before it decides
 LATENCY_REF_MS = 100.0  # latency that scores 0 when the job sets no cap
 TOLERANT = frozenset({"training", "batch", "rendering", "hpc"})
 POLICIES: dict[str, dict[str, float]] = {
@@ -233,7 +234,8 @@ class _Scan:
         self.plan = plan
         self.keep = keep
         self.exhaustive = exhaustive
-        self.found: list[tuple[float, Candidate]] = []
+        # (ranked score, site code, table, the chunk's arrays, index in them): Candidates are built at the end
+        self.found: list[tuple[float, int, PoolTable, tuple[Any, ...], int]] = []
         self.feasible_sites: set[int] = set()
         self.scored = 0
         self.best_key = -math.inf  # best value of the single score a one-score policy ranks by
@@ -261,7 +263,10 @@ class _Scan:
                 rows = rows[np.argsort(-table.green[rows], kind="stable")]
                 bound = float(table.green[rows[0]])
             elif order == "latency":
-                out += self._latency_segments(table)
+                if self.single or table.size > CHUNK:
+                    out += self._latency_segments(table)
+                    continue
+                out.append((max(s[0] for s in self._latency_segments(table)), table, rows, False))
                 continue
             else:  # packing and west: no useful order, price order
                 out.append((100.0, table, rows, False))
@@ -272,15 +277,11 @@ class _Scan:
 
     def _latency_segments(self, table: PoolTable) -> list[tuple[float, PoolTable, np.ndarray, bool]]:
         """Rows grouped by cluster, nearest cluster first; rows with measured latency go first."""
-        rows = table.by_price
         o = self.plan.snap.origins[self.plan.req.origin]
-        measured = table.measured[rows]
-        groups = [(100.0, table, rows[measured], False)] if measured.any() else []
-        rest = rows[~measured]
-        clusters = table.cluster[rest]
-        for c in np.unique(clusters):
-            lat = float(self.plan.snap.cluster_latency[c, o])
-            groups.append((self._latency_score(lat), table, rest[clusters == c], True))
+        measured, per_cluster = table.by_cluster
+        groups = [(100.0, table, measured, False)] if measured.size else []
+        for c, rows in per_cluster.items():
+            groups.append((self._latency_score(float(self.plan.snap.cluster_latency[c, o])), table, rows, True))
         return groups
 
     def _latency_score(self, latency_ms: float) -> float:
@@ -296,6 +297,13 @@ class _Scan:
             ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
             return min(100.0, 50.0 * ratio)
         return 100.0 * perf / self.best_perf
+
+    def _speeds(self, table: PoolTable, devices: np.ndarray) -> np.ndarray:
+        req, perf = self.plan.req, self.plan.speed_perf(table)
+        if req.count is not None or perf != perf:
+            return np.full(devices.shape[0], self._speed(table, int(devices[0])))
+        ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
+        return np.minimum(100.0, 50.0 * ratio)
 
     def run(self, limit: int) -> None:
         for bound, table, rows, in_order in self.segments():
@@ -343,10 +351,8 @@ class _Scan:
         if self.single:
             self.best_key = max(self.best_key, float(np.max(scores[self.single])))
         top = np.argsort(-ranked, kind="stable")[: self.keep * 2]
-        for i in top:
-            self.found.append((float(ranked[i]), self._candidate(table, int(rows[i]), int(devices[i]), int(free[i]),
-                               float(price[i]), float(cost[i]), float(unit_price[i]), float(latency[i]),
-                               float(total[i]), {k: float(v[i]) for k, v in scores.items()})))  # fmt: skip
+        arrays = (rows, devices, free, price, cost, unit_price, latency, total, scores)
+        self.found += [(float(ranked[i]), int(table.site_code[rows[i]]), table, arrays, int(i)) for i in top]
         if len(self.found) > self.keep * 8:
             self.found = sorted(self.found, key=lambda f: -f[0])[: self.keep * 4]
         return True
@@ -361,8 +367,7 @@ class _Scan:
         return {
             "price": 100.0 * self.ref_cost / np.maximum(cost, 1e-12),
             "latency": np.where(known, 100.0 * np.clip(1.0 - safe / self.lat_ref, 0.0, 1.0), 0.0),
-            "speed": np.array([self._speed(table, int(d)) for d in devices]) if self.plan.req.count is None
-            else np.full(rows.shape[0], self._speed(table, int(devices[0]))),
+            "speed": self._speeds(table, devices),
             "green": table.green[rows].astype(np.float64),
             "packing": np.where((remainder == 0) | fits_partial, 100.0, 100.0 * remainder / per_node),
             "west": 100.0 * self.plan.snap.cluster_west[table.cluster[rows]],
@@ -393,13 +398,17 @@ class _Scan:
 
     def ranked(self, keep: int) -> list[Candidate]:
         out: list[Candidate] = []
-        sites: set[str] = set()
-        for _, candidate in sorted(self.found, key=lambda f: -f[0]):
-            if candidate.site not in sites:
-                sites.add(candidate.site)
-                out.append(candidate)
-                if len(out) >= keep:
-                    break
+        sites: set[int] = set()
+        for _, site, table, arrays, i in sorted(self.found, key=lambda f: -f[0]):
+            if site in sites:
+                continue
+            sites.add(site)
+            rows, devices, free, price, cost, unit_price, latency, total, scores = arrays
+            out.append(self._candidate(table, int(rows[i]), int(devices[i]), int(free[i]), float(price[i]),
+                                       float(cost[i]), float(unit_price[i]), float(latency[i]), float(total[i]),
+                                       {k: float(v[i]) for k, v in scores.items()}))  # fmt: skip
+            if len(out) >= keep:
+                break
         return out
 
 

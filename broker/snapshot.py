@@ -73,6 +73,7 @@ class PoolTable:
         self.measured = np.zeros(capacity, np.bool_)
         self.measured_ms: dict[int, Mapping[str, float]] = {}
         self._by_price: np.ndarray | None = None
+        self._by_cluster: tuple[np.ndarray, dict[int, np.ndarray]] | None = None
 
     def _grow(self) -> None:
         for name in self.COLUMNS:
@@ -91,13 +92,29 @@ class PoolTable:
         self.size += 1
         self.keys.append(site)
         self.index[site] = row
-        self._by_price = None
+        self._by_price = self._by_cluster = None
         return row
 
     def set_price(self, row: int, price: float) -> None:
         if self.price[row] != price:
             self.price[row] = price
-            self._by_price = None
+            self._by_price = self._by_cluster = None
+
+    def set_place(self, row: int, cluster: int, measured: bool) -> None:
+        if self.cluster[row] != cluster or self.measured[row] != measured:
+            self.cluster[row], self.measured[row] = cluster, measured
+            self._by_cluster = None
+
+    @property
+    def by_cluster(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Rows with measured latency, and the other rows per cluster, each cheapest first (cached)."""
+        if self._by_cluster is None:
+            rows = self.by_price
+            measured = self.measured[rows]
+            rest = rows[~measured]
+            clusters = self.cluster[rest]
+            self._by_cluster = (rows[measured], {int(c): rest[clusters == c] for c in np.unique(clusters)})
+        return self._by_cluster
 
     @property
     def by_price(self) -> np.ndarray:
@@ -236,14 +253,13 @@ class Snapshot:
             table = self.table(pool["model"], pool["arch"])
             row = table.row(record.id)
             table.site_code[row] = info.code
-            table.cluster[row] = cluster_code
+            table.set_place(row, cluster_code, bool(measured))
             table.memory_gb[row] = pool["memory_gb"]
             table.set_price(row, pool["price_cny_per_hour"])
             table.per_node[row] = pool["per_node"]
             table.green[row] = green
             table.stackset[row] = self.stackset_id(tuple(pool.get("stacks", ())))
             table.interconnect[row] = self.interconnect_id(pool.get("interconnect", "none"))
-            table.measured[row] = bool(measured)
             if measured:
                 table.measured_ms[row] = measured
             else:

@@ -246,6 +246,13 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
 
 
 def print_report(console: Console, report: dict[str, Any]) -> None:
+    if report.get("mode") == "matching":
+        rows = report["results"]
+        table = Table(*rows[0].keys(), title="suanwang bench --matching (microseconds per decision)")
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+        return
     table = Table("measure", "value", title="suanwang bench")
     for key, value in report.items():
         if isinstance(value, dict):

@@ -11,6 +11,7 @@ import click
 import orjson
 from rich.console import Console
 
+from adapters.commands import register as _register_adapters
 from suanwang import logs
 from suanwang.config import DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
 from suanwang.errors import SuanwangError
@@ -130,6 +131,9 @@ def adapter_sim(mqtt_url: str | None, hub: str, sites: int | None, time_scale: f
     _run(run_sim(target, hub, sites, time_scale=time_scale, interval=interval, fail_rate=fail_rate, seed=seed))
 
 
+_register_adapters(adapter)
+
+
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @http_option
@@ -203,14 +207,30 @@ def watch(http: str, last_event_id: str | None, as_json: bool) -> None:
 @click.option("--jobs", "n_jobs", type=int, default=5000, show_default=True, help="Jobs to submit")
 @click.option("--concurrency", type=int, default=32, show_default=True, help="Parallel HTTP submitters")
 @click.option("--brokers", type=int, default=1, show_default=True, help="Broker replicas (processes)")
+@click.option(
+    "--matching",
+    "matching_sizes",
+    default=None,
+    metavar="N,N,...",
+    help="Matching only, no I/O: time per decision at these site counts, e.g. 1000,10000,100000",
+)
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
-          as_json: bool) -> None:  # fmt: skip
+          matching_sizes: str | None, as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
 
     logs.configure("error")
-    report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
+    if matching_sizes:
+        from suanwang.bench_matching import measure
+
+        try:
+            sizes = [int(n) for n in matching_sizes.split(",")]
+        except ValueError:
+            raise click.BadParameter("a comma-separated list of site counts", param_hint="--matching") from None
+        report: dict[str, Any] | None = measure(sizes)
+    else:
+        report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
     if report is not None:
         _print_json(report) if as_json else print_report(console, report)
 
