@@ -23,8 +23,13 @@ from rich.console import Console
 from rich.table import Table
 
 from regions import load_geography
+from suanwang.errors import SuanwangError
 from suanwang.samples import sample_job
 from suanwang.servers import MosquittoServer, RedisServer, free_port
+
+
+class BenchError(SuanwangError):
+    code = "bench"
 
 
 @dataclass
@@ -181,6 +186,9 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         started = time.monotonic()
         sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
         startup_s = time.monotonic() - started
+        dead = [" ".join(map(str, p.args[2:4])) for p in procs if p.poll() is not None]
+        if dead or sites_seen == 0:
+            raise BenchError(f"the system did not come up: {sites_seen} sites seen; exited: {dead or 'none'}")
         rng = random.Random(options.seed)
         jobs = [orjson.dumps(sample_job(rng, tenant="bench")) for _ in range(options.jobs)]
         run = _Run()
