@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -111,6 +112,8 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
         view["reason"] = job["reason"]
     if job.get("finished_at"):
         view["finished"] = _iso(job["finished_at"])
+    if job.get("deadline"):
+        view["deadline"] = _iso(job["deadline"])
     return view
 
 
@@ -151,15 +154,25 @@ async def _read_spec(request: web.Request) -> JobSpec:
     return spec
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
 async def submit_job(request: web.Request) -> web.Response:
+    """Queue a job. With an Idempotency-Key, a retry returns the job the first request created."""
     spec = await _read_spec(request)
-    job_id = new_job_id()
-    stored = await request.app[STORE].submit(job_id, spec)
-    request.app[KICK].set()
-    log.info("job.submitted", job=job_id, tenant=spec.tenant, archs=spec.resources.arch_set,
-             count=spec.resources.count, origin=spec.origin)  # fmt: skip
-    response = json_response(job_view(stored), 202)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not (0 < len(key) <= 128 and key.isprintable() and " " not in key):
+        raise InvalidInput("Idempotency-Key must be 1-128 printable characters without spaces", IDEMPOTENCY_HEADER)
+    body_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
+    stored, created = await request.app[STORE].submit(new_job_id(), spec, idempotency_key=key, body_hash=body_hash)
+    if created:
+        request.app[KICK].set()
+        log.info("job.submitted", job=stored["id"], tenant=spec.tenant, archs=spec.resources.arch_set,
+                 count=spec.resources.count, origin=spec.origin)  # fmt: skip
+    response = json_response(job_view(stored), 202 if created else 200)
+    response.headers["Location"] = f"/v1/jobs/{stored['id']}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
 
 
@@ -170,10 +183,13 @@ async def quote_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    job = await request.app[STORE].get_job(request.match_info["id"])
+    store = request.app[STORE]
+    job = await store.get_job(request.match_info["id"])
     if job is None:
         raise NotFound(f"no job {request.match_info['id']}")
-    return json_response(job_view(job))
+    view = job_view(job)
+    view["history"] = await store.history(job["id"])
+    return json_response(view)
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -346,4 +362,5 @@ def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssi
     app.router.add_get("/v1/hubs", list_hubs)
     app.router.add_get("/v1/allocations/stream", stream)
     app.router.add_get("/healthz", health)
+    from broker.dashboard import add_routes; add_routes(app)  # noqa: E702, I001 (the operators' page)
     return app

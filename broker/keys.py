@@ -58,6 +58,38 @@ class Keys:
     def tenant_jobs(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
 
+    def tenant_queue(self, tenant: str) -> str:
+        """Sorted set of one tenant's queued jobs, in the same order as the global queue."""
+        return f"{self.prefix}:tenant:{tenant}:queue"
+
+    @property
+    def queued_tenants(self) -> str:
+        """Sorted set: tenant -> number of its queued jobs (tenants with none are removed)."""
+        return f"{self.prefix}:queued-tenants"
+
+    @property
+    def tenant_usage(self) -> str:
+        """Hash: tenant -> devices it holds now (assigned or running)."""
+        return f"{self.prefix}:tenant-usage"
+
+    @property
+    def tenant_limits(self) -> str:
+        """Hash: tenant -> most devices it may hold at once (absent: no limit)."""
+        return f"{self.prefix}:tenant-limits"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: queued job -> the time (ms) it must have started by."""
+        return f"{self.prefix}:deadlines"
+
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String: the job an Idempotency-Key created, with the hash of the body that created it."""
+        return f"{self.prefix}:idem:{tenant}:{key}"
+
+    def job_history(self, job: str) -> str:
+        """List of the job's transitions (JSON), oldest first."""
+        return f"{self.prefix}:job:{job}:history"
+
     @property
     def assigned(self) -> str:
         """Sorted set: assigned job -> deadline (ms) for the site's `accepted`."""

@@ -66,6 +66,13 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
                 moved += 1
                 log.info("job.requeued", job=job, site=site, reason="accept timeout")
                 await tell_site_to_cancel(publish, site, [(job, int(attempt or 0))])
+    due = await store.due_deadlines(now)
+    if due:
+        results = await store.transitions((job, "deadline", "", "", "not started by its deadline") for job in due)
+        for job, result in zip(due, results, strict=True):
+            if result == "failed":
+                moved += 1
+                log.info("job.deadline_passed", job=job)
     for site in await store.silent_sites(now - site_ttl_ms):
         if await store.set_site_status(site, "stale", expect="online"):
             log.warning("site.silent", site=site)

@@ -381,8 +381,8 @@ class _Scan:
         requirement = req.software[int(plan.stack_ok[table.stackset[row]])] if req.software else None
         stack = None
         if requirement is not None:
-            stack = next((f"{n}-{v}" for n, v in snap.stacksets[int(table.stackset[row])]
-                          if requirement.admits(f"{n}-{v}")), None)  # fmt: skip
+            tags = (f"{n}-{v}" if v else n for n, v in snap.stacksets[int(table.stackset[row])])
+            stack = next((tag for tag in tags if requirement.admits(tag)), None)
         perf = plan.speed_perf(table)
         if req.units is not None and perf == perf:
             est = req.duration_hours * req.units * plan.reference_perf / (devices * perf)

@@ -76,25 +76,35 @@ class Scheduler:
                 self._requests.popitem(last=False)
         return [req for job_id in ids if (req := self._requests.get(job_id)) is not None]
 
-    async def _queue_head(self) -> list[str]:
-        """Up to `batch` queued jobs, in queue order, skipping those already found unfit at this version."""
-        ids: list[str] = []
-        start = 0
+    async def _queue_head(self) -> tuple[list[str], dict[str, str]]:
+        """Jobs to consider this pass, fairly across tenants, and why any were held back.
+
+        Every tenant's first job comes before any tenant's second (so 10,000 jobs from one tenant do not
+        block one job from another), priority decides within a round, and a tenant at its device limit
+        waits. Jobs already found unfit at this snapshot version are skipped.
+        """
+        heads = await self.store.queue_heads(self.batch)
+        usage, limits = self.store.usage, self.store.limits
         version = self.snapshot.version
-        for _ in range(8):  # bounded: a long unfit queue is not re-read in full on every tick
-            if len(ids) >= self.batch:
-                break
-            page = await self.store.queued(start, self.batch)
-            if not page:
-                break
-            ids += [job_id for job_id in page if self._unfit.get(job_id, (-1, ""))[0] != version]
-            start += len(page)
-        return ids[: self.batch]
+        held: dict[str, str] = {}
+        ids: list[str] = []
+        for job_id, _position, _score, tenant in sorted(heads, key=lambda h: (h[1], h[2])):
+            limit = limits.get(tenant)
+            if limit is not None and usage.get(tenant, 0) >= limit:
+                held[job_id] = f"tenant {tenant} holds {usage.get(tenant, 0)} devices, its limit is {limit}"
+            elif self._unfit.get(job_id, (-1, ""))[0] != version:
+                ids.append(job_id)
+        return ids[: self.batch], held
 
     async def run_once(self) -> int:
         """One scheduling pass; returns the number of jobs placed."""
         await self.refresh()
-        requests = await self._requests_for(await self._queue_head())
+        head, held = await self._queue_head()
+        requests = await self._requests_for(head)
+        if held:
+            await self.store.set_reasons({j: r for j, r in held.items() if self._unfit.get(j, (0, ""))[1] != r})
+            for job_id, reason in held.items():
+                self._unfit[job_id] = (-2, reason)  # re-checked every pass: usage changes without a site change
         if not requests:
             return 0
         if len(self._unfit) > 200_000:
@@ -133,6 +143,8 @@ class Scheduler:
                          count=placement.count, attempt=attempt)  # fmt: skip
             elif attempt == -1:
                 self._requests.pop(req.job_id, None)  # cancelled or placed by another replica
+            elif attempt == -3:
+                pass  # the tenant reached its limit within this batch; the next pass holds its jobs
             else:
                 stale = True  # our view was behind Redis; the next pass reloads the site
         if by_site:

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from suanwang.errors import InvalidInput
 
@@ -150,6 +150,9 @@ class JobSpec(_Strict):
     )
     duration_hours: float = Field(gt=0, le=24 * 365, description="On the requested devices (or reference devices)")
     priority: Priority = Priority.NORMAL
+    deadline: AwareDatetime | None = Field(
+        default=None, description="Fail the job if it has not started by then (ISO 8601 with a time zone)"
+    )
     tenant: Identifier = "default"
     labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict, max_length=32

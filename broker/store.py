@@ -18,10 +18,12 @@ from redis import exceptions as redis_errors
 
 from broker.keys import Keys
 from broker.schemas import Capacity, JobSpec, JobState
-from suanwang.errors import StoreUnavailable
+from suanwang.errors import Conflict, StoreUnavailable
 
-PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
-_RANK_SPAN = 10**13  # milliseconds since 1970 stay below this until the year 2286
+# Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
+# one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
+PRIORITY_HANDICAP_MS = {"high": 0, "normal": 5 * 60_000, "low": 30 * 60_000}
+IDEMPOTENCY_TTL_S = 24 * 3600
 
 
 def now_ms() -> int:
@@ -29,8 +31,8 @@ def now_ms() -> int:
 
 
 def queue_score(priority: str, created_ms: int) -> int:
-    """Queue order: priority first, then submission time (a requeued job keeps its place)."""
-    return PRIORITY_RANK[priority] * _RANK_SPAN + created_ms
+    """Queue order: submission time plus the priority's handicap (a requeued job keeps its place)."""
+    return created_ms + PRIORITY_HANDICAP_MS[priority]
 
 
 def _text(value: bytes | str | None) -> str:
@@ -84,15 +86,19 @@ async def translated() -> AsyncIterator[None]:
 
 
 class Store:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, events_maxlen: int = 100_000) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, events_maxlen: int = 100_000, max_attempts: int = 5) -> None:
         self.redis = redis
         self.keys = keys
         self.events_maxlen = events_maxlen
+        self.max_attempts = max_attempts
         lua = resources.files("broker") / "lua"
         self._capacity = redis.register_script((lua / "capacity.lua").read_text())
         self._status = redis.register_script((lua / "site_status.lua").read_text())
         self._allocate = redis.register_script((lua / "allocate.lua").read_text())
         self._transition = redis.register_script((lua / "transition.lua").read_text())
+        self._submit = redis.register_script((lua / "submit.lua").read_text())
+        self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
+        self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64) -> Store:
@@ -194,29 +200,88 @@ class Store:
 
     # ------------------------------------------------------------------------------ jobs
 
-    async def submit(self, job_id: str, spec: JobSpec, at_ms: int | None = None) -> dict[str, str]:
-        """Store a new job and queue it, in one transaction: after this returns the job is safe."""
+    async def submit(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        at_ms: int | None = None,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+    ) -> tuple[dict[str, str], bool]:
+        """Store a new job and queue it atomically: after this returns the job is safe.
+
+        With an idempotency key seen before (same tenant, same body) returns that job and False; the same
+        key with another body raises Conflict.
+        """
         k = self.keys
         created = at_ms or now_ms()
+        qscore = queue_score(spec.priority.value, created)
+        deadline = str(int(spec.deadline.timestamp() * 1000)) if spec.deadline else ""
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
             "name": spec.name, "origin": spec.origin, "priority": spec.priority.value,
-            "created": str(created), "updated": str(created), "attempt": "0",
-            "qscore": str(queue_score(spec.priority.value, created)), "reason": "waiting for the matcher",
+            "created": str(created), "updated": str(created), "attempt": "0", "qscore": str(qscore),
+            "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
         }  # fmt: skip
+        idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
+        keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
+                k.events, k.deadlines, idem_key, k.job_history(job_id)]  # fmt: skip
+        args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
+                           IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen]  # fmt: skip
+        for name, value in fields.items():
+            args += [name, value]
         async with translated():
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(k.job(job_id), mapping=fields)
-            pipe.zadd(k.queue, {job_id: int(fields["qscore"])})
-            pipe.zadd(k.tenant_jobs(spec.tenant), {job_id: created})
-            pipe.xadd(
-                k.events,
-                {"type": "queued", "job": job_id, "state": "queued", "tenant": spec.tenant, "origin": spec.origin,
-                 "name": spec.name, "ts": str(created)},
-                maxlen=self.events_maxlen, approximate=True,
-            )  # fmt: skip
-            await pipe.execute()
-        return fields
+            existing, created_flag = await self._submit(keys=keys, args=args)
+        existing = _text(existing)
+        if int(created_flag) == 1:
+            return fields, True
+        if int(created_flag) < 0:
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing})")
+        job = await self.get_job(existing)
+        if job is None:  # the key outlived its job (a Redis restart without persistence): treat as new
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} refers to a job that no longer exists")
+        return job, False
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        async with translated():
+            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.job_history(job_id), 0, -1)]
+
+    async def queue_heads(self, batch: int, max_tenants: int = 1000) -> list[tuple[str, int, float, str]]:
+        """The head of every tenant's queue as (job, position in its tenant's queue, queue score, tenant).
+
+        Each tenant gets an equal share of `batch` (at least 4). Also refreshes `usage` and `limits`. Two
+        round trips whatever the number of tenants.
+        """
+        k = self.keys
+        async with translated():
+            tenants = [_text(t) for t in await self.redis.zrange(k.queued_tenants, 0, max_tenants - 1)]
+            if not tenants:
+                return []
+            per_tenant = max(4, batch // len(tenants))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(k.tenant_usage)
+            pipe.hgetall(k.tenant_limits)
+            for tenant in tenants:
+                pipe.zrange(k.tenant_queue(tenant), 0, per_tenant - 1, withscores=True)
+            usage, limits, *heads = await pipe.execute()
+        self.usage = {_text(t): int(v) for t, v in usage.items()}
+        self.limits = {_text(t): int(v) for t, v in limits.items()}
+        return [
+            (_text(job), position, float(score), tenant)
+            for tenant, head in zip(tenants, heads, strict=True)
+            for position, (job, score) in enumerate(head)
+        ]
+
+    async def set_tenant_limit(self, tenant: str, devices: int | None) -> None:
+        async with translated():
+            if devices is None:
+                await self.redis.hdel(self.keys.tenant_limits, tenant)
+            else:
+                await self.redis.hset(self.keys.tenant_limits, tenant, devices)
+
+    async def due_deadlines(self, at_ms: int) -> list[str]:
+        async with translated():
+            return [_text(j) for j in await self.redis.zrangebyscore(self.keys.deadlines, "-inf", at_ms)]
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
         async with translated():
@@ -269,7 +334,8 @@ class Store:
             for p in placements:
                 await self._allocate(
                     keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
-                          k.sites, k.clock, k.site(p.site)],
+                          k.sites, k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits,
+                          k.job_history(p.job), k.prefix + ":"],
                     args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, now, now + accept_timeout_ms,
                           self.events_maxlen, p.hub, p.arch, p.decision],
                     client=pipe,
@@ -290,8 +356,20 @@ class Store:
             count = 0
             for job_id, action, site, attempt, reason in actions:
                 await self._transition(
-                    keys=[k.job(job_id), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":"],
-                    args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen],
+                    keys=[
+                        k.job(job_id),
+                        k.queue,
+                        k.assigned,
+                        k.events,
+                        k.sites,
+                        k.clock,
+                        k.prefix + ":",
+                        k.queued_tenants,
+                        k.tenant_usage,
+                        k.deadlines,
+                        k.job_history(job_id),
+                    ],
+                    args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen, self.max_attempts],
                     client=pipe,
                 )
                 count += 1

@@ -1,9 +1,11 @@
 -- Take `count` devices of `model` at a site for a queued job, atomically, or refuse.
--- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site
+-- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site, queued_tenants, tenant_usage,
+--       tenant_limits, history, prefix ('{ns}:'; the tenant's queue key is derived from the job's tenant)
 -- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms, accept_deadline_ms, events_maxlen, hub,
 --       arch, decision (JSON: the scores and runners-up that decided)
 -- Returns the attempt number (>= 1) on success; 0 when the pool has too little free (the caller's
--- view was stale); -1 when the job is no longer queued; -2 when the site is not online.
+-- view was stale); -1 when the job is no longer queued; -2 when the site is not online; -3 when the
+-- job's tenant would hold more devices than its limit.
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
   return -1
 end
@@ -16,18 +18,30 @@ local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3]
 if free < count then
   return 0
 end
+local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name')
+local tenant = job[1]
+local limit = redis.call('HGET', KEYS[12], tenant)
+if limit and tonumber(redis.call('HGET', KEYS[11], tenant) or '0') + count > tonumber(limit) then
+  return -3
+end
 redis.call('HINCRBY', KEYS[2], 'a:' .. model, count)
+redis.call('HINCRBY', KEYS[11], tenant, count)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'model', model,
   'count', count, 'price', ARGV[5], 'latency_ms', ARGV[6], 'updated', ARGV[7], 'assigned_at', ARGV[7],
   'reason', '', 'arch', ARGV[11], 'decision', ARGV[12])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':queue', ARGV[1])
+if tonumber(redis.call('ZINCRBY', KEYS[10], -1, tenant)) <= 0 then
+  redis.call('ZREM', KEYS[10], tenant)
+end
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
 redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), ARGV[2])
-local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name')
+redis.call('RPUSH', KEYS[13], cjson.encode({ts = tonumber(ARGV[7]), event = 'allocated', site = ARGV[2],
+  model = model, count = count, attempt = attempt}))
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[9], '*', 'type', 'allocated', 'job', ARGV[1],
   'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'arch', ARGV[11], 'model', model, 'count', count,
-  'price', ARGV[5], 'latency_ms', ARGV[6], 'attempt', attempt, 'tenant', job[1], 'origin', job[2],
+  'price', ARGV[5], 'latency_ms', ARGV[6], 'attempt', attempt, 'tenant', tenant, 'origin', job[2],
   'name', job[3], 'ts', ARGV[7])
 return attempt

@@ -1,13 +1,16 @@
 -- Move a job from one state to the next, releasing its capacity when it leaves a site.
--- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; capacity and site_jobs keys are
---       derived from it because the job's site is known only inside the script)
--- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms, events_maxlen
--- action: accepted | running | completed | failed | rejected | requeue | expire | cancel
--- (expire: back to the queue only if still unaccepted past its deadline in the assigned set)
+-- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; keys that depend on the job's site
+--       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history
+-- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms, events_maxlen, max_attempts
+-- action: accepted | running | completed | failed | rejected | requeue | expire | cancel | deadline
+--   expire: back to the queue only if still unaccepted past its deadline in the assigned set
+--   deadline: fail a job still queued past the time it had to start by
+-- A job that would go back to the queue after `max_attempts` attempts fails instead.
 -- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job).
 local job_id, action, site, attempt, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local prefix = KEYS[7]
 local j = redis.call('HMGET', KEYS[1], 'state', 'site', 'attempt', 'model', 'count', 'hub', 'tenant', 'qscore')
-local state, holder = j[1], j[2]
+local state, holder, tenant = j[1], j[2], j[7]
 if not state then
   return ''
 end
@@ -18,59 +21,85 @@ if attempt ~= '' and j[3] ~= attempt then
   return ''
 end
 local holding = state == 'assigned' or state == 'running'
+local tenant_queue = prefix .. 'tenant:' .. (tenant or '') .. ':queue'
 
-local function event(kind, new_state, extra_reason)
+local function event(kind, new_state, why)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', kind, 'job', job_id, 'state', new_state,
     'site', holder or '', 'hub', j[6] or '', 'model', j[4] or '', 'count', j[5] or '0',
-    'attempt', j[3] or '0', 'tenant', j[7] or '', 'reason', extra_reason or '', 'ts', now)
+    'attempt', j[3] or '0', 'tenant', tenant or '', 'reason', why or '', 'ts', now)
+  if kind ~= 'released' then
+    redis.call('RPUSH', KEYS[11], cjson.encode({ts = tonumber(now), event = kind, state = new_state,
+      site = holder or cjson.null, attempt = tonumber(j[3] or '0'), reason = why ~= '' and why or cjson.null}))
+  end
 end
 
 local function release()
-  local prefix = KEYS[7]
   redis.call('HINCRBY', prefix .. 'cap:' .. holder, 'a:' .. j[4], -tonumber(j[5]))
+  redis.call('HINCRBY', KEYS[9], tenant, -tonumber(j[5]))
   redis.call('SREM', prefix .. 'site:' .. holder .. ':jobs', job_id)
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
   event('released', state, reason)
 end
 
+local function unqueue()
+  redis.call('ZREM', KEYS[2], job_id)
+  redis.call('ZREM', KEYS[10], job_id)
+  if redis.call('ZREM', tenant_queue, job_id) == 1 and tonumber(redis.call('ZINCRBY', KEYS[8], -1, tenant)) <= 0 then
+    redis.call('ZREM', KEYS[8], tenant)
+  end
+end
+
+local function finish(final, why)
+  redis.call('HSET', KEYS[1], 'state', final, 'finished_at', now, 'updated', now, 'reason', why)
+  event(final, final, why)
+  return final
+end
+
 if action == 'accepted' then
   if state ~= 'assigned' then return '' end
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HSET', KEYS[1], 'accepted_at', now, 'updated', now)
-  event('accepted', 'assigned')
+  event('accepted', 'assigned', '')
   return 'assigned'
 elseif action == 'running' then
   if state ~= 'assigned' then return '' end
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'updated', now)
-  event('running', 'running')
+  event('running', 'running', '')
   return 'running'
 elseif action == 'completed' or action == 'failed' then
   if not holding then return '' end
   release()
-  redis.call('HSET', KEYS[1], 'state', action, 'finished_at', now, 'updated', now, 'reason', reason)
-  event(action, action, reason)
-  return action
+  return finish(action, reason)
 elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
   if not holding or (action ~= 'requeue' and state ~= 'assigned') then return '' end
   if action == 'expire' then
-    local deadline = redis.call('ZSCORE', KEYS[3], job_id)
-    if not deadline or tonumber(deadline) > tonumber(now) then return '' end
+    local due = redis.call('ZSCORE', KEYS[3], job_id)
+    if not due or tonumber(due) > tonumber(now) then return '' end
   end
   release()
+  if tonumber(j[3] or '0') >= tonumber(ARGV[8]) then
+    return finish('failed', 'gave up after ' .. j[3] .. ' attempts; last: ' .. reason)
+  end
   redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
   redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
     'accepted_at', 'started_at', 'decision')
   redis.call('ZADD', KEYS[2], j[8], job_id)
+  if redis.call('ZADD', tenant_queue, j[8], job_id) == 1 then
+    redis.call('ZINCRBY', KEYS[8], 1, tenant)
+  end
   event('requeued', 'queued', reason)
   return 'queued'
 elseif action == 'cancel' then
   if state ~= 'queued' and not holding then return '' end
   if holding then release() end
-  redis.call('ZREM', KEYS[2], job_id)
-  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', now, 'updated', now, 'reason', reason)
-  event('cancelled', 'cancelled', reason)
-  return 'cancelled'
+  unqueue()
+  return finish('cancelled', reason)
+elseif action == 'deadline' then
+  redis.call('ZREM', KEYS[10], job_id)
+  if state ~= 'queued' then return '' end
+  unqueue()
+  return finish('failed', reason)
 end
 return redis.error_reply('unknown action ' .. action)

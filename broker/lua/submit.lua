@@ -1,0 +1,33 @@
+-- Store a new job and queue it, unless its Idempotency-Key already created one.
+-- KEYS: job, queue, tenant_queue, queued_tenants, tenant_jobs, events, deadlines, idempotency, history
+-- ARGV: job_id, qscore, created_ms, tenant, deadline_ms ('' for none), idempotency ttl s ('' for no key),
+--       body hash, events_maxlen, then field, value pairs for the job hash
+-- Returns {job_id, 1} when created, {existing_job_id, 0} when the key was seen with the same body,
+-- and {existing_job_id, -1} when the key was used with a different body.
+local job_id, qscore, created, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[6] ~= '' then
+  local seen = redis.call('GET', KEYS[8])
+  if seen then
+    local sep = string.find(seen, ' ', 1, true)
+    local existing, hash = string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)
+    return {existing, hash == ARGV[7] and 0 or -1}
+  end
+  redis.call('SET', KEYS[8], job_id .. ' ' .. ARGV[7], 'EX', ARGV[6])
+end
+local fields = {}
+for i = 9, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('ZADD', KEYS[2], qscore, job_id)
+redis.call('ZADD', KEYS[3], qscore, job_id)
+redis.call('ZINCRBY', KEYS[4], 1, tenant)
+redis.call('ZADD', KEYS[5], created, job_id)
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[7], ARGV[5], job_id)
+end
+redis.call('RPUSH', KEYS[9], cjson.encode({ts = tonumber(created), event = 'queued'}))
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[8], '*', 'type', 'queued', 'job', job_id, 'state', 'queued',
+  'tenant', tenant, 'origin', redis.call('HGET', KEYS[1], 'origin'), 'name', redis.call('HGET', KEYS[1], 'name'),
+  'ts', created)
+return {job_id, 1}
