@@ -55,6 +55,11 @@ class SimSite:
         return pool.total - pool.in_use_external - busy
 
     def on_assignments(self, batch: Assignments) -> None:
+        if batch.reconcile:
+            # The broker's view wins after an outage: stop whatever it no longer counts as ours.
+            still_ours = {(a.job, a.attempt) for a in batch.assignments}
+            for key in [k for k in self.running if k not in still_ours]:
+                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
         for item in batch.assignments:
             if item.action == "cancel":
                 self._cancel(item)

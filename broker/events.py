@@ -20,6 +20,7 @@ log = logs.get("suanwang.events")
 
 _NUMBERS = {"count": int, "attempt": int, "price": float, "latency_ms": float, "ts": int}
 MIRROR_GROUP = "mirror"
+CLAIM_IDLE_MS = 30_000  # a replica silent this long on an entry is taken to be dead
 
 
 def decode_event(event_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -122,7 +123,11 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awa
                 with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: it exists
                     await redis.xgroup_create(key, MIRROR_GROUP, id="$", mkstream=True)
                 created = True
-            # First our own pending entries (published but not acknowledged before a reconnect), then new ones.
+            # First entries a dead replica read but never acknowledged, then our own pending ones
+            # (published but not acknowledged before a reconnect), then new ones.
+            claimed = await redis.xautoclaim(key, MIRROR_GROUP, consumer, min_idle_time=CLAIM_IDLE_MS, count=500)
+            if claimed and claimed[1]:
+                log.info("mirror.claimed", entries=len(claimed[1]))
             reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500)
             if not reply or not reply[0][1]:
                 reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: ">"}, count=500, block=1000)

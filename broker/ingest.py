@@ -8,7 +8,7 @@ import asyncio
 from collections import Counter
 
 from broker import topics
-from broker.lifecycle import PublishAssignments, requeue_site
+from broker.lifecycle import PublishAssignments, reconcile_site, requeue_site
 from broker.schemas import Capacity, SiteEvent, parse
 from broker.store import Store
 from regions import Geography
@@ -74,6 +74,8 @@ class Ingest:
         changed = await self.store.set_site_status(site, status)
         if changed:
             log.info("site.status", site=site, status=status)
+            if status == "online":
+                await reconcile_site(self.store, self.publish_assignments, site)
         if status == "offline":
             await requeue_site(self.store, self.publish_assignments, site, f"site {site} went offline")
         self.kick.set()

@@ -63,6 +63,11 @@ class Keys:
         return f"{self.prefix}:tenant:{tenant}:queue"
 
     @property
+    def queue_depth(self) -> str:
+        """Hash: priority -> number of queued jobs."""
+        return f"{self.prefix}:queue-depth"
+
+    @property
     def queued_tenants(self) -> str:
         """Sorted set: tenant -> number of its queued jobs (tenants with none are removed)."""
         return f"{self.prefix}:queued-tenants"

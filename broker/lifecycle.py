@@ -37,6 +37,21 @@ async def tell_site_to_cancel(publish: PublishAssignments, site: str, jobs: Sequ
         log.warning("cancel.publish_failed", site=site, error=str(exc))
 
 
+async def reconcile_site(store: Store, publish: PublishAssignments, site: str) -> int:
+    """Tell a site that came back which of its jobs the broker still counts there; it stops the rest."""
+    jobs = await store.jobs_at(site)
+    rows = await store.get_jobs(jobs, "attempt", "state") if jobs else []
+    items = [{"job": job, "attempt": int(attempt or 0), "action": "run"}
+             for job, (attempt, state) in zip(jobs, rows, strict=True) if state in ("assigned", "running")]  # fmt: skip
+    payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items, "reconcile": True})
+    try:
+        await publish(site, payload)
+    except Exception as exc:  # it reconciles on its next return instead
+        log.warning("reconcile.publish_failed", site=site, error=str(exc))
+    log.info("site.reconciled", site=site, jobs=len(items))
+    return len(items)
+
+
 async def requeue_site(store: Store, publish: PublishAssignments, site: str, reason: str) -> int:
     """Return every job held at `site` to the queue; returns how many went back."""
     jobs = await store.jobs_at(site)

@@ -256,6 +256,9 @@ class Assignments(_Strict):
     schema_: Literal["suanwang.assignments/1"] = Field(alias="schema")
     site: Identifier
     assignments: tuple[Assignment, ...]
+    # True when the list is everything the broker still counts at the site (sent when a site comes back):
+    # the site stops any job it runs that is not on it.
+    reconcile: bool = False
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

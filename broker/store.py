@@ -23,6 +23,7 @@ from suanwang.errors import Conflict, StoreUnavailable
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
 # one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
 PRIORITY_HANDICAP_MS = {"high": 0, "normal": 5 * 60_000, "low": 30 * 60_000}
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 IDEMPOTENCY_TTL_S = 24 * 3600
 
 
@@ -225,7 +226,7 @@ class Store:
         }  # fmt: skip
         idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
         keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
-                k.events, k.deadlines, idem_key, k.job_history(job_id)]  # fmt: skip
+                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth]  # fmt: skip
         args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
                            IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen]  # fmt: skip
         for name, value in fields.items():
@@ -271,6 +272,14 @@ class Store:
             for tenant, head in zip(tenants, heads, strict=True)
             for position, (job, score) in enumerate(head)
         ]
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Queued jobs per priority."""
+        async with translated():
+            raw = await self.redis.hgetall(self.keys.queue_depth)
+        depths = {p: 0 for p in PRIORITY_RANK}
+        depths.update({_text(p): int(n) for p, n in raw.items()})
+        return depths
 
     async def set_tenant_limit(self, tenant: str, devices: int | None) -> None:
         async with translated():
@@ -335,7 +344,7 @@ class Store:
                 await self._allocate(
                     keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
                           k.sites, k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits,
-                          k.job_history(p.job), k.prefix + ":"],
+                          k.job_history(p.job), k.prefix + ":", k.queue_depth],
                     args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, now, now + accept_timeout_ms,
                           self.events_maxlen, p.hub, p.arch, p.decision],
                     client=pipe,
@@ -368,6 +377,7 @@ class Store:
                         k.tenant_usage,
                         k.deadlines,
                         k.job_history(job_id),
+                        k.queue_depth,
                     ],
                     args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen, self.max_attempts],
                     client=pipe,

@@ -11,7 +11,6 @@ import click
 import orjson
 from rich.console import Console
 
-from adapters.commands import register as _register_adapters
 from suanwang import logs
 from suanwang.config import DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
 from suanwang.errors import SuanwangError
@@ -131,7 +130,6 @@ def adapter_sim(mqtt_url: str | None, hub: str, sites: int | None, time_scale: f
     _run(run_sim(target, hub, sites, time_scale=time_scale, interval=interval, fail_rate=fail_rate, seed=seed))
 
 
-_register_adapters(adapter)
 
 
 @main.command()
@@ -198,6 +196,58 @@ def watch(http: str, last_event_id: str | None, as_json: bool) -> None:
                 console.print(event_line(event), highlight=False)
 
     _run(_watch())
+
+
+@main.command()
+@redis_option
+@click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True)
+@json_option
+def audit(redis_url: str | None, namespace: str, as_json: bool) -> None:
+    """Check the invariants of the live state in Redis; exits 1 if any is violated."""
+    from broker.audit import audit as run_audit
+    from broker.store import Store
+
+    async def _audit() -> list[Any]:
+        store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
+        try:
+            return await run_audit(store)
+        finally:
+            await store.close()
+
+    violations = _run(_audit())
+    if as_json:
+        _print_json({"violations": [v.as_dict() for v in violations]})
+    elif violations:
+        for v in violations:
+            console.print(f"[red]{v.kind}[/] {v.subject}: {v.detail}", highlight=False)
+    else:
+        console.print("[green]no violations[/]")
+    sys.exit(1 if violations else 0)
+
+
+@main.group()
+def tenant() -> None:
+    """Tenants: limits on what each may hold."""
+
+
+@tenant.command("limit")
+@click.argument("name")
+@click.option("--devices", type=int, default=None, help="Most devices the tenant may hold at once; omit to lift")
+@redis_option
+@click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True)
+def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespace: str) -> None:
+    """Set (or lift) a tenant's limit on devices held at once."""
+    from broker.store import Store
+
+    async def _set() -> None:
+        store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
+        try:
+            await store.set_tenant_limit(name, devices)
+        finally:
+            await store.close()
+
+    _run(_set())
+    console.print(f"tenant {name}: " + (f"at most {devices} devices" if devices is not None else "no limit"))
 
 
 @main.command()

@@ -1,6 +1,7 @@
 -- Take `count` devices of `model` at a site for a queued job, atomically, or refuse.
 -- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site, queued_tenants, tenant_usage,
---       tenant_limits, history, prefix ('{ns}:'; the tenant's queue key is derived from the job's tenant)
+--       tenant_limits, history, prefix ('{ns}:'; the tenant's queue key is derived from the job's tenant),
+--       queue_depth
 -- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms, accept_deadline_ms, events_maxlen, hub,
 --       arch, decision (JSON: the scores and runners-up that decided)
 -- Returns the attempt number (>= 1) on success; 0 when the pool has too little free (the caller's
@@ -18,7 +19,7 @@ local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3]
 if free < count then
   return 0
 end
-local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name')
+local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name', 'priority')
 local tenant = job[1]
 local limit = redis.call('HGET', KEYS[12], tenant)
 if limit and tonumber(redis.call('HGET', KEYS[11], tenant) or '0') + count > tonumber(limit) then
@@ -35,6 +36,7 @@ redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':queue', ARGV[1])
 if tonumber(redis.call('ZINCRBY', KEYS[10], -1, tenant)) <= 0 then
   redis.call('ZREM', KEYS[10], tenant)
 end
+redis.call('HINCRBY', KEYS[15], job[4], -1)
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[8], ARGV[1])
 redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), ARGV[2])

@@ -1,5 +1,6 @@
 -- Store a new job and queue it, unless its Idempotency-Key already created one.
--- KEYS: job, queue, tenant_queue, queued_tenants, tenant_jobs, events, deadlines, idempotency, history
+-- KEYS: job, queue, tenant_queue, queued_tenants, tenant_jobs, events, deadlines, idempotency, history,
+--       queue_depth
 -- ARGV: job_id, qscore, created_ms, tenant, deadline_ms ('' for none), idempotency ttl s ('' for no key),
 --       body hash, events_maxlen, then field, value pairs for the job hash
 -- Returns {job_id, 1} when created, {existing_job_id, 0} when the key was seen with the same body,
@@ -22,6 +23,7 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], qscore, job_id)
 redis.call('ZADD', KEYS[3], qscore, job_id)
 redis.call('ZINCRBY', KEYS[4], 1, tenant)
+redis.call('HINCRBY', KEYS[10], redis.call('HGET', KEYS[1], 'priority'), 1)
 redis.call('ZADD', KEYS[5], created, job_id)
 if ARGV[5] ~= '' then
   redis.call('ZADD', KEYS[7], ARGV[5], job_id)

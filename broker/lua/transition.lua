@@ -1,6 +1,6 @@
 -- Move a job from one state to the next, releasing its capacity when it leaves a site.
 -- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; keys that depend on the job's site
---       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history
+--       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history, queue_depth
 -- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms, events_maxlen, max_attempts
 -- action: accepted | running | completed | failed | rejected | requeue | expire | cancel | deadline
 --   expire: back to the queue only if still unaccepted past its deadline in the assigned set
@@ -9,7 +9,8 @@
 -- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job).
 local job_id, action, site, attempt, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local prefix = KEYS[7]
-local j = redis.call('HMGET', KEYS[1], 'state', 'site', 'attempt', 'model', 'count', 'hub', 'tenant', 'qscore')
+local j = redis.call('HMGET', KEYS[1], 'state', 'site', 'attempt', 'model', 'count', 'hub', 'tenant', 'qscore',
+  'priority')
 local state, holder, tenant = j[1], j[2], j[7]
 if not state then
   return ''
@@ -43,7 +44,9 @@ local function release()
 end
 
 local function unqueue()
-  redis.call('ZREM', KEYS[2], job_id)
+  if redis.call('ZREM', KEYS[2], job_id) == 1 then
+    redis.call('HINCRBY', KEYS[12], j[9], -1)
+  end
   redis.call('ZREM', KEYS[10], job_id)
   if redis.call('ZREM', tenant_queue, job_id) == 1 and tonumber(redis.call('ZINCRBY', KEYS[8], -1, tenant)) <= 0 then
     redis.call('ZREM', KEYS[8], tenant)
@@ -85,7 +88,9 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
   redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
     'accepted_at', 'started_at', 'decision')
-  redis.call('ZADD', KEYS[2], j[8], job_id)
+  if redis.call('ZADD', KEYS[2], j[8], job_id) == 1 then
+    redis.call('HINCRBY', KEYS[12], j[9], 1)
+  end
   if redis.call('ZADD', tenant_queue, j[8], job_id) == 1 then
     redis.call('ZINCRBY', KEYS[8], 1, tenant)
   end
