@@ -11,6 +11,7 @@ import click
 import orjson
 from rich.console import Console
 
+from adapters.commands import register as _register_adapters
 from suanwang import logs
 from suanwang.config import DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
 from suanwang.errors import SuanwangError
@@ -130,6 +131,7 @@ def adapter_sim(mqtt_url: str | None, hub: str, sites: int | None, time_scale: f
     _run(run_sim(target, hub, sites, time_scale=time_scale, interval=interval, fail_rate=fail_rate, seed=seed))
 
 
+_register_adapters(adapter)
 
 
 @main.command()
