@@ -208,8 +208,8 @@ class _Plan:
         return float(table.price[table.by_price[0]]) * self.need(table) if table.size else math.inf
 
     def speed_perf(self, table: PoolTable) -> float:
-        perf = table.perf_for(self.req.workload)
-        return perf if perf > 0 else float("nan")
+        """Catalog performance for the job's workload: NaN when the model is unknown, 0 when rated unsuited."""
+        return table.perf_for(self.req.workload) if table.device is not None else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -226,52 +226,60 @@ def match(req: Request, snap: Snapshot, *, limit: int = LIMIT, exhaustive: bool 
     if not scan.found:
         return explain(req, snap, plan)
     ranked = scan.ranked(keep)
-    return Decision(ranked[0], tuple(ranked[1:]), len(scan.feasible_sites) if exhaustive else 0)
+    return Decision(ranked[0], tuple(ranked[1:]), scan.feasible_sites() if exhaustive else 0)
 
 
 class _Scan:
+    """Visits pools in the policy's order, keeps the feasible ones, and scores them together at the end.
+
+    Price scores are relative to the cheapest feasible offer found (100 for it, 50 for twice its cost), so
+    they need every kept row: rows are gathered per chunk and scored once, when the scan stops.
+    """
+
     def __init__(self, plan: _Plan, keep: int, exhaustive: bool) -> None:
         self.plan = plan
         self.keep = keep
         self.exhaustive = exhaustive
-        # (ranked score, site code, table, the chunk's arrays, index in them): Candidates are built at the end
-        self.found: list[tuple[float, int, PoolTable, tuple[Any, ...], int]] = []
-        self.feasible_sites: set[int] = set()
+        self.parts: list[
+            tuple[PoolTable, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+        ] = []  # (table, rows, devices, free, price, cost, unit_price, latency)
         self.scored = 0
-        self.best_key = -math.inf  # best value of the single score a one-score policy ranks by
         weights = plan.weights
         self.single = next(iter(weights)) if len(weights) == 1 else None
         self.order = self.single or max(weights, key=lambda k: weights[k])
-        self.ref_cost = min((plan.price_floor(t) for t in plan.tables), default=math.inf)
-        perfs = [p for t in plan.tables if (p := plan.speed_perf(t)) == p]
+        self.best_key = -math.inf  # best value of a one-score policy's score (price: minus the cost)
+        perfs = [p for t in plan.tables if (p := plan.speed_perf(t)) > 0]
         self.best_perf = max(perfs) if perfs else float("nan")
         self.lat_ref = plan.req.max_latency_ms or LATENCY_REF_MS
 
+    @property
+    def found(self) -> bool:
+        return bool(self.parts)
+
+    # ------------------------------------------------------------------------------------ visiting order
+
     def segments(self) -> list[tuple[float, PoolTable, np.ndarray, bool]]:
-        """(best possible value of the ordering score, table, rows, whether the rows are in score order)."""
-        plan, order = self.plan, self.order
+        """(best possible value of the ordering key, table, rows, whether rows are in key order), best first."""
+        plan, order, whole = self.plan, self.order, self.plan.req.whole_nodes
         out: list[tuple[float, PoolTable, np.ndarray, bool]] = []
         for table in plan.tables:
             if table.size == 0:
                 continue
             rows = table.by_price
-            if order == "price":
-                bound = 100.0 * self.ref_cost / max(plan.price_floor(table), 1e-12)
-            elif order == "speed":
-                bound = self._speed(table, plan.need(table))
+            if order == "price":  # key: minus the cost; whole nodes round per row, so rows are not in cost order
+                out.append((-plan.price_floor(table), table, rows, not whole))
+            elif order == "speed":  # whole nodes can deliver more than asked: no bound
+                out.append((100.0 if whole else self._speed(table, plan.need(table)), table, rows, not whole))
             elif order == "green":
                 rows = rows[np.argsort(-table.green[rows], kind="stable")]
-                bound = float(table.green[rows[0]])
+                out.append((float(table.green[rows[0]]), table, rows, True))
             elif order == "latency":
                 if self.single or table.size > CHUNK:
                     out += self._latency_segments(table)
-                    continue
-                out.append((max(s[0] for s in self._latency_segments(table)), table, rows, False))
-                continue
-            else:  # packing and west: no useful order, price order
+                else:
+                    out.append((max(s[0] for s in self._latency_segments(table)), table, rows, False))
+            else:  # packing and west give no useful order
                 out.append((100.0, table, rows, False))
-                continue
-            out.append((bound, table, rows, True))
         out.sort(key=lambda s: -s[0])
         return out
 
@@ -284,37 +292,18 @@ class _Scan:
             groups.append((self._latency_score(float(self.plan.snap.cluster_latency[c, o])), table, rows, True))
         return groups
 
-    def _latency_score(self, latency_ms: float) -> float:
-        return 100.0 * min(max(1.0 - latency_ms / self.lat_ref, 0.0), 1.0) if math.isfinite(latency_ms) else 0.0
-
-    def _speed(self, table: PoolTable, devices: int) -> float:
-        """100 for the fastest delivery any eligible model could give, less for slower ones."""
-        perf = self.plan.speed_perf(table)
-        if perf != perf or self.best_perf != self.best_perf:
-            return 50.0  # no catalog figure: neither rewarded nor ruled out
-        req = self.plan.req
-        if req.count is None:  # compute delivered over compute asked: 1 (as asked) scores 50, 2x or more 100
-            ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
-            return min(100.0, 50.0 * ratio)
-        return 100.0 * perf / self.best_perf
-
-    def _speeds(self, table: PoolTable, devices: np.ndarray) -> np.ndarray:
-        req, perf = self.plan.req, self.plan.speed_perf(table)
-        if req.count is not None or perf != perf:
-            return np.full(devices.shape[0], self._speed(table, int(devices[0])))
-        ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
-        return np.minimum(100.0, 50.0 * ratio)
-
     def run(self, limit: int) -> None:
         for bound, table, rows, in_order in self.segments():
-            if self.single and self.found and bound < self.best_key - 1e-9 and not self.exhaustive:
+            if self.single and self.parts and bound < self.best_key - 1e-9 and not self.exhaustive:
                 continue  # nothing in this segment can beat what we have
             for start in range(0, rows.shape[0], CHUNK):
                 hit = self._chunk(table, rows[start : start + CHUNK])
                 if hit and self.single and in_order and not self.exhaustive:
-                    break  # rows are in order of the score: later rows only tie or lose
+                    break  # rows are in order of the key: later rows only tie or lose
                 if self.scored >= limit and not self.exhaustive and not self.single:
                     return
+
+    # ------------------------------------------------------------------------------------ filtering
 
     def _chunk(self, table: PoolTable, rows: np.ndarray) -> bool:
         plan, req = self.plan, self.plan.req
@@ -340,38 +329,92 @@ class _Scan:
         if idx.size == 0:
             return False
         self.scored += idx.size
-        rows, devices, free, price, cost, unit_price, latency = (
-            rows[idx], devices[idx], free[idx], price[idx], cost[idx], unit_price[idx], latency[idx])  # fmt: skip
-        if self.exhaustive:
-            self.feasible_sites.update(table.site_code[rows].tolist())
-        scores = self._scores(table, rows, devices, free, cost, latency)
-        total = sum(self.plan.weights[k] * scores[k] for k in self.plan.weights) / self.plan.weight_sum
-        jitter = ((table.site_code[rows].astype(np.uint64) * 2654435761 + plan.seed) % 1_000_003) * 1e-9
-        ranked = total + jitter
+        part = (table, rows[idx], devices[idx], free[idx], price[idx], cost[idx], unit_price[idx], latency[idx])
+        self.parts.append(part)
         if self.single:
-            self.best_key = max(self.best_key, float(np.max(scores[self.single])))
-        top = np.argsort(-ranked, kind="stable")[: self.keep * 2]
-        arrays = (rows, devices, free, price, cost, unit_price, latency, total, scores)
-        self.found += [(float(ranked[i]), int(table.site_code[rows[i]]), table, arrays, int(i)) for i in top]
-        if len(self.found) > self.keep * 8:
-            self.found = sorted(self.found, key=lambda f: -f[0])[: self.keep * 4]
+            self.best_key = max(self.best_key, float(np.max(self._key(part))))
         return True
 
+    def _key(self, part: tuple[Any, ...]) -> np.ndarray:
+        """The single score a one-score policy ranks by (price: minus the cost, so higher is better)."""
+        table, rows, devices, free, _price, cost, _unit, latency = part
+        if self.single == "price":
+            return -cost
+        return self._scores(table, rows, devices, free, cost, latency, 1.0)[self.single]  # type: ignore[index]
+
+    # ------------------------------------------------------------------------------------ scoring
+
+    def _latency_score(self, latency_ms: float) -> float:
+        return 100.0 * min(max(1.0 - latency_ms / self.lat_ref, 0.0), 1.0) if math.isfinite(latency_ms) else 0.0
+
+    def _speed(self, table: PoolTable, devices: int) -> float:
+        """100 for the fastest delivery any eligible model could give, less for slower ones."""
+        perf = self.plan.speed_perf(table)
+        if perf != perf or self.best_perf != self.best_perf:
+            return 50.0  # no catalog figure: neither rewarded nor ruled out
+        if perf <= 0:
+            return 0.0  # the catalog rates the model unsuited for this workload
+        req = self.plan.req
+        if req.count is None:  # compute delivered over compute asked: 1 (as asked) scores 50, 2x or more 100
+            ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
+            return min(100.0, 50.0 * ratio)
+        return 100.0 * perf / self.best_perf
+
+    def _speeds(self, table: PoolTable, devices: np.ndarray) -> np.ndarray:
+        req, perf = self.plan.req, self.plan.speed_perf(table)
+        if req.count is not None or perf != perf:
+            return np.full(devices.shape[0], self._speed(table, int(devices[0])))
+        ratio = devices * perf / (req.units * self.plan.reference_perf)  # type: ignore[operator]
+        return np.minimum(100.0, 50.0 * ratio)
+
     def _scores(self, table: PoolTable, rows: np.ndarray, devices: np.ndarray, free: np.ndarray, cost: np.ndarray,
-                latency: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+                latency: np.ndarray, best_cost: float) -> dict[str, np.ndarray]:  # fmt: skip
         known = np.isfinite(latency)
         safe = np.where(known, latency, 0.0)
         per_node = table.per_node[rows]
         remainder = devices % per_node
         fits_partial = (free % per_node) >= remainder
         return {
-            "price": 100.0 * self.ref_cost / np.maximum(cost, 1e-12),
+            "price": np.where(cost > 0, 100.0 * best_cost / np.maximum(cost, 1e-12), 100.0),
             "latency": np.where(known, 100.0 * np.clip(1.0 - safe / self.lat_ref, 0.0, 1.0), 0.0),
             "speed": self._speeds(table, devices),
             "green": table.green[rows].astype(np.float64),
             "packing": np.where((remainder == 0) | fits_partial, 100.0, 100.0 * remainder / per_node),
             "west": 100.0 * self.plan.snap.cluster_west[table.cluster[rows]],
         }  # fmt: skip
+
+    def ranked(self, keep: int) -> list[Candidate]:
+        """Score every kept row, best first, one candidate per site."""
+        plan = self.plan
+        best_cost = min(float(np.min(part[5])) for part in self.parts)
+        entries: list[tuple[float, int, int, int]] = []
+        scored_parts = []
+        for p, (table, rows, devices, free, _price, cost, _unit, latency) in enumerate(self.parts):
+            scores = self._scores(table, rows, devices, free, cost, latency, best_cost)
+            total = sum(plan.weights[k] * scores[k] for k in plan.weights) / plan.weight_sum
+            # exact ties (and only those) break by a per-job permutation of site ids: replays on any replica
+            tie = (table.site_hash[rows] * np.uint64(2654435761) + np.uint64(plan.seed)) % np.uint64(2**32)
+            scored_parts.append((scores, total))
+            for i in np.lexsort((-tie.astype(np.int64), -total))[: keep * 2]:
+                entries.append((float(total[i]), int(tie[i]), p, int(i)))
+        out: list[Candidate] = []
+        sites: set[int] = set()
+        for total_i, _tie, p, i in sorted(entries, key=lambda e: (-e[0], -e[1])):
+            table, rows, devices, free, price, cost, unit_price, latency = self.parts[p]
+            site = int(table.site_code[rows[i]])
+            if site in sites:
+                continue
+            sites.add(site)
+            scores = {k: float(v[i]) for k, v in scored_parts[p][0].items()}
+            facts = (int(devices[i]), int(free[i]), float(price[i]), float(cost[i]), float(unit_price[i]))
+            out.append(self._candidate(table, int(rows[i]), *facts, float(latency[i]), total_i, scores))
+            if len(out) >= keep:
+                break
+        return out
+
+    def feasible_sites(self) -> int:
+        codes = [part[0].site_code[part[1]] for part in self.parts]
+        return int(np.unique(np.concatenate(codes)).size) if codes else 0
 
     def _candidate(self, table: PoolTable, row: int, devices: int, free: int, price: float, cost: float,
                    unit_price: float, latency: float, total: float, scores: dict[str, float]) -> Candidate:  # fmt: skip
@@ -384,9 +427,9 @@ class _Scan:
             tags = (f"{n}-{v}" if v else n for n, v in snap.stacksets[int(table.stackset[row])])
             stack = next((tag for tag in tags if requirement.admits(tag)), None)
         perf = plan.speed_perf(table)
-        if req.units is not None and perf == perf:
+        if req.units is not None and perf > 0:
             est = req.duration_hours * req.units * plan.reference_perf / (devices * perf)
-        elif req.models and perf == perf and req.models[0] in snap.tables:
+        elif req.models and perf > 0 and req.models[0] in snap.tables:
             est = req.duration_hours * snap.tables[req.models[0]].perf_for(req.workload) / perf
         else:
             est = req.duration_hours
@@ -395,21 +438,6 @@ class _Scan:
                          devices=devices, free=free, price=price, cost_per_hour=cost, unit_price=unit_price,
                          latency_ms=latency, est_hours=est if est == est else req.duration_hours, score=total,
                          scores=named, stack=stack, image=requirement.image if requirement else None)  # fmt: skip
-
-    def ranked(self, keep: int) -> list[Candidate]:
-        out: list[Candidate] = []
-        sites: set[int] = set()
-        for _, site, table, arrays, i in sorted(self.found, key=lambda f: -f[0]):
-            if site in sites:
-                continue
-            sites.add(site)
-            rows, devices, free, price, cost, unit_price, latency, total, scores = arrays
-            out.append(self._candidate(table, int(rows[i]), int(devices[i]), int(free[i]), float(price[i]),
-                                       float(cost[i]), float(unit_price[i]), float(latency[i]), float(total[i]),
-                                       {k: float(v[i]) for k, v in scores.items()}))  # fmt: skip
-            if len(out) >= keep:
-                break
-        return out
 
 
 # ------------------------------------------------------------------------------------------ explanations

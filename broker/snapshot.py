@@ -10,6 +10,7 @@ early instead of scoring every site.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ def green_score(energy: Mapping[str, float]) -> float:
 class PoolTable:
     """Numeric columns for the pools of one device model."""
 
-    COLUMNS = ("site_code", "cluster", "memory_gb", "price", "total", "external", "allocated", "per_node",
+    COLUMNS = ("site_code", "site_hash", "cluster", "memory_gb", "price", "total", "external", "allocated", "per_node",
                "online", "green", "stackset", "interconnect", "measured")  # fmt: skip
 
     def __init__(self, model: str, arch: str, device: Device | None, capacity: int = 16) -> None:
@@ -59,6 +60,7 @@ class PoolTable:
         self.keys: list[str] = []  # row -> site
         self.index: dict[str, int] = {}  # site -> row
         self.site_code = np.zeros(capacity, np.int32)
+        self.site_hash = np.zeros(capacity, np.uint64)  # crc32 of the site id: tie-breaks that replay anywhere
         self.cluster = np.zeros(capacity, np.int32)
         self.memory_gb = np.zeros(capacity, np.float32)
         self.price = np.zeros(capacity, np.float64)
@@ -92,6 +94,7 @@ class PoolTable:
         self.size += 1
         self.keys.append(site)
         self.index[site] = row
+        self.site_hash[row] = zlib.crc32(site.encode())
         self._by_price = self._by_cluster = None
         return row
 

@@ -47,11 +47,21 @@ class Version:
         return self._padded(n) < other._padded(n)
 
     def startswith(self, prefix: Version) -> bool:
-        return self.parts[: len(prefix.parts)] == prefix.parts
+        """Whether the version lies in the series `prefix` (12 is in 12.0.*, as 12 == 12.0)."""
+        return self._padded(max(len(self.parts), len(prefix.parts)))[: len(prefix.parts)] == prefix.parts
+
+
+# Stack names that contain a dash themselves.
+DASHED_NAMES = ("x86-64",)
 
 
 def split_tag(tag: str) -> tuple[str, str]:
     """ "cuda-12.4" -> ("cuda", "12.4"); "x86-64-v4" -> ("x86-64", "v4"); "cann" -> ("cann", "")."""
+    for name in DASHED_NAMES:
+        if tag == name:
+            return tag, ""
+        if tag.startswith(name + "-"):
+            return name, tag[len(name) + 1 :]
     name, sep, version = tag.rpartition("-")
     if not sep or not name or not version or not version[0].isalnum():
         return tag, ""
