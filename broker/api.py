@@ -362,5 +362,7 @@ def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssi
     app.router.add_get("/v1/hubs", list_hubs)
     app.router.add_get("/v1/allocations/stream", stream)
     app.router.add_get("/healthz", health)
+    from broker.dashboard import add_routes
 
+    add_routes(app)
     return app

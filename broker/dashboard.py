@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -45,7 +45,7 @@ def reason_phrases(message: str) -> list[str]:
 def waiting_summary(rows: list[tuple[str, list[str | None]]], now: int) -> dict[str, Any]:
     """Top reasons (by number of queued jobs citing each) and the head of the queue."""
     reasons: Counter[str] = Counter()
-    head = []
+    head: list[dict[str, Any]] = []
     for job_id, (reason, tenant, priority, created, name, origin) in rows:
         for phrase in reason_phrases(reason or "waiting for the matcher"):
             reasons[phrase] += 1
@@ -136,7 +136,8 @@ async def job_history(request: web.Request) -> web.Response:
     start, complete = f"{_created_ms(job)}-0", False
     async with translated():
         for _ in range(HISTORY_ROUNDS):
-            rows = await store.redis.xrange(store.keys.events, start, "+", count=HISTORY_PAGE)
+            rows = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                        await store.redis.xrange(store.keys.events, start, "+", count=HISTORY_PAGE))  # fmt: skip
             for event_id, fields in rows:
                 if fields.get(b"job") == job_id.encode():
                     history.append(decode_event(event_id, fields))

@@ -80,7 +80,8 @@ def _compare(label: str, base: Decision | NoFit, alt: Decision) -> dict[str, Any
     entry: dict[str, Any] = {"change": label, "sites": alt.feasible_sites, "best": _offer(best)}
     if isinstance(base, NoFit):
         entry["more_sites"] = alt.feasible_sites
-        entry["text"] = f"{label} -> fits: {alt.feasible_sites} sites, best {best.site} at {_total(best):,.0f} CNY"
+        n = alt.feasible_sites
+        entry["text"] = f"{label} -> fits: {n} site{'s' if n != 1 else ''}, best {best.site} at {_total(best):,.0f} CNY"
         return entry
     more = alt.feasible_sites - base.feasible_sites
     cheaper = 100.0 * (1.0 - _total(best) / _total(base.chosen)) if _total(base.chosen) > 0 else 0.0
@@ -88,6 +89,7 @@ def _compare(label: str, base: Decision | NoFit, alt: Decision) -> dict[str, Any
         return None  # loosening this changes nothing worth saying
     entry["more_sites"] = more
     entry["cheaper_pct"] = round(cheaper, 1)
-    parts = ([f"{cheaper:.0f}% cheaper"] if cheaper >= 0.5 else []) + ([f"{more} more sites"] if more > 0 else [])
+    sites = f"{more} more site{'s' if more != 1 else ''}"
+    parts = ([f"{cheaper:.0f}% cheaper"] if cheaper >= 0.5 else []) + ([sites] if more > 0 else [])
     entry["text"] = f"{label} -> {', '.join(parts)}"
     return entry

@@ -268,7 +268,7 @@ class Assignments(_Strict):
 
 def _field_of(error: ValidationError) -> tuple[str, str | None]:
     first = error.errors(include_url=False)[0]
-    loc = ".".join(str(part) for part in first["loc"]) or None
+    loc = ".".join(str(part) for part in first["loc"] if part != "[key]") or None
     if loc == "schema_":
         loc = "schema"
     message = first["msg"]
