@@ -16,7 +16,7 @@ from aiohttp import web
 
 from broker.api import GEO, STORE, json_response
 from broker.events import decode_event
-from broker.store import PRIORITY_RANK, now_ms, queue_score, translated
+from broker.store import now_ms, translated
 from suanwang.errors import NotFound
 
 WEB_ROOT = Path(str(resources.files("broker.web")))
@@ -84,22 +84,19 @@ async def summary(request: web.Request) -> web.Response:
     """Queue depth by priority, why jobs wait, and the jobs that moved last, across every tenant."""
     store = request.app[STORE]
     keys, redis = store.keys, store.redis
-    ranks = sorted(PRIORITY_RANK, key=PRIORITY_RANK.__getitem__)
+    by_priority = await store.queue_depths()
     async with translated():
         pipe = redis.pipeline(transaction=False)
-        for i, priority in enumerate(ranks):
-            upper = queue_score(ranks[i + 1], 0) - 1 if i + 1 < len(ranks) else "+inf"
-            pipe.zcount(keys.queue, queue_score(priority, 0), upper)
         pipe.zrange(keys.queue, 0, QUEUE_SAMPLE - 1)
         pipe.zcard(keys.assigned)
         pipe.xrevrange(keys.events, count=RECENT_EVENTS)
-        *depths, queued_ids, assigned, newest = await pipe.execute()
+        queued_ids, assigned, newest = await pipe.execute()
     ids = [i.decode() for i in queued_ids]
     fields = await store.get_jobs(ids, "reason", "tenant", "priority", "created", "name", "origin")
     events = [decode_event(i, f) for i, f in newest]
     backfill = events[BACKFILL] if len(events) > BACKFILL else None
     return json_response({
-        "queue": {"total": sum(depths), "by_priority": dict(zip(ranks, depths, strict=True))},
+        "queue": {"total": sum(by_priority.values()), "by_priority": by_priority},
         "awaiting_acceptance": assigned,
         "waiting": waiting_summary(list(zip(ids, fields, strict=True)), now_ms()),
         "recent_jobs": recent_jobs(events),

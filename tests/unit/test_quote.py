@@ -145,7 +145,8 @@ def test_unfit_job_gets_waiting_reasons_and_what_ifs_that_fit(overrides, waiting
     assert [(w["change"], w["more_sites"]) for w in body["what_if"]] == expected
     for w in body["what_if"]:
         assert w["sites"] == w["more_sites"]
-        assert w["text"].startswith(f"{w['change']} -> fits: {w['sites']} sites")
+        plural = "s" if w["sites"] != 1 else ""
+        assert w["text"].startswith(f"{w['change']} -> fits: {w['sites']} site{plural}")
         assert w["best"]["site"] in {s.id for s in FLEET}
 
 
