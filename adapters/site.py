@@ -153,7 +153,7 @@ class SiteLink:
             identifier=f"site-{self.site}",
             will=aiomqtt.Will(topics.status(self.site), b"offline", qos=1, retain=True),
             keepalive=self.keepalive,
-            tls_params=aiomqtt.TLSParameters() if self.mqtt.tls else None,
+            tls_params=self.mqtt.tls_params(),
         )
 
     async def run(self) -> None:

@@ -7,19 +7,30 @@ import hashlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from broker import auth
 from broker.events import EventFeed, id_after
 from broker.lifecycle import PublishAssignments, tell_site_to_cancel
 from broker.schemas import JobSpec, JobState, parse
-from broker.store import SiteRecord, Store
+from broker.store import SiteRecord, Store, SubmitRate
 from regions import Geography, load_devices
 from suanwang import logs
-from suanwang.errors import Conflict, InvalidInput, NotFound, StoreUnavailable, SuanwangError
+from suanwang.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+    SuanwangError,
+    TooManyRequests,
+    Unauthorized,
+)
 
 log = logs.get("suanwang.api")
 
@@ -31,9 +42,22 @@ KICK: web.AppKey[asyncio.Event] = web.AppKey("kick", asyncio.Event)
 MQTT_UP: web.AppKey[Callable[[], bool]] = web.AppKey("mqtt_up", object)  # type: ignore[arg-type]
 QUOTER: web.AppKey[Callable[[str, JobSpec], Awaitable[dict[str, Any]]]] = web.AppKey("quoter", object)  # type: ignore[arg-type]
 
-TENANT_HEADER = "X-Suanwang-Tenant"
+
+@dataclass(frozen=True)
+class Limits:
+    """Submissions per token (a bucket of `submit_burst` refilled at `submit_rate`/s) and queued jobs per
+    tenant."""
+
+    submit_rate: float = 20.0
+    submit_burst: int = 100
+    max_queued_per_tenant: int | None = None
+
+
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+TENANT_HEADER = auth.TENANT_HEADER
 KEEPALIVE_S = 15.0
-_STATUS_OF = {InvalidInput: 400, NotFound: 404, Conflict: 409, StoreUnavailable: 503}
+_STATUS_OF = {InvalidInput: 400, Unauthorized: 401, Forbidden: 403, NotFound: 404, Conflict: 409,
+              TooManyRequests: 429, StoreUnavailable: 503}  # fmt: skip
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -54,7 +78,12 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
         status = next((s for cls, s in _STATUS_OF.items() if isinstance(exc, cls)), 500)
         if exc.code == "unsupported_media_type":
             status = 415
-        return error_response(status, exc.code, str(exc), getattr(exc, "field", None))
+        response = error_response(status, exc.code, str(exc), getattr(exc, "field", None))
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="suanwang"'
+        elif isinstance(exc, TooManyRequests) and exc.retry_after_s:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     except web.HTTPRequestEntityTooLarge as exc:
         return error_response(413, "too_large", f"request body too large: {exc.text}")
     except web.HTTPException as exc:
@@ -118,7 +147,16 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
 
 
 def _tenant(request: web.Request) -> str:
-    return request.headers.get(TENANT_HEADER) or request.query.get("tenant") or "default"
+    return auth.acting_tenant(request)
+
+
+async def _visible_job(request: web.Request) -> dict[str, str]:
+    """The job named in the path; a user asking for another tenant's job learns only that there is none."""
+    job_id = request.match_info["id"]
+    job = await request.app[STORE].get_job(job_id)
+    if job is None or not auth.may_see(request, job["tenant"]):
+        raise NotFound(f"no job {job_id}")
+    return job
 
 
 def new_job_id() -> str:
@@ -148,8 +186,8 @@ async def _read_spec(request: web.Request) -> JobSpec:
     if request.content_type != "application/json":
         raise InvalidInput("send the job as application/json", None, code="unsupported_media_type")
     raw = parse(JobSpec, await request.read())  # syntax and types first, then what only the broker knows
-    tenant_header = request.headers.get(TENANT_HEADER)
-    spec = raw.model_copy(update={"tenant": tenant_header}) if tenant_header else raw
+    tenant = auth.acting_tenant(request, raw.tenant if "tenant" in raw.model_fields_set else None)
+    spec = raw if raw.tenant == tenant else raw.model_copy(update={"tenant": tenant})
     check_against_network(spec, request.app[GEO])
     return spec
 
@@ -164,7 +202,16 @@ async def submit_job(request: web.Request) -> web.Response:
     if key is not None and not (0 < len(key) <= 128 and key.isprintable() and " " not in key):
         raise InvalidInput("Idempotency-Key must be 1-128 printable characters without spaces", IDEMPOTENCY_HEADER)
     body_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
-    stored, created = await request.app[STORE].submit(new_job_id(), spec, idempotency_key=key, body_hash=body_hash)
+    limits, caller = request.app[LIMITS], auth.identity_of(request)
+    rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
+    stored, created = await request.app[STORE].submit(
+        new_job_id(),
+        spec,
+        idempotency_key=key,
+        body_hash=body_hash,
+        rate_limit=rate,
+        max_queued=limits.max_queued_per_tenant,
+    )
     if created:
         request.app[KICK].set()
         log.info("job.submitted", job=stored["id"], tenant=spec.tenant, archs=spec.resources.arch_set,
@@ -183,12 +230,9 @@ async def quote_job(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    store = request.app[STORE]
-    job = await store.get_job(request.match_info["id"])
-    if job is None:
-        raise NotFound(f"no job {request.match_info['id']}")
+    job = await _visible_job(request)
     view = job_view(job)
-    view["history"] = await store.history(job["id"])
+    view["history"] = await request.app[STORE].history(job["id"])
     return json_response(view)
 
 
@@ -208,10 +252,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def cancel_job(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    job_id = request.match_info["id"]
-    job = await store.get_job(job_id)
-    if job is None:
-        raise NotFound(f"no job {job_id}")
+    job = await _visible_job(request)
+    job_id = job["id"]
     state = await store.transition(job_id, "cancel", "", "", "cancelled by the user")
     if not state:
         raise Conflict(f"job {job_id} is already {job['state']}")
@@ -348,10 +390,12 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssignments, kick: asyncio.Event,
              mqtt_up: Callable[[], bool], quoter: Callable[[str, JobSpec], Awaitable[dict[str, Any]]],
-             max_body_bytes: int = 64 * 1024) -> web.Application:  # fmt: skip
-    app = web.Application(middlewares=[errors], client_max_size=max_body_bytes)
+             max_body_bytes: int = 64 * 1024, tokens: auth.Tokens | None = None, limits: Limits | None = None
+             ) -> web.Application:  # fmt: skip
+    """The API; with `tokens` every route but the public ones needs a bearer token (see broker.auth)."""
+    app = web.Application(middlewares=[errors, auth.authenticate], client_max_size=max_body_bytes)
     app[STORE], app[FEED], app[GEO], app[PUBLISH], app[KICK], app[MQTT_UP] = store, feed, geo, publish, kick, mqtt_up
-    app[QUOTER] = quoter
+    app[QUOTER], app[auth.TOKENS], app[LIMITS] = quoter, tokens, limits or Limits()
     app.router.add_post("/v1/jobs", submit_job)
     app.router.add_post("/v1/quote", quote_job)
     app.router.add_get("/v1/jobs", list_jobs)
@@ -362,7 +406,9 @@ def make_app(store: Store, feed: EventFeed, geo: Geography, publish: PublishAssi
     app.router.add_get("/v1/hubs", list_hubs)
     app.router.add_get("/v1/allocations/stream", stream)
     app.router.add_get("/healthz", health)
-    from broker.dashboard import add_routes
+    from broker import admin, dashboard, openapi
 
-    add_routes(app)
+    dashboard.add_routes(app)
+    admin.add_routes(app)
+    openapi.add_routes(app)
     return app

@@ -100,6 +100,37 @@ class Keys:
         """Sorted set: assigned job -> deadline (ms) for the site's `accepted`."""
         return f"{self.prefix}:assigned"
 
+    @property
+    def usage(self) -> str:
+        """Stream of usage records, one per job that ended holding devices; entry ids are end times (ms)."""
+        return f"{self.prefix}:usage"
+
+    # identities --------------------------------------------------------------------------------
+    def token(self, digest: str) -> str:
+        """Hash per API token, keyed by the token's SHA-256 (the token itself is never stored): id, role,
+        tenant, name, created."""
+        return f"{self.prefix}:token:{digest}"
+
+    @property
+    def tokens(self) -> str:
+        """Hash: token id -> the token's SHA-256, to list and revoke tokens by id."""
+        return f"{self.prefix}:tokens"
+
+    def submit_bucket(self, token_id: str) -> str:
+        """Hash: the token bucket (tokens, ts) that rate-limits one API token's submissions."""
+        return f"{self.prefix}:bucket:{token_id}"
+
+    @property
+    def site_registry(self) -> str:
+        """Hash: registered site -> JSON (hub, cluster, MQTT password hash, created); its fields are the
+        set of sites allowed to speak."""
+        return f"{self.prefix}:site-registry"
+
+    @property
+    def mqtt_broker_account(self) -> str:
+        """String: `user password-hash` of the broker's own MQTT account, for the generated password file."""
+        return f"{self.prefix}:mqtt-broker-account"
+
     # events --------------------------------------------------------------------------------------
     @property
     def events(self) -> str:

@@ -7,10 +7,12 @@ these twice, or on several replicas at once, changes nothing the second time.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
+from broker.metrics import Metrics
 from broker.schemas import ASSIGNMENTS_SCHEMA
 from broker.store import Store, now_ms
 from suanwang import logs
@@ -66,10 +68,11 @@ async def requeue_site(store: Store, publish: PublishAssignments, site: str, rea
     return len(back)
 
 
-async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> int:
-    """One maintenance pass: expire unaccepted assignments and give back the work of silent sites."""
+async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> Counter[str]:
+    """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, and give back
+    the work of silent sites. Returns how many jobs moved, by reason."""
     now = now_ms()
-    moved = 0
+    moved: Counter[str] = Counter()
     overdue = await store.overdue_assignments(now)
     if overdue:
         rows = await store.get_jobs(overdue, "site", "attempt")
@@ -77,8 +80,8 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
             (job, "expire", "", "", "the site did not accept the assignment in time") for job in overdue
         )
         for job, (site, attempt), result in zip(overdue, rows, results, strict=True):
-            if result == "queued" and site:
-                moved += 1
+            if result in ("queued", "failed") and site:
+                moved["accept_timeout"] += 1
                 log.info("job.requeued", job=job, site=site, reason="accept timeout")
                 await tell_site_to_cancel(publish, site, [(job, int(attempt or 0))])
     due = await store.due_deadlines(now)
@@ -86,23 +89,28 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
         results = await store.transitions((job, "deadline", "", "", "not started by its deadline") for job in due)
         for job, result in zip(due, results, strict=True):
             if result == "failed":
-                moved += 1
+                moved["deadline"] += 1
                 log.info("job.deadline_passed", job=job)
     for site in await store.silent_sites(now - site_ttl_ms):
         if await store.set_site_status(site, "stale", expect="online"):
             log.warning("site.silent", site=site)
-            moved += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
+            moved["site_silent"] += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
     return moved
 
 
 async def run_sweeper(
     store: Store, publish: PublishAssignments, site_ttl_s: float, kick: asyncio.Event, stop: asyncio.Event,
-    every_s: float = 1.0,
+    every_s: float = 1.0, metrics: Metrics | None = None,
 ) -> None:  # fmt: skip
     while not stop.is_set():
         try:
-            if await sweep(store, publish, int(site_ttl_s * 1000)):
+            moved = await sweep(store, publish, int(site_ttl_s * 1000))
+            if moved:
                 kick.set()
+            if metrics is not None:
+                for reason, n in moved.items():
+                    metrics.rejections.labels(reason).inc(n)
+                await metrics.observe_redis(store)
         except Exception as exc:  # Redis away: try again next round
             log.warning("sweep.failed", error=str(exc), error_type=type(exc).__name__)
         try:

@@ -65,6 +65,7 @@ class Request:
     domestic_only: bool = False
     policy: str = "balanced"
     weights: tuple[tuple[str, float], ...] = ()
+    avoid_sites: frozenset[str] = frozenset()  # sites that just gave the job back: used only if nothing else fits
 
     @classmethod
     def of(cls, job_id: str, spec: JobSpec) -> Request:
@@ -166,6 +167,7 @@ class _Plan:
                               np.bool_).reshape(-1)  # fmt: skip
         self.place_ok = np.array([self._place_ok(c) for c in range(len(snap.cluster_names))], np.bool_)
         self.tables = [t for t in self._candidate_tables() if self._table_ok(t) is None]
+        self.avoid = np.zeros(0, np.int32)  # site codes to pass over
         self.reference_perf = self._reference_perf()
 
     def _place_ok(self, cluster: int) -> bool:
@@ -216,9 +218,19 @@ class _Plan:
 
 
 def match(req: Request, snap: Snapshot, *, limit: int = LIMIT, exhaustive: bool = False,
-          keep: int = RUNNERS_UP + 1) -> Decision | NoFit:  # fmt: skip
-    """Choose the best pool for `req` in `snap`, or say why none fits."""
+          keep: int = RUNNERS_UP + 1, _avoid: frozenset[str] = frozenset()) -> Decision | NoFit:  # fmt: skip
+    """Choose the best pool for `req` in `snap`, or say why none fits.
+
+    Sites in `req.avoid_sites` (the last site that gave the job back) are passed over when another fits.
+    """
+    if req.avoid_sites:
+        elsewhere = match(req.relaxed(avoid_sites=frozenset()), snap, limit=limit, exhaustive=exhaustive, keep=keep,
+                          _avoid=req.avoid_sites)  # fmt: skip
+        if isinstance(elsewhere, Decision):
+            return elsewhere
+        req = req.relaxed(avoid_sites=frozenset())
     plan = _Plan(req, snap)
+    plan.avoid = np.array(sorted(snap.sites[s].code for s in _avoid if s in snap.sites), np.int32)
     if not plan.tables or not plan.origin_known:
         return explain(req, snap, plan)
     scan = _Scan(plan, keep=max(keep, RUNNERS_UP + 1), exhaustive=exhaustive)
@@ -315,6 +327,8 @@ class _Scan:
         cost = price * devices
         unit_price = cost / req.units if req.units is not None else price
         ok = table.online[rows] & (free >= devices) & plan.place_ok[table.cluster[rows]]
+        if plan.avoid.size:
+            ok &= ~np.isin(table.site_code[rows], plan.avoid)
         ok &= plan.ic_ok[table.interconnect[rows]] & (plan.stack_ok[table.stackset[rows]] >= 0)
         if req.min_memory_gb > 0:
             ok &= table.memory_gb[rows] >= req.min_memory_gb

@@ -45,6 +45,7 @@ class MqttLink:
                     self.target.host, self.target.port, username=self.target.username,
                     password=self.target.password, identifier=self.identifier, clean_session=True,
                     keepalive=self.keepalive, max_queued_incoming_messages=100_000, max_inflight_messages=1000,
+                    tls_params=self.target.tls_params(),
                 ) as client:  # fmt: skip
                     self._client = client
                     for topic_filter, qos in self.subscriptions:

@@ -8,12 +8,14 @@ of every placement, and one MQTT message per site that received work.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 
 import orjson
 
 from broker.matching import Decision, NoFit, Request, match
+from broker.metrics import Metrics
 from broker.schemas import ASSIGNMENTS_SCHEMA, JobSpec
 from broker.snapshot import Snapshot
 from broker.store import Placement, Store
@@ -44,7 +46,9 @@ class Scheduler:
         accept_timeout_s: float = 30.0,
         idle_poll_s: float = 0.5,
         kick: asyncio.Event | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.store = store
         self.snapshot = snapshot
         self.publish_assignments = publish_assignments
@@ -53,6 +57,7 @@ class Scheduler:
         self.idle_poll_s = idle_poll_s
         self.kick = kick or asyncio.Event()
         self._requests: OrderedDict[str, Request | None] = OrderedDict()
+        self._created: dict[str, int] = {}  # job -> submission time (ms), for the latency histogram
         self._unfit: dict[str, tuple[int, str]] = {}  # job -> (snapshot version, reason written)
         self.placed = 0
 
@@ -70,10 +75,16 @@ class Scheduler:
     async def _requests_for(self, ids: list[str]) -> list[Request]:
         missing = [job_id for job_id in ids if job_id not in self._requests]
         if missing:
-            for job_id, (spec,) in zip(missing, await self.store.get_jobs(missing, "spec"), strict=True):
-                self._requests[job_id] = Request.of(job_id, JobSpec.model_validate_json(spec)) if spec else None
+            rows = await self.store.get_jobs(missing, "spec", "created", "last_site")
+            for job_id, (spec, created, last_site) in zip(missing, rows, strict=True):
+                req = Request.of(job_id, JobSpec.model_validate_json(spec)) if spec else None
+                if req is not None and last_site:
+                    req = req.relaxed(avoid_sites=frozenset({last_site}))
+                self._requests[job_id] = req
+                self._created[job_id] = int(created or 0)
             while len(self._requests) > 200_000:
-                self._requests.popitem(last=False)
+                dropped, _ = self._requests.popitem(last=False)
+                self._created.pop(dropped, None)
         return [req for job_id in ids if (req := self._requests.get(job_id)) is not None]
 
     async def _queue_head(self) -> tuple[list[str], dict[str, str]]:
@@ -133,6 +144,10 @@ class Scheduler:
             if attempt > 0:
                 self._unfit.pop(req.job_id, None)
                 self._requests.pop(req.job_id, None)
+                created = self._created.pop(req.job_id, 0)
+                self.metrics.placements.labels(placement.hub, placement.arch).inc()
+                if created:
+                    self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
                 chosen = decision.chosen
                 by_site[placement.site].append(
                     {"job": req.job_id, "attempt": attempt, "action": "run", "model": placement.model,
@@ -143,10 +158,12 @@ class Scheduler:
                          count=placement.count, attempt=attempt)  # fmt: skip
             elif attempt == -1:
                 self._requests.pop(req.job_id, None)  # cancelled or placed by another replica
+                self.metrics.rejections.labels("not_queued").inc()
             elif attempt == -3:
-                pass  # the tenant reached its limit within this batch; the next pass holds its jobs
+                self.metrics.rejections.labels("tenant_limit").inc()  # the next pass holds the tenant's jobs
             else:
                 stale = True  # our view was behind Redis; the next pass reloads the site
+                self.metrics.rejections.labels("stale_view" if attempt == 0 else "site_not_online").inc()
         if by_site:
             await self._publish(by_site)
         placed = sum(len(v) for v in by_site.values())
@@ -167,8 +184,14 @@ class Scheduler:
 
         await asyncio.gather(*(one(site, items) for site, items in by_site.items()))
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Schedule until `stop` is set: at once when kicked, otherwise every `idle_poll_s`."""
+    async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
+        """Schedule until `stop` is set: at once when kicked, otherwise every `idle_poll_s`.
+
+        With `ready` (the MQTT link's connected event), the first pass waits for it: assignments made
+        before the link is up could not be published and would wait out the accept timeout.
+        """
+        if ready is not None:
+            await ready.wait()
         while not stop.is_set():
             try:
                 await asyncio.wait_for(self.kick.wait(), self.idle_poll_s)

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from broker import topics
-from broker.api import make_app
+from broker.api import Limits, make_app
+from broker.auth import Tokens
 from broker.events import EventFeed, run_mirror
 from broker.ingest import Ingest
 from broker.lifecycle import run_sweeper
 from broker.matching import Request
+from broker.metrics import Metrics
+from broker.metrics import add_routes as add_metrics_routes
 from broker.mqtt import MqttLink
 from broker.quote import quote
+from broker.registry import SiteGate
 from broker.scheduler import Scheduler
 from broker.schemas import JobSpec
 from broker.snapshot import Snapshot
 from broker.store import Store
+from broker.usage import add_routes as add_usage_routes
 from regions import load_geography
 from suanwang import logs
-from suanwang.config import Settings
+from suanwang.config import Settings, redact_url
 
 log = logs.get("suanwang.broker")
 
@@ -59,7 +65,7 @@ class Broker:
     @property
     def url(self) -> str:
         host, _ = self.settings.http_address
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.settings.tls_cert else 'http'}://{host}:{self.port}"
 
     async def close(self) -> None:
         self.stop.set()
@@ -80,7 +86,10 @@ async def start_broker(settings: Settings) -> Broker:
     async def publish_assignments(site: str, payload: bytes) -> None:
         await link_holder[0].publish(topics.assignments(site), payload, qos=1)
 
-    ingest = Ingest(store, publish_assignments, kick, geo)
+    metrics = Metrics()
+    gate = SiteGate(store.redis, store.keys) if settings.require_registered else None
+    ingest = Ingest(store, publish_assignments, kick, geo, metrics, gate=gate,
+                    max_message_bytes=settings.max_message_bytes)  # fmt: skip
     root = topics.ROOT
     mqtt = MqttLink(
         settings.mqtt, f"suanwang-broker-{settings.replica}",
@@ -93,7 +102,7 @@ async def start_broker(settings: Settings) -> Broker:
     )  # fmt: skip
     link_holder.append(mqtt)
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
-                          accept_timeout_s=settings.accept_timeout_s, kick=kick)  # fmt: skip
+                          accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics)  # fmt: skip
     feed = EventFeed(store)
 
     async def mirror_publish(payload: bytes) -> None:
@@ -102,8 +111,10 @@ async def start_broker(settings: Settings) -> Broker:
     broker = Broker(settings, store, scheduler, ingest, mqtt, feed, stop)
     broker.tasks = [
         asyncio.create_task(mqtt.run(stop), name="mqtt"),
-        asyncio.create_task(scheduler.run(stop), name="scheduler"),
-        asyncio.create_task(run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop), name="sweep"),
+        asyncio.create_task(scheduler.run(stop, mqtt.connected), name="scheduler"),
+        asyncio.create_task(
+            run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop, metrics=metrics), name="sweep"
+        ),
         asyncio.create_task(feed.run(stop), name="feed"),
         asyncio.create_task(run_mirror(store, settings.replica, mirror_publish, stop), name="mirror"),
     ]
@@ -112,18 +123,36 @@ async def start_broker(settings: Settings) -> Broker:
         await scheduler.refresh()
         return quote(Request.of(job_id, spec), scheduler.snapshot)
 
-    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, quoter, settings.max_body_bytes)
+    tokens = Tokens(store.redis, store.keys) if settings.auth == "required" else None
+    limits = Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant)
+    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, quoter, settings.max_body_bytes,
+                   tokens=tokens, limits=limits)  # fmt: skip
+
+    async def scrape() -> None:
+        await scheduler.refresh()
+        metrics.observe_capacity(scheduler.snapshot)
+
+    add_metrics_routes(app, metrics, scrape)
+    add_usage_routes(app)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     host, port = settings.http_address
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=_https(settings))
     await site.start()
     broker.runner = runner
     server = site._server  # the bound port, when 0 asked for a free one
     broker.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
-    log.info("broker.started", http=broker.url, redis=settings.redis_url, mqtt=settings.mqtt.url,
-             replica=settings.replica)  # fmt: skip
+    log.info("broker.started", http=broker.url, redis=redact_url(settings.redis_url), mqtt=settings.mqtt.safe_url,
+             replica=settings.replica, auth=settings.auth, require_registered=settings.require_registered)  # fmt: skip
     return broker
+
+
+def _https(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
 
 
 async def serve(settings: Settings) -> None:

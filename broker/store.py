@@ -18,7 +18,7 @@ from redis import exceptions as redis_errors
 
 from broker.keys import Keys
 from broker.schemas import Capacity, JobSpec, JobState
-from suanwang.errors import Conflict, StoreUnavailable
+from suanwang.errors import Conflict, StoreUnavailable, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
 # one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
@@ -59,6 +59,15 @@ class Placement:
     latency_ms: float
     arch: str = ""
     decision: str = "{}"  # JSON: the chosen pool's named scores and the runners-up
+
+
+@dataclass(frozen=True)
+class SubmitRate:
+    """A token bucket for one caller's submissions: `burst` at once, refilled at `per_s` a second."""
+
+    key: str
+    per_s: float
+    burst: int
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,9 @@ class Store:
 
     # ------------------------------------------------------------------------------ sites
 
-    async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> bool:
-        """Record a capacity message; False when its seq is not newer than the last one applied."""
+    async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> int:
+        """Record a capacity message: 0 when its seq is not newer than the last one applied, 1 when applied,
+        2 when applied and it brought a stale site back online."""
         k = self.keys
         meta = orjson.dumps(
             {
@@ -138,7 +148,7 @@ class Store:
             args += [pool.model, pool.total, pool.in_use_external]
         keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock]
         async with translated():
-            return bool(await self._capacity(keys=keys, args=args))
+            return int(await self._capacity(keys=keys, args=args))
 
     async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
         k = self.keys
@@ -208,11 +218,15 @@ class Store:
         at_ms: int | None = None,
         idempotency_key: str | None = None,
         body_hash: str = "",
+        *,
+        rate_limit: SubmitRate | None = None,
+        max_queued: int | None = None,
     ) -> tuple[dict[str, str], bool]:
         """Store a new job and queue it atomically: after this returns the job is safe.
 
         With an idempotency key seen before (same tenant, same body) returns that job and False; the same
-        key with another body raises Conflict.
+        key with another body raises Conflict. Over `rate_limit`, or with `max_queued` jobs of the tenant
+        already queued, raises TooManyRequests; all of it in one round trip.
         """
         k = self.keys
         created = at_ms or now_ms()
@@ -225,10 +239,13 @@ class Store:
             "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
         }  # fmt: skip
         idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
+        bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
         keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
-                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth]  # fmt: skip
+                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth, bucket]  # fmt: skip
         args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
-                           IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen]  # fmt: skip
+                           IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen,
+                           rate_limit.per_s if rate_limit else "", rate_limit.burst if rate_limit else "",
+                           max_queued if max_queued is not None else ""]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
         async with translated():
@@ -236,6 +253,12 @@ class Store:
         existing = _text(existing)
         if int(created_flag) == 1:
             return fields, True
+        if int(created_flag) == -2 and rate_limit is not None:
+            raise TooManyRequests(f"too many submissions: at most {rate_limit.per_s:g}/s in bursts of "
+                                  f"{rate_limit.burst}", retry_after_s=max(1, -(-int(existing) // 1000)))  # fmt: skip
+        if int(created_flag) == -3:
+            raise TooManyRequests(f"tenant {spec.tenant} already has {existing} queued jobs, the most allowed "
+                                  f"(max_queued_per_tenant {max_queued})", code="tenant_queue_full")  # fmt: skip
         if int(created_flag) < 0:
             raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing})")
         job = await self.get_job(existing)
@@ -378,6 +401,7 @@ class Store:
                         k.deadlines,
                         k.job_history(job_id),
                         k.queue_depth,
+                        k.usage,
                     ],
                     args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen, self.max_attempts],
                     client=pipe,

@@ -158,7 +158,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         for _ in range(options.brokers):
             port = free_port()
             urls.append(f"http://127.0.0.1:{port}")
-            procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", "--log-level", "error"], env))
+            procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", "--auth", "off",
+                                "--log-level", "error"], env))  # fmt: skip
         hubs = list(load_geography().hubs)
         per_hub = [options.sites // len(hubs) + (1 if i < options.sites % len(hubs) else 0) for i in range(len(hubs))]
         for hub, n in zip(hubs, per_hub, strict=True):

@@ -13,8 +13,9 @@ from rich.console import Console
 
 from adapters.commands import register as _register_adapters
 from suanwang import logs
-from suanwang.config import DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
+from suanwang.config import AUTH_MODES, DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
 from suanwang.errors import SuanwangError
+from suanwang.security_cli import register as _register_security
 
 console = Console()
 
@@ -25,6 +26,8 @@ mqtt_option = click.option("--mqtt", "mqtt_url", envvar="SUANWANG_MQTT_URL", sho
 http_option = click.option("--http", envvar="SUANWANG_HTTP", show_envvar=True, default=DEFAULT_HTTP,
                            show_default=True, help="HTTP address host:port")  # fmt: skip
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+token_option = click.option("--token", envvar="SUANWANG_TOKEN", show_envvar=True, default=None,
+                            help="API token (suanwang token create)")  # fmt: skip
 log_option = click.option("--log-level", default="info", show_default=True,
                           type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 
@@ -37,6 +40,13 @@ def _run(coro: Any) -> Any:
     except SuanwangError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+
+
+def _run_settings(make: Any) -> Settings:
+    try:
+        return make()  # type: ignore[no-any-return]
+    except SuanwangError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _print_json(value: Any) -> None:
@@ -69,16 +79,37 @@ def main() -> None:
     default=None,
     help="Seconds a site has to accept an assignment [env SUANWANG_ACCEPT_TIMEOUT; 30]",
 )
+@click.option(
+    "--auth",
+    type=click.Choice(AUTH_MODES),
+    default=None,
+    help="API tokens required, or off (every caller an admin) [env SUANWANG_AUTH; required]",
+)
+@click.option(
+    "--require-registered/--allow-unregistered",
+    "require_registered",
+    default=None,
+    help="Drop MQTT messages from sites not in the registry [env SUANWANG_REQUIRE_REGISTERED; off]",
+)
+@click.option("--tls-cert", default=None, help="HTTPS certificate chain, PEM [env SUANWANG_TLS_CERT]")
+@click.option("--tls-key", default=None, help="HTTPS private key, PEM [env SUANWANG_TLS_KEY]")
+@click.option("--submit-rate", type=float, default=None, help="Submissions per second per token [20]")
+@click.option("--submit-burst", type=int, default=None, help="Submissions a token may make at once [100]")
+@click.option("--max-queued-per-tenant", type=int, default=None, help="Most queued jobs per tenant [10000]")
 @log_option
 def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str, share_group: str,
-          site_ttl: float | None, accept_timeout: float | None, log_level: str) -> None:  # fmt: skip
+          site_ttl: float | None, accept_timeout: float | None, auth: str | None, require_registered: bool | None,
+          tls_cert: str | None, tls_key: str | None, submit_rate: float | None, submit_burst: int | None,
+          max_queued_per_tenant: int | None, log_level: str) -> None:  # fmt: skip
     """Run one broker replica: HTTP API, MQTT ingest and the matcher."""
     from broker.service import serve as serve_broker
 
     logs.configure(log_level)
-    settings = Settings.from_env(redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace,
-                                 share_group=share_group, site_ttl_s=site_ttl,
-                                 accept_timeout_s=accept_timeout)  # fmt: skip
+    settings = _run_settings(lambda: Settings.from_env(
+        redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace, share_group=share_group,
+        site_ttl_s=site_ttl, accept_timeout_s=accept_timeout, auth=auth, require_registered=require_registered,
+        tls_cert=tls_cert, tls_key=tls_key, submit_rate=submit_rate, submit_burst=submit_burst,
+        max_queued_per_tenant=max_queued_per_tenant))  # fmt: skip
     _run(serve_broker(settings))
 
 
@@ -137,14 +168,15 @@ _register_adapters(adapter)
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @http_option
+@token_option
 @click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
 @json_option
-def submit(file: str, http: str, tenant: str | None, as_json: bool) -> None:
+def submit(file: str, http: str, token: str | None, tenant: str | None, as_json: bool) -> None:
     """Submit the job in FILE.json (- for standard input)."""
     from suanwang.client import call
 
     body = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
-    job = _run(call(http, "POST", "/v1/jobs", body, tenant=tenant))
+    job = _run(call(http, "POST", "/v1/jobs", body, tenant=tenant, token=token))
     if as_json:
         _print_json(job)
     else:
@@ -156,41 +188,52 @@ def submit(file: str, http: str, tenant: str | None, as_json: bool) -> None:
 @click.option("--state", default=None, help="Only jobs in this state")
 @click.option("--limit", type=int, default=50, show_default=True)
 @click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
+@token_option
 @json_option
-def jobs(http: str, state: str | None, limit: int, tenant: str | None, as_json: bool) -> None:
+def jobs(http: str, state: str | None, limit: int, tenant: str | None, token: str | None, as_json: bool) -> None:
     """List your jobs, newest first."""
     from suanwang.client import call
     from suanwang.view import jobs_table
 
     params = {"limit": str(limit), **({"state": state} if state else {})}
-    result = _run(call(http, "GET", "/v1/jobs", params=params, tenant=tenant))
+    result = _run(call(http, "GET", "/v1/jobs", params=params, tenant=tenant, token=token))
     _print_json(result) if as_json else console.print(jobs_table(result["jobs"]))
 
 
 @main.command()
 @http_option
 @click.option("--hub", default=None, help="Only sites of this hub")
+@token_option
 @json_option
-def sites(http: str, hub: str | None, as_json: bool) -> None:
+def sites(http: str, hub: str | None, token: str | None, as_json: bool) -> None:
     """List sites with their pools and capacity."""
     from suanwang.client import call
     from suanwang.view import sites_table
 
-    result = _run(call(http, "GET", "/v1/sites", params={"hub": hub} if hub else None))
+    result = _run(call(http, "GET", "/v1/sites", params={"hub": hub} if hub else None, token=token))
     _print_json(result) if as_json else console.print(sites_table(result["sites"]))
 
 
 @main.command()
 @http_option
 @click.option("--from", "last_event_id", default=None, help="Resume after this event id")
+@click.option("--plain", is_flag=True, help="One line per event instead of the full-screen view")
+@token_option
 @json_option
-def watch(http: str, last_event_id: str | None, as_json: bool) -> None:
-    """Follow the live allocation stream."""
+def watch(http: str, last_event_id: str | None, plain: bool, token: str | None, as_json: bool) -> None:
+    """Follow the network live: a full-screen view in a terminal (hub utilization, queue, allocations),
+    one line per event with --plain or when piped, JSON lines with --json."""
     from suanwang.client import follow
     from suanwang.view import event_line
 
+    if not (as_json or plain or last_event_id) and sys.stdout.isatty():
+        from suanwang.watch_view import WatchView
+
+        _run(WatchView(http, token).run())
+        return
+
     async def _watch() -> None:
-        async for event in follow(http, last_event_id):
+        async for event in follow(http, last_event_id, token=token):
             if as_json:
                 sys.stdout.buffer.write(orjson.dumps(event) + b"\n")
                 sys.stdout.flush()
@@ -266,9 +309,12 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
     metavar="N,N,...",
     help="Matching only, no I/O: time per decision at these site counts, e.g. 1000,10000,100000",
 )
+@click.option("--soak", "soak_s", type=float, default=None, metavar="SECONDS",
+              help="Soak: 20 jobs/s with site churn and a broker kill for SECONDS (at least 2 brokers), "
+                   "then report lost jobs, double allocations and recovery times (JSON)")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
-          matching_sizes: str | None, as_json: bool) -> None:  # fmt: skip
+          matching_sizes: str | None, soak_s: float | None, as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
 
@@ -281,11 +327,18 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         except ValueError:
             raise click.BadParameter("a comma-separated list of site counts", param_hint="--matching") from None
         report: dict[str, Any] | None = measure(sizes)
+    elif soak_s is not None:
+        from suanwang.soak import SoakOptions, run_soak
+
+        report = _run(run_soak(SoakOptions(redis_url, mqtt_url, seconds=soak_s, brokers=max(brokers, 2))))
+        as_json = True  # nested results read best as JSON
     else:
         report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
     if report is not None:
         _print_json(report) if as_json else print_report(console, report)
 
+
+_register_security(main, _run, _print_json)
 
 if __name__ == "__main__":
     main()

@@ -27,10 +27,13 @@ def base_url(http: str) -> str:
 
 
 async def call(http: str, method: str, path: str, body: bytes | None = None,
-               params: dict[str, str] | None = None, tenant: str | None = None) -> Any:  # fmt: skip
+               params: dict[str, str] | None = None, tenant: str | None = None, token: str | None = None
+               ) -> Any:  # fmt: skip
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if tenant:
         headers["X-Suanwang-Tenant"] = tenant
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     try:
         async with (
             aiohttp.ClientSession() as session,
@@ -44,13 +47,16 @@ async def call(http: str, method: str, path: str, body: bytes | None = None,
         raise SuanwangError(f"cannot reach the broker at {base_url(http)}: {exc}") from None
 
 
-async def follow(http: str, last_event_id: str | None = None) -> AsyncIterator[dict[str, Any]]:
-    """Yield events from the SSE stream, reconnecting with Last-Event-ID after a drop."""
+async def follow(http: str, last_event_id: str | None = None, token: str | None = None
+                 ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+    """Yield events from the SSE stream, reconnecting with Last-Event-ID after a drop (not after a refusal)."""
     import asyncio
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
     while True:
         headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         try:
             async with (
                 aiohttp.ClientSession(timeout=timeout) as session,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from suanwang.errors import InvalidInput
@@ -11,6 +12,8 @@ from suanwang.errors import InvalidInput
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
 DEFAULT_HTTP = "127.0.0.1:8080"
+AUTH_MODES = ("required", "off")
+_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,28 @@ class MqttTarget:
         auth = f"{self.username}:{self.password}@" if self.username else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
 
+    @property
+    def safe_url(self) -> str:
+        """The URL without the password, for logs."""
+        auth = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+    def tls_params(self) -> Any:
+        """aiomqtt's TLS parameters for `mqtts://` (CA bundle from SUANWANG_MQTT_CA, else the system's)."""
+        if not self.tls:
+            return None
+        import aiomqtt  # here: config stays importable without the MQTT client
+
+        return aiomqtt.TLSParameters(ca_certs=os.environ.get("SUANWANG_MQTT_CA") or None)
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:***@host...`: a URL fit for logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
 
 def parse_http(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
@@ -68,7 +93,29 @@ class Settings:
     # Most jobs one scheduling pass takes from the queue.
     batch: int = 512
     max_body_bytes: int = 64 * 1024
+    # API tokens: "required" (what `suanwang serve` runs with) or "off" (every caller is an admin).
+    auth: str = "off"
+    # Drop MQTT messages from sites missing from the registry (`suanwang site register`).
+    require_registered: bool = False
+    # Largest MQTT payload ingest applies; a larger one is dropped unread.
+    max_message_bytes: int = 256 * 1024
+    # Submissions per API token: a bucket of `submit_burst` refilled at `submit_rate` per second.
+    submit_rate: float = 20.0
+    submit_burst: int = 100
+    # Most jobs one tenant may have queued at once.
+    max_queued_per_tenant: int = 10_000
+    # HTTPS: certificate chain and private key (PEM); both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
     replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise InvalidInput(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}", "auth")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("give both --tls-cert and --tls-key, or neither", "tls_cert")
+        if self.submit_rate <= 0 or self.submit_burst < 1 or self.max_queued_per_tenant < 1:
+            raise InvalidInput("submit rate, burst and the queued-jobs bound must be positive", "submit_rate")
 
     @property
     def mqtt(self) -> MqttTarget:
@@ -88,6 +135,12 @@ class Settings:
             "http": env.get("SUANWANG_HTTP", DEFAULT_HTTP),
             "namespace": env.get("SUANWANG_NAMESPACE", "sw"),
             "share_group": env.get("SUANWANG_SHARE_GROUP", "suanwang"),
+            # the dataclass default is "off" for in-process brokers; anything started from the environment
+            # (serve, demo) requires tokens unless told otherwise
+            "auth": env.get("SUANWANG_AUTH", "required"),
+            "require_registered": env.get("SUANWANG_REQUIRE_REGISTERED", "").lower() in _TRUE,
+            "tls_cert": env.get("SUANWANG_TLS_CERT") or None,
+            "tls_key": env.get("SUANWANG_TLS_KEY") or None,
         }
         for name, var in (("site_ttl_s", "SUANWANG_SITE_TTL"), ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT")):
             if var in env:

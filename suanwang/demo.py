@@ -15,6 +15,7 @@ import orjson
 from rich.console import Console
 
 from adapters.sim import run_sim
+from broker.auth import Tokens
 from broker.service import Broker, start_broker
 from regions import load_geography
 from suanwang.config import MqttTarget, Settings
@@ -23,6 +24,7 @@ from suanwang.servers import EmbeddedMqtt, MosquittoServer, RedisServer, mosquit
 from suanwang.view import event_line
 
 SHOWN = {"allocated", "completed", "failed", "requeued", "cancelled"}
+DEMO_TENANTS = ("sjtu-ai-lab", "fintech-risk", "render-studio", "gov-cloud")
 
 
 @dataclass
@@ -77,35 +79,64 @@ class Servers:
                 await asyncio.to_thread(server.cleanup)
 
 
-async def _submit_jobs(url: str, rate: float, seed: int, stop: asyncio.Event) -> None:
-    """Submit sample jobs over HTTP, as users would."""
+@dataclass(frozen=True)
+class DemoTokens:
+    """The tokens the demo makes: an admin, an operator, and a user per sample tenant."""
+
+    admin: str
+    operator: str
+    users: dict[str, str]  # tenant -> token
+
+
+async def _make_tokens(broker: Broker) -> DemoTokens:
+    tokens = Tokens(broker.store.redis, broker.store.keys)
+    admin, _ = await tokens.create("admin", "ops", "demo admin")
+    operator, _ = await tokens.create("operator", "ops", "demo operator")
+    users = {tenant: (await tokens.create("user", tenant, "demo user"))[0] for tenant in DEMO_TENANTS}
+    return DemoTokens(admin, operator, users)
+
+
+async def _submit_jobs(url: str, rate: float, seed: int, stop: asyncio.Event, users: dict[str, str]) -> None:
+    """Submit sample jobs over HTTP, as users would: each tenant's with its own user token."""
     rng = random.Random(seed)
     async with aiohttp.ClientSession() as session:
         while not stop.is_set():
-            job = sample_job(rng, tenant=rng.choice(["sjtu-ai-lab", "fintech-risk", "render-studio", "gov-cloud"]))
+            tenant = rng.choice(DEMO_TENANTS)
+            job = sample_job(rng, tenant=tenant)
+            headers = {"Content-Type": "application/json"}
+            if tenant in users:
+                headers["Authorization"] = f"Bearer {users[tenant]}"
             with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(
-                    f"{url}/v1/jobs", data=orjson.dumps(job), headers={"Content-Type": "application/json"}
-                ) as response:
+                async with session.post(f"{url}/v1/jobs", data=orjson.dumps(job), headers=headers) as response:
                     await response.read()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), rng.expovariate(rate))
 
 
-def _banner(console: Console, broker: Broker, options: DemoOptions) -> None:
+def _banner(console: Console, broker: Broker, options: DemoOptions, tokens: DemoTokens | None) -> None:
     url = broker.url
     console.rule("[bold]Suanwang 算网 demo[/]")
     console.print(f"Broker HTTP API: [bold cyan]{url}[/]   (1 simulated hour = {3600 / options.time_scale:g} s)")
+    auth = op = ""
+    if tokens is not None:
+        tenant, user = next(iter(tokens.users.items()))
+        console.print(f"Dashboard (operator): {url}/?token={tokens.operator}", markup=False, highlight=False,
+                      soft_wrap=True)  # fmt: skip
+        console.print(f"API tokens (made for this run):\n  user of {tenant}: {user}\n  operator: {tokens.operator}\n"
+                      f"  admin:    {tokens.admin}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+        auth, op = f" -H 'Authorization: Bearer {user}'", f" -H 'Authorization: Bearer {tokens.operator}'"
     console.print("Submit your own job:")
     console.print(
-        f"  curl -s -X POST {url}/v1/jobs -H 'Content-Type: application/json' -d "
+        f"  curl -s -X POST {url}/v1/jobs{auth} -H 'Content-Type: application/json' -d "
         '\'{"name":"my-train","workload":"training","resources":{"arch":"ASIC","models":["Ascend-910B"],'
         '"count":16},"origin":"shanghai","duration_hours":2}\'',
         markup=False,
         highlight=False,
         soft_wrap=True,
     )
-    console.print(f"  curl -N {url}/v1/allocations/stream      curl -s {url}/v1/hubs", markup=False, highlight=False)
+    console.print(f"  curl -N{op} {url}/v1/allocations/stream\n  curl -s{auth} {url}/v1/jobs\n"
+                  f"  suanwang jobs --http {url} --token <user token>", markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
     console.print("Press Ctrl-C to stop.")
     console.rule()
 
@@ -125,6 +156,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
             redis_url=redis_url, mqtt_url=mqtt_url, http=options.http, namespace="demo", share_group=share_group
         )
         broker = await start_broker(settings)
+        tokens = await _make_tokens(broker) if settings.auth == "required" else None
         target = MqttTarget.from_url(mqtt_url)
         for hub in load_geography().hubs:
             tasks.append(
@@ -132,11 +164,14 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
                     run_sim(target, hub, options.sites_per_hub, time_scale=options.time_scale, interval=5.0, stop=stop)
                 )
             )
-        tasks.append(asyncio.create_task(_submit_jobs(broker.url, options.rate, options.seed, stop)))
+        users = tokens.users if tokens else {}
+        tasks.append(asyncio.create_task(_submit_jobs(broker.url, options.rate, options.seed, stop, users)))
         if options.quiet:
             console.print(f"Broker HTTP API: {broker.url}", highlight=False)
+            if tokens is not None:
+                console.print(f"Operator token: {tokens.operator}", highlight=False)
         else:
-            _banner(console, broker, options)
+            _banner(console, broker, options, tokens)
         started = time.monotonic()
         async with broker.feed.subscribe() as subscription:
             while options.duration is None or time.monotonic() - started < options.duration:

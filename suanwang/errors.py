@@ -42,3 +42,27 @@ class MessagingUnavailable(SuanwangError):
     """The MQTT broker cannot be reached."""
 
     code = "mqtt_unavailable"
+
+
+class Unauthorized(SuanwangError):
+    """No credentials, or credentials that are not (or no longer) valid."""
+
+    code = "unauthorized"
+
+
+class Forbidden(SuanwangError):
+    """Valid credentials whose role may not do this."""
+
+    code = "forbidden"
+
+
+class TooManyRequests(SuanwangError):
+    """A rate or size limit was reached; `retry_after_s` says when trying again can succeed (0: unknown)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int = 0, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        if code:
+            self.code = code

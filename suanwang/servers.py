@@ -123,13 +123,21 @@ class RedisServer(_Process):
 @dataclass
 class MosquittoServer(_Process):
     max_queued_messages: int = 100_000
+    # With a password file only its accounts may connect; with an ACL file each sees only its topics
+    # (`suanwang mqtt-config` writes both from the site registry).
+    password_file: Path | None = None
+    acl_file: Path | None = None
 
     def command(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
+        access = f"allow_anonymous false\npassword_file {self.password_file}\n" if self.password_file else ""
+        access += f"acl_file {self.acl_file}\n" if self.acl_file else ""
+        if access and os.geteuid() == 0:
+            # Mosquitto started as root reads these files after switching to its own user, which cannot read
+            # a private temporary folder: stay the user that wrote them.
+            access += "user root\n"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
+            f"listener {self.port} 127.0.0.1\n" + (access or "allow_anonymous true\n") + "persistence false\n"
             f"max_queued_messages {self.max_queued_messages}\n"
             "max_inflight_messages 0\n"
             "log_type error\nlog_type warning\n"

@@ -1,13 +1,15 @@
 -- Apply a site's capacity message if its seq is newer than the last one applied.
 -- KEYS: site, capacity, sites, seen, clock
 -- ARGV: site_id, seq, now_ms, hub, cluster, meta_json, n, model_1, total_1, external_1, ...
--- Returns 1 when applied, 0 when stale or duplicated. Allocations (a:<model>) are never touched.
+-- Returns 1 when applied, 2 when applied and it brought a stale site back online, 0 when stale or
+-- duplicated. Allocations (a:<model>) are never touched.
 local seq = tonumber(ARGV[2])
 local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
 if seq <= current then
   return 0
 end
 local changed = false
+local revived = false
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   status = 'online'
@@ -16,6 +18,7 @@ elseif status == 'stale' then
   -- a site that missed heartbeats and speaks again is back
   status = 'online'
   changed = true
+  revived = true
 end
 if redis.call('HGET', KEYS[1], 'meta') ~= ARGV[6] then
   redis.call('HSET', KEYS[1], 'meta', ARGV[6])
@@ -49,5 +52,8 @@ for _, field in ipairs(fields) do
 end
 if changed then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+end
+if revived then
+  return 2
 end
 return 1

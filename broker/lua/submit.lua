@@ -1,11 +1,26 @@
--- Store a new job and queue it, unless its Idempotency-Key already created one.
+-- Store a new job and queue it, unless the caller is over its submission rate, its tenant has the most
+-- queued jobs allowed, or its Idempotency-Key already created one.
 -- KEYS: job, queue, tenant_queue, queued_tenants, tenant_jobs, events, deadlines, idempotency, history,
---       queue_depth
+--       queue_depth, submit_bucket
 -- ARGV: job_id, qscore, created_ms, tenant, deadline_ms ('' for none), idempotency ttl s ('' for no key),
---       body hash, events_maxlen, then field, value pairs for the job hash
+--       body hash, events_maxlen, rate per s ('' for no limit), burst, max queued per tenant ('' for none),
+--       then field, value pairs for the job hash
 -- Returns {job_id, 1} when created, {existing_job_id, 0} when the key was seen with the same body,
--- and {existing_job_id, -1} when the key was used with a different body.
+-- {existing_job_id, -1} when the key was used with a different body, {retry_after_ms, -2} when the
+-- rate limit refuses, and {queued_jobs, -3} when the tenant's queue is full.
 local job_id, qscore, created, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[9] ~= '' then
+  -- token bucket: `burst` submissions at once, refilled at `rate` per second
+  local rate, burst, now = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(created)
+  local bucket = redis.call('HMGET', KEYS[11], 'tokens', 'ts')
+  local tokens, ts = tonumber(bucket[1]) or burst, tonumber(bucket[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+  if tokens < 1 then
+    return {tostring(math.ceil((1 - tokens) * 1000 / rate)), -2}
+  end
+  redis.call('HSET', KEYS[11], 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[11], math.ceil(burst * 1000 / rate) + 1000)
+end
 if ARGV[6] ~= '' then
   local seen = redis.call('GET', KEYS[8])
   if seen then
@@ -13,10 +28,18 @@ if ARGV[6] ~= '' then
     local existing, hash = string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)
     return {existing, hash == ARGV[7] and 0 or -1}
   end
+end
+if ARGV[11] ~= '' then
+  local queued = tonumber(redis.call('ZSCORE', KEYS[4], tenant) or '0')
+  if queued >= tonumber(ARGV[11]) then
+    return {tostring(queued), -3}
+  end
+end
+if ARGV[6] ~= '' then
   redis.call('SET', KEYS[8], job_id .. ' ' .. ARGV[7], 'EX', ARGV[6])
 end
 local fields = {}
-for i = 9, #ARGV do
+for i = 12, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[1], unpack(fields))

@@ -1,16 +1,18 @@
 -- Move a job from one state to the next, releasing its capacity when it leaves a site.
 -- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; keys that depend on the job's site
---       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history, queue_depth
+--       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history, queue_depth, usage
 -- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms, events_maxlen, max_attempts
 -- action: accepted | running | completed | failed | rejected | requeue | expire | cancel | deadline
 --   expire: back to the queue only if still unaccepted past its deadline in the assigned set
 --   deadline: fail a job still queued past the time it had to start by
 -- A job that would go back to the queue after `max_attempts` attempts fails instead.
+-- A job that ends while holding devices (completed, failed, cancelled) gets a usage record, priced at the
+-- price fixed when it was allocated; work a lost site could not finish is not billed.
 -- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job).
 local job_id, action, site, attempt, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local prefix = KEYS[7]
 local j = redis.call('HMGET', KEYS[1], 'state', 'site', 'attempt', 'model', 'count', 'hub', 'tenant', 'qscore',
-  'priority')
+  'priority', 'price', 'assigned_at', 'started_at', 'arch')
 local state, holder, tenant = j[1], j[2], j[7]
 if not state then
   return ''
@@ -32,6 +34,17 @@ local function event(kind, new_state, why)
     redis.call('RPUSH', KEYS[11], cjson.encode({ts = tonumber(now), event = kind, state = new_state,
       site = holder or cjson.null, attempt = tonumber(j[3] or '0'), reason = why ~= '' and why or cjson.null}))
   end
+end
+
+local function bill(final)
+  local since = tonumber(j[12] or j[11] or now)
+  local hours = math.max(tonumber(now) - since, 0) / 3600000
+  local device_hours = hours * tonumber(j[5])
+  local price = tonumber(j[10] or '0')
+  redis.call('XADD', KEYS[13], '*', 'job', job_id, 'tenant', tenant or '', 'site', holder, 'hub', j[6] or '',
+    'arch', j[13] or '', 'model', j[4], 'devices', j[5], 'start', tostring(since), 'end', now,
+    'device_hours', string.format('%.6f', device_hours), 'price', j[10] or '0',
+    'cost', string.format('%.4f', device_hours * price), 'state', final)
 end
 
 local function release()
@@ -60,7 +73,8 @@ local function finish(final, why)
 end
 
 if action == 'accepted' then
-  if state ~= 'assigned' then return '' end
+  -- a QoS 1 duplicate of `accepted` finds accepted_at already set (it is cleared when the job is requeued)
+  if state ~= 'assigned' or redis.call('HEXISTS', KEYS[1], 'accepted_at') == 1 then return '' end
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HSET', KEYS[1], 'accepted_at', now, 'updated', now)
   event('accepted', 'assigned', '')
@@ -74,6 +88,7 @@ elseif action == 'running' then
 elseif action == 'completed' or action == 'failed' then
   if not holding then return '' end
   release()
+  bill(action)
   return finish(action, reason)
 elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
   if not holding or (action ~= 'requeue' and state ~= 'assigned') then return '' end
@@ -98,7 +113,10 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
   return 'queued'
 elseif action == 'cancel' then
   if state ~= 'queued' and not holding then return '' end
-  if holding then release() end
+  if holding then
+    release()
+    bill('cancelled')
+  end
   unqueue()
   return finish('cancelled', reason)
 elseif action == 'deadline' then

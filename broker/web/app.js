@@ -3,7 +3,7 @@
 // frame, so a burst of allocations costs one DOM update, not one per event.
 
 import { LineChart } from './charts.js';
-import { esc, fmt, getJSON } from './dom.js';
+import { AuthError, esc, fmt, getJSON, token } from './dom.js';
 import { Feed } from './feed.js';
 import { ARCH_COLOURS, ARCHS, ChinaMap } from './map.js';
 import { Panels } from './panels.js';
@@ -94,8 +94,12 @@ function guessCluster(site) {
 }
 
 function openStream(from) {
-  const url = from ? `/v1/allocations/stream?last_event_id=${encodeURIComponent(from)}` : '/v1/allocations/stream';
-  const source = new EventSource(url);
+  // EventSource cannot send headers: the stream takes the token from the query instead.
+  const params = new URLSearchParams();
+  if (from) params.set('last_event_id', from);
+  if (token.get()) params.set('access_token', token.get());
+  const query = params.toString();
+  const source = new EventSource(query ? `/v1/allocations/stream?${query}` : '/v1/allocations/stream');
   const indicator = $('stream-state');
   const show = (s, label) => { indicator.dataset.state = s; indicator.querySelector('.label').textContent = label; };
   source.addEventListener('open', () => show('live', 'live'));
@@ -189,8 +193,48 @@ function wireFilters(hubs) {
   });
 }
 
+// --------------------------------------------------------------------------------- token
+
+function tokenFromAddress() {
+  // `suanwang demo` prints the page's address with ?token=...: keep it, then drop it from the address bar.
+  const url = new URL(location.href);
+  const given = url.searchParams.get('token');
+  if (!given) return;
+  token.set(given);
+  url.searchParams.delete('token');
+  history.replaceState(null, '', url);
+}
+
+function askForToken(reason) {
+  $('token-reason').textContent = reason;
+  $('token-overlay').hidden = false;
+  $('token-input').focus();
+  return new Promise((resolve) => {
+    $('token-form').addEventListener('submit', (e) => {
+      e.preventDefault();
+      token.set($('token-input').value.trim());
+      $('token-overlay').hidden = true;
+      resolve();
+    }, { once: true });
+  });
+}
+
+async function placesWithToken() {
+  for (;;) {
+    try {
+      return await getJSON('/v1/dashboard/places');
+    } catch (err) {
+      if (!(err instanceof AuthError)) throw err;
+      document.body.dataset.ready = 'token';
+      await askForToken(token.get() ? `That token was refused: ${err.message}` : 'This page needs an operator token.');
+    }
+  }
+}
+
 async function main() {
-  const places = await getJSON('/v1/dashboard/places');
+  tokenFromAddress();
+  $('token-button').addEventListener('click', () => askForToken('Replace the API token.').then(() => location.reload()));
+  const places = await placesWithToken();
   map.setPlaces(places);
   map.legend($('legend'));
   wireFilters(places.hubs);

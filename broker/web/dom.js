@@ -27,12 +27,24 @@ export const fmt = {
   seconds: (s) => (s == null ? '–' : s < 90 ? `${s.toFixed(0)} s` : s < 5400 ? `${(s / 60).toFixed(0)} min` : `${(s / 3600).toFixed(1)} h`),
 };
 
+// The operator's API token, kept in this browser only; sent as a bearer token on every call.
+const TOKEN_KEY = 'suanwang.token';
+export const token = {
+  get: () => localStorage.getItem(TOKEN_KEY) ?? '',
+  set: (value) => (value ? localStorage.setItem(TOKEN_KEY, value) : localStorage.removeItem(TOKEN_KEY)),
+};
+
+// A 401 or 403: the page needs another token, not a retry.
+export class AuthError extends Error {}
+
 export async function getJSON(path) {
-  const response = await fetch(path, { headers: { Accept: 'application/json' } });
+  const headers = { Accept: 'application/json' };
+  if (token.get()) headers.Authorization = `Bearer ${token.get()}`;
+  const response = await fetch(path, { headers });
   const body = await response.json().catch(() => null);
   if (!response.ok) {
     const message = body?.error?.message ?? `${response.status} ${response.statusText}`;
-    throw new Error(`${path}: ${message}`);
+    throw new (response.status === 401 || response.status === 403 ? AuthError : Error)(`${path}: ${message}`);
   }
   return body;
 }

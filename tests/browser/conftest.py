@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from adapters.sim import run_sim
+from broker.auth import Tokens
 from broker.service import Broker, start_broker
 from suanwang.config import MqttTarget, Settings
 from suanwang.servers import MosquittoServer, RedisServer
@@ -69,7 +71,7 @@ def chromium() -> Path:
 @pytest.fixture
 async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
     settings = Settings(redis_url=redis_server.url, mqtt_url=own_mosquitto.url, http="127.0.0.1:0",
-                        namespace=namespace)  # fmt: skip
+                        namespace=namespace, auth="required")  # fmt: skip
     running = await start_broker(settings)
     try:
         async with asyncio.timeout(WAIT):
@@ -84,8 +86,17 @@ async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, name
 
 
 @pytest.fixture
+async def operator_token(broker: Broker) -> str:
+    """A token the page uses, as an operator pastes it into the prompt."""
+    token, _ = await Tokens(broker.store.redis, broker.store.keys).create("operator", "ops", "browser tests")
+    return token
+
+
+@pytest.fixture
 async def http(broker: Broker) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=broker.url) as session:
+    """An admin's client: it may submit for any tenant (X-Suanwang-Tenant)."""
+    token, _ = await Tokens(broker.store.redis, broker.store.keys).create("admin", "ops", "browser tests")
+    async with aiohttp.ClientSession(base_url=broker.url, headers={"Authorization": f"Bearer {token}"}) as session:
         yield session
 
 
@@ -144,9 +155,11 @@ class Dashboard:
 
 
 @pytest.fixture
-async def dashboard(browser: Browser, broker: Broker, sites: int) -> AsyncIterator[Dashboard]:
-    """The dashboard open in a fresh page, fully started (map drawn, stream connected)."""
+async def dashboard(browser: Browser, broker: Broker, sites: int, operator_token: str) -> AsyncIterator[Dashboard]:
+    """The dashboard open in a fresh page with an operator's token stored, fully started (map drawn, stream
+    connected)."""
     context = await browser.new_context(viewport={"width": 1600, "height": 960}, device_scale_factor=1)
+    await context.add_init_script(f"localStorage.setItem('suanwang.token', {orjson.dumps(operator_token).decode()})")
     page = await context.new_page()
     console = Console()
     page.on("console", console.on_console)

@@ -97,7 +97,7 @@ def replicas(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespac
                 procs.append(subprocess.Popen(
                     [sys.executable, "-m", "suanwang.cli", "serve", "--redis", redis_server.url,
                      "--mqtt", own_mosquitto.url, "--http", f"127.0.0.1:{port}", "--namespace", namespace,
-                     "--log-level", "warning"],
+                     "--auth", "off", "--log-level", "warning"],
                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 ))  # fmt: skip
             urls.append(f"http://127.0.0.1:{port}")

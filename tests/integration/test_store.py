@@ -83,8 +83,8 @@ async def site_with_job(store: Store, job: str = "j1", total: int = 100, count: 
 @pytest.mark.parametrize(("second_seq", "applied"), [(6, True), (5, False), (4, False), (0, False)])
 async def test_capacity_applies_only_newer_seq(store, second_seq, applied):
     """A capacity message is applied only when its seq is above the last applied; equal or older ones are dropped."""
-    assert await store.apply_capacity(capacity(5, {MODEL: (100, 10)})) is True
-    assert await store.apply_capacity(capacity(second_seq, {MODEL: (40, 2)})) is applied
+    assert await store.apply_capacity(capacity(5, {MODEL: (100, 10)})) == 1
+    assert bool(await store.apply_capacity(capacity(second_seq, {MODEL: (40, 2)}))) is applied
     expected = {f"t:{MODEL}": 40, f"x:{MODEL}": 2} if applied else {f"t:{MODEL}": 100, f"x:{MODEL}": 10}
     assert await counters(store) == expected
     site = await store.redis.hgetall(store.keys.site(SITE))

@@ -1,0 +1,101 @@
+"""Prometheus metrics (prometheus_client: the exposition format, histograms and registries done right).
+
+Counters are bumped where things happen (scheduler, ingest); gauges that describe the whole network
+(queue depth, capacity by hub and architecture) are computed when scraped, from Redis and from the
+replica's snapshot, so they cost nothing between scrapes. Each broker has its own registry, so several
+brokers in one process (tests) do not share counters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from broker.snapshot import Snapshot
+    from broker.store import Store
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", object)  # type: ignore[arg-type]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.placements = Counter("suanwang_placements", "Jobs placed on a site", ["hub", "arch"], registry=r)
+        self.rejections = Counter(
+            "suanwang_rejections", "Placements refused or returned, by reason", ["reason"], registry=r
+        )
+        self.submit_to_allocation = Histogram(
+            "suanwang_submit_to_allocation_seconds", "From submission to allocation", registry=r,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
+        )  # fmt: skip
+        self.mqtt_in = Counter("suanwang_mqtt_messages", "MQTT messages received, by type", ["type"], registry=r)
+        self.mqtt_dropped = Counter("suanwang_mqtt_dropped", "MQTT messages dropped, by reason", ["reason"], registry=r)
+        self.redis_rtt = Histogram(
+            "suanwang_redis_roundtrip_seconds", "Redis round trip (PING)", registry=r,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1),
+        )  # fmt: skip
+        self.queue_depth = Gauge("suanwang_queue_depth", "Queued jobs, by priority", ["priority"], registry=r)
+        self.capacity = Gauge(
+            "suanwang_capacity_devices", "Devices by hub, architecture and kind (total, external, allocated)",
+            ["hub", "arch", "kind"], registry=r,
+        )  # fmt: skip
+        self.utilization = Gauge(
+            "suanwang_utilization_ratio", "(allocated + external) / total, by hub and architecture",
+            ["hub", "arch"], registry=r,
+        )  # fmt: skip
+
+    async def observe_redis(self, store: Store) -> None:
+        started = time.perf_counter()
+        if await store.ping():
+            self.redis_rtt.observe(time.perf_counter() - started)
+
+    def observe_capacity(self, snapshot: Snapshot) -> None:
+        """Sum every pool of the replica's snapshot by hub and architecture."""
+        sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        hub_of_cluster = snapshot.cluster_hub
+        for table in snapshot.tables.values():
+            n = table.size
+            if n == 0:
+                continue
+            clusters = table.cluster[:n]
+            for c in np.unique(clusters):
+                rows = clusters == c
+                totals = sums[(hub_of_cluster[int(c)] or "unknown", table.arch)]
+                totals[0] += int(table.total[:n][rows].sum())
+                totals[1] += int(table.external[:n][rows].sum())
+                totals[2] += int(table.allocated[:n][rows].sum())
+        for (hub, arch), (total, external, allocated) in sums.items():
+            self.capacity.labels(hub, arch, "total").set(total)
+            self.capacity.labels(hub, arch, "external").set(external)
+            self.capacity.labels(hub, arch, "allocated").set(allocated)
+            self.utilization.labels(hub, arch).set((allocated + external) / total if total else 0.0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from broker.api import STORE
+
+    metrics = request.app[METRICS]
+    await request.app[SCRAPE]()  # type: ignore[operator]
+    for priority, n in (await request.app[STORE].queue_depths()).items():
+        metrics.queue_depth.labels(priority).set(n)
+    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+SCRAPE: web.AppKey[object] = web.AppKey("scrape", object)
+
+
+def add_routes(app: web.Application, metrics: Metrics, scrape: object) -> None:
+    """`scrape` is an async callable that refreshes what the gauges read (snapshot, ingest tallies)."""
+    app[METRICS] = metrics
+    app[SCRAPE] = scrape
+    app.router.add_get("/metrics", metrics_handler)

@@ -1,0 +1,76 @@
+"""The fault suite's parts: a cluster of real processes on a Redis (AOF) and a Mosquitto of the test's own.
+
+Each test starts two `suanwang serve` replicas (site TTL 3 s, accept timeout 3 s) and one simulated-site
+process per hub, drives a load of jobs over HTTP as careful users would, breaks something, and then
+checks, once the system has settled, that Redis agrees with what users were told (`assert_recovered`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.store import Store
+from suanwang.servers import MosquittoServer, RedisServer
+from suanwang.soak import Cluster, Wire
+
+MakeCluster = Callable[..., Awaitable[Cluster]]
+
+
+def _log_tails(workdir: Path) -> str:
+    out = []
+    for log in sorted(workdir.glob("*.log")):
+        text = log.read_text(errors="replace")
+        if "Traceback" in text or "error" in text.lower():
+            out.append(f"--- {log.name} ---\n{text[-3000:]}")
+    return "\n".join(out)
+
+
+@pytest.fixture
+async def make_cluster(own_redis: RedisServer, own_mosquitto: MosquittoServer, tmp_path: Path
+                       ) -> AsyncIterator[MakeCluster]:  # fmt: skip
+    """Start a cluster (options as for `Cluster`) and wait until its brokers are healthy and sites online."""
+    clusters: list[Cluster] = []
+
+    async def make(**options: Any) -> Cluster:
+        cluster = Cluster(own_redis.url, own_mosquitto.url, tmp_path, **options)
+        clusters.append(cluster)
+        await cluster.start()
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.close()
+    tails = _log_tails(tmp_path)
+    if tails:
+        print(tails)  # shown by pytest when the test failed
+
+
+@pytest.fixture
+async def cluster(make_cluster: MakeCluster) -> Cluster:
+    return await make_cluster()
+
+
+@pytest.fixture
+async def store(own_redis: RedisServer, cluster: Cluster) -> AsyncIterator[Store]:
+    store = Store.from_url(own_redis.url, cluster.namespace)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def wire(own_mosquitto: MosquittoServer) -> AsyncIterator[Wire]:
+    """Every site event and reconcile message on the MQTT broker, as seen by an extra subscriber."""
+    watcher = Wire(own_mosquitto.url)
+    task = asyncio.create_task(watcher.run())
+    async with asyncio.timeout(10):
+        await watcher.connected.wait()
+    yield watcher
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
