@@ -79,6 +79,8 @@ class SiteLink:
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._outbox: deque[bytes] = deque()
+        self._finals: dict[tuple[str, int], tuple[float, bytes]] = {}  # recent outcomes, repeated on heartbeats
+        self.repeat_window = max(60.0, 6 * interval)
         self._outbox_ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.set_capacity(pools, energy)
@@ -112,9 +114,28 @@ class SiteLink:
             reason=reason,
             ts=time.time(),
         )
-        self._outbox.append(orjson.dumps(message.model_dump(mode="json", by_alias=True)))
+        payload = orjson.dumps(message.model_dump(mode="json", by_alias=True))
+        self._outbox.append(payload)
         self._outbox_ready.set()
+        if message.event in (SiteEventKind.COMPLETED, SiteEventKind.FAILED):
+            self._finals[(job, attempt)] = (time.monotonic(), payload)
         log.debug("event queued", site=self.site, job=job, attempt=attempt, kind=str(event))
+
+    def _repeat_finals(self) -> None:
+        """Queue again every final event of the last `repeat_window` seconds.
+
+        An MQTT broker that restarts (or a broker replica killed at the wrong moment) can lose an event the
+        site already had acknowledged; repeating the outcome with each heartbeat closes that gap, and the
+        broker ignores what it has already applied (events name the job's attempt).
+        """
+        horizon = time.monotonic() - self.repeat_window
+        for key, (at, payload) in list(self._finals.items()):
+            if at < horizon:
+                del self._finals[key]
+            else:
+                self._outbox.append(payload)
+        if self._outbox:
+            self._outbox_ready.set()
 
     def stop(self) -> None:
         """Ask `run()` to announce `offline` and disconnect."""
@@ -234,6 +255,7 @@ class SiteLink:
             message = self._capacity_message(self._pools, self._next_seq())
             payload = orjson.dumps(message.model_dump(mode="json", by_alias=True))
             await client.publish(topics.capacity(self.site), payload, qos=1, retain=True)
+            self._repeat_finals()
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         while True:
