@@ -12,124 +12,40 @@ import asyncio
 import contextlib
 import random
 import signal
-from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from adapters.fleet import sites_for_hub
+from adapters.ledger import Held, Ledger
 from adapters.site import SiteLink
-from broker.schemas import Assignment, Assignments, SiteEventKind
+from broker.schemas import SiteEventKind
 from regions import SiteSeed
 from suanwang import logs
 from suanwang.config import MqttTarget
 
 log = logs.get("adapters.sim")
 
-# (job, attempt) keys remembered after they finish, so late QoS 1 duplicates are still ignored.
-FINISHED_MEMORY = 100_000
 
+class SimSite(Ledger):
+    """One simulated site: its MQTT link plus the ledger of the jobs it runs; some fail on purpose."""
 
-@dataclass
-class _Run:
-    model: str
-    count: int
-    task: asyncio.Task[None] | None = None
+    def __init__(self, seed: SiteSeed, link: SiteLink, time_scale: float, fail_rate: float,
+                 rng: random.Random) -> None:  # fmt: skip
+        super().__init__(link, time_scale)
+        self.seed = seed
+        self.fail_rate = fail_rate
+        self.rng = rng
 
+    @property
+    def running(self) -> dict[tuple[str, int], Held]:
+        return self.held
 
-@dataclass
-class SimSite:
-    """One simulated site: its MQTT link plus a ledger of the jobs it runs."""
-
-    seed: SiteSeed
-    link: SiteLink
-    time_scale: float
-    fail_rate: float
-    rng: random.Random
-    running: dict[tuple[str, int], _Run] = field(default_factory=dict)
-    finished: OrderedDict[tuple[str, int], None] = field(default_factory=OrderedDict)
-
-    def free(self, model: str) -> int:
-        pool = next((p for p in self.link.pools if p.model == model), None)
-        if pool is None:
-            return -1
-        busy = sum(run.count for run in self.running.values() if run.model == model)
-        return pool.total - pool.in_use_external - busy
-
-    def on_assignments(self, batch: Assignments) -> None:
-        if batch.reconcile:
-            # The broker's view wins after an outage: stop whatever it no longer counts as ours.
-            still_ours = {(a.job, a.attempt) for a in batch.assignments}
-            for key in [k for k in self.running if k not in still_ours]:
-                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
-        for item in batch.assignments:
-            if item.action == "cancel":
-                self._cancel(item)
-            else:
-                self._start(item)
-
-    def _remember(self, key: tuple[str, int]) -> None:
-        self.finished[key] = None
-        while len(self.finished) > FINISHED_MEMORY:
-            self.finished.popitem(last=False)
-
-    def _start(self, item: Assignment) -> None:
-        key = (item.job, item.attempt)
-        if key in self.running or key in self.finished:
-            return  # QoS 1 redelivery of something already handled
-        site = self.link.site
-        if item.model is None or self.free(item.model) < 0:
-            self._reject(key, f"model {item.model} is not available at site {site}")
+    async def _work(self, key: tuple[str, int], seconds: float) -> None:
+        if self.fail_rate > 0 and self.rng.random() < self.fail_rate:
+            # a failure strikes part-way through, as a crashed node would
+            await asyncio.sleep(seconds * self.rng.random())
+            self.link.emit(key[0], key[1], SiteEventKind.FAILED, "simulated failure")
+            log.info("job failed", site=self.link.site, job=key[0], attempt=key[1])
             return
-        free = self.free(item.model)
-        if item.count < 1 or item.count > free:
-            self._reject(key, f"requested {item.count} x {item.model}, {free} free at site {site}")
-            return
-        run = _Run(model=item.model, count=item.count)
-        self.running[key] = run
-        self.link.emit(item.job, item.attempt, SiteEventKind.ACCEPTED)
-        run.task = asyncio.create_task(self._execute(key, item.duration_hours), name=f"sim-{site}-{item.job}")
-        log.info("job accepted", site=site, job=item.job, attempt=item.attempt, model=item.model, count=item.count)
-
-    def _reject(self, key: tuple[str, int], reason: str) -> None:
-        self._remember(key)
-        self.link.emit(key[0], key[1], SiteEventKind.REJECTED, reason)
-        log.info("job rejected", site=self.link.site, job=key[0], attempt=key[1], reason=reason)
-
-    async def _execute(self, key: tuple[str, int], duration_hours: float) -> None:
-        job, attempt = key
-        try:
-            self.link.emit(job, attempt, SiteEventKind.RUNNING)
-            seconds = max(0.0, duration_hours * 3600.0 / self.time_scale)
-            if self.fail_rate > 0 and self.rng.random() < self.fail_rate:
-                # A failure strikes part-way through, as a crashed node would.
-                await asyncio.sleep(seconds * self.rng.random())
-                self.link.emit(job, attempt, SiteEventKind.FAILED, "simulated failure")
-                log.info("job failed", site=self.link.site, job=job, attempt=attempt)
-            else:
-                await asyncio.sleep(seconds)
-                self.link.emit(job, attempt, SiteEventKind.COMPLETED)
-                log.info("job completed", site=self.link.site, job=job, attempt=attempt)
-        finally:
-            # Also on cancellation: the devices are free again either way.
-            self.running.pop(key, None)
-            self._remember(key)
-
-    def _cancel(self, item: Assignment) -> None:
-        # A cancel for attempt N also stops older attempts of the job still running here.
-        for key, run in list(self.running.items()):
-            if key[0] == item.job and key[1] <= item.attempt:
-                # Free the devices now: a task cancelled before its first step never runs `finally`.
-                del self.running[key]
-                self._remember(key)
-                if run.task is not None:
-                    run.task.cancel()
-                log.info("job cancelled", site=self.link.site, job=key[0], attempt=key[1])
-        self._remember((item.job, item.attempt))
-
-    async def close(self) -> None:
-        tasks = [run.task for run in self.running.values() if run.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await super()._work(key, seconds)
 
 
 def build_sites(

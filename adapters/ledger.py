@@ -1,0 +1,127 @@
+"""A site's ledger of the work it holds for the broker, shared by every adapter that times work itself.
+
+An assignment is checked against what the site has free locally (its pools, less outside use, less
+what it already holds), so a broker whose view is stale sees a rejection rather than an over-booked
+site. A (job, attempt) is handled once: QoS 1 redeliveries and late duplicates are ignored. A cancel
+for attempt N also ends older attempts of the job. A reconcile message (sent when the site comes back
+after an outage) is the broker's whole list for the site: anything else held here is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from adapters.site import SiteLink
+from broker.schemas import Assignment, Assignments, SiteEventKind
+from suanwang import logs
+
+log = logs.get("adapters.ledger")
+
+# (job, attempt) keys remembered after they finish, so late QoS 1 duplicates are still ignored.
+FINISHED_MEMORY = 100_000
+
+
+@dataclass
+class Held:
+    model: str
+    count: int
+    task: asyncio.Task[None] | None = None
+
+
+class Ledger:
+    """Work held at one site: (job, attempt) -> devices, each released when its time is up or it is cancelled."""
+
+    # Whether `running` is reported with `accepted` (a lease starts at once) or when the work starts.
+    running_at_once = False
+
+    def __init__(self, link: SiteLink, time_scale: float = 1.0) -> None:
+        self.link = link
+        self.time_scale = time_scale
+        self.held: dict[tuple[str, int], Held] = {}
+        self.finished: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def own_usage(self) -> dict[str, int]:
+        usage: dict[str, int] = {}
+        for held in self.held.values():
+            usage[held.model] = usage.get(held.model, 0) + held.count
+        return usage
+
+    def free(self, model: str) -> int | None:
+        """Devices of `model` neither used outside the broker nor held here; None if there is no such pool."""
+        pool = next((p for p in self.link.pools if p.model == model), None)
+        if pool is None:
+            return None
+        return pool.total - pool.in_use_external - self.own_usage().get(model, 0)
+
+    def on_assignments(self, batch: Assignments) -> None:
+        if batch.reconcile:
+            still_ours = {(a.job, a.attempt) for a in batch.assignments}
+            for key in [k for k in self.held if k not in still_ours]:
+                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
+        for item in batch.assignments:
+            if item.action == "cancel":
+                self._cancel(item)
+            else:
+                self._start(item)
+
+    def _remember(self, key: tuple[str, int]) -> None:
+        self.finished[key] = None
+        while len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
+
+    def _reject(self, key: tuple[str, int], reason: str) -> None:
+        self._remember(key)
+        self.link.emit(key[0], key[1], SiteEventKind.REJECTED, reason)
+        log.info("job rejected", site=self.link.site, job=key[0], attempt=key[1], reason=reason)
+
+    def _start(self, item: Assignment) -> None:
+        key = (item.job, item.attempt)
+        if key in self.held or key in self.finished:
+            return  # a redelivery of something already handled
+        free = self.free(item.model or "")
+        if free is None or item.count < 1 or item.count > free:
+            have = "no such pool" if free is None else f"{free} free"
+            self._reject(key, f"requested {item.count} x {item.model}, {have} at site {self.link.site}")
+            return
+        held = self.held[key] = Held(item.model or "", item.count)
+        self.link.emit(item.job, item.attempt, SiteEventKind.ACCEPTED)
+        if self.running_at_once:
+            self.link.emit(item.job, item.attempt, SiteEventKind.RUNNING)
+        seconds = max(0.0, item.duration_hours * 3600.0 / self.time_scale)
+        held.task = asyncio.create_task(self._execute(key, seconds), name=f"{self.link.site}-{item.job}")
+        log.info("job accepted", site=self.link.site, job=item.job, attempt=item.attempt, model=item.model,
+                 count=item.count, seconds=seconds)  # fmt: skip
+
+    async def _execute(self, key: tuple[str, int], seconds: float) -> None:
+        try:
+            if not self.running_at_once:
+                self.link.emit(key[0], key[1], SiteEventKind.RUNNING)
+            await self._work(key, seconds)
+        finally:
+            # also on cancellation: the devices are free again either way
+            if self.held.pop(key, None) is not None:
+                self._remember(key)
+
+    async def _work(self, key: tuple[str, int], seconds: float) -> None:
+        """Hold the devices for `seconds`, then report the job completed."""
+        await asyncio.sleep(seconds)
+        self.link.emit(key[0], key[1], SiteEventKind.COMPLETED)
+        log.info("job completed", site=self.link.site, job=key[0], attempt=key[1])
+
+    def _cancel(self, item: Assignment) -> None:
+        for key in [k for k in self.held if k[0] == item.job and k[1] <= item.attempt]:
+            # free the devices now: a task cancelled before its first step never runs `finally`
+            held = self.held.pop(key)
+            self._remember(key)
+            if held.task is not None:
+                held.task.cancel()
+            log.info("job cancelled", site=self.link.site, job=key[0], attempt=key[1])
+        self._remember((item.job, item.attempt))
+
+    async def close(self) -> None:
+        tasks = [held.task for held in self.held.values() if held.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
