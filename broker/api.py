@@ -296,10 +296,15 @@ async def list_sites(request: web.Request) -> web.Response:
 
 
 async def get_site(request: web.Request) -> web.Response:
-    records = await request.app[STORE].load_sites([request.match_info["id"]])
+    store = request.app[STORE]
+    records = await store.load_sites([request.match_info["id"]])
     if not records or records[0].meta is None:
         raise NotFound(f"no site {request.match_info['id']}")
-    return json_response(site_view(records[0], request.app[GEO]))
+    view = site_view(records[0], request.app[GEO])
+    view["status_history"] = [
+        {"ts": _iso(str(e["ts"])), "status": e["status"]} for e in await store.status_history(records[0].id)
+    ]
+    return json_response(view)
 
 
 async def list_hubs(request: web.Request) -> web.Response:

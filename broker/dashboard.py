@@ -17,6 +17,7 @@ from aiohttp import web
 from broker.api import GEO, STORE, json_response
 from broker.events import decode_event
 from broker.store import now_ms, translated
+from broker.usage import totals, usage_records
 from suanwang.errors import NotFound
 
 WEB_ROOT = Path(str(resources.files("broker.web")))
@@ -91,6 +92,7 @@ async def summary(request: web.Request) -> web.Response:
         pipe.zcard(keys.assigned)
         pipe.xrevrange(keys.events, count=RECENT_EVENTS)
         queued_ids, assigned, newest = await pipe.execute()
+    day = await usage_records(store, now_ms() - 24 * 3600 * 1000, None, None)
     ids = [i.decode() for i in queued_ids]
     fields = await store.get_jobs(ids, "reason", "tenant", "priority", "created", "name", "origin")
     events = [decode_event(i, f) for i, f in newest]
@@ -100,6 +102,7 @@ async def summary(request: web.Request) -> web.Response:
         "awaiting_acceptance": assigned,
         "waiting": waiting_summary(list(zip(ids, fields, strict=True)), now_ms()),
         "recent_jobs": recent_jobs(events),
+        "revenue_24h_by_hub": totals(day, "hub"),
         # replay from here so the feed opens with the latest events instead of empty
         "backfill_from": backfill["id"] if backfill else ("0-0" if events else None),
     })  # fmt: skip

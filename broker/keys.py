@@ -27,6 +27,10 @@ class Keys:
         """Hash per site: t:<model> total, x:<model> in use outside the broker, a:<model> allocated."""
         return f"{self.prefix}:cap:{site}"
 
+    def site_status_log(self, site: str) -> str:
+        """List of the site's status changes (JSON: ts, status), the last 100."""
+        return f"{self.prefix}:site:{site}:status-log"
+
     def site_jobs(self, site: str) -> str:
         """Set of jobs holding capacity at the site (assigned or running)."""
         return f"{self.prefix}:site:{site}:jobs"

@@ -146,14 +146,15 @@ class Store:
         args: list[Any] = [cap.site, cap.seq, at_ms or now_ms(), cap.hub, cap.cluster or "", meta, len(cap.pools)]
         for pool in cap.pools:
             args += [pool.model, pool.total, pool.in_use_external]
-        keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock]
+        keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock, k.site_status_log(cap.site)]
         async with translated():
             return int(await self._capacity(keys=keys, args=args))
 
     async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
         k = self.keys
         async with translated():
-            return bool(await self._status(keys=[k.site(site), k.sites, k.clock], args=[site, status, expect]))
+            return bool(await self._status(keys=[k.site(site), k.sites, k.clock, k.site_status_log(site)],
+                                           args=[site, status, expect, now_ms()]))  # fmt: skip
 
     async def changed_sites(self, since: int) -> list[tuple[str, int]]:
         """Sites changed after version `since`, with their versions, oldest first."""
@@ -200,6 +201,10 @@ class Store:
                 )
             )  # fmt: skip
         return records
+
+    async def status_history(self, site: str) -> list[dict[str, Any]]:
+        async with translated():
+            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.site_status_log(site), 0, -1)]
 
     async def silent_sites(self, older_than_ms: int) -> list[str]:
         async with translated():

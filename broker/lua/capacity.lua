@@ -1,5 +1,5 @@
 -- Apply a site's capacity message if its seq is newer than the last one applied.
--- KEYS: site, capacity, sites, seen, clock
+-- KEYS: site, capacity, sites, seen, clock, status_log
 -- ARGV: site_id, seq, now_ms, hub, cluster, meta_json, n, model_1, total_1, external_1, ...
 -- Returns 1 when applied, 2 when applied and it brought a stale site back online, 0 when stale or
 -- duplicated. Allocations (a:<model>) are never touched.
@@ -11,6 +11,7 @@ end
 local changed = false
 local revived = false
 local status = redis.call('HGET', KEYS[1], 'status')
+local new_site = not status
 if not status then
   status = 'online'
   changed = true
@@ -52,6 +53,11 @@ for _, field in ipairs(fields) do
 end
 if changed then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+end
+if revived or new_site then
+  -- a new site, or a stale one speaking again: the status log records it
+  redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(ARGV[3]), status = status}))
+  redis.call('LTRIM', KEYS[6], -100, -1)
 end
 if revived then
   return 2

@@ -1,6 +1,7 @@
 -- Set a site's status (online, offline, stale) and record the change for the matcher.
--- KEYS: site, sites, clock
--- ARGV: site_id, status, expect ('' for any; otherwise only change when the current status equals it)
+-- KEYS: site, sites, clock, status_log
+-- ARGV: site_id, status, expect ('' for any; otherwise only change when the current status equals it), now_ms
+-- Each change is appended to the site's status log (the last 100 kept), for operators.
 -- Returns 1 when the status changed, 0 otherwise.
 local current = redis.call('HGET', KEYS[1], 'status')
 if ARGV[3] ~= '' and current ~= ARGV[3] then
@@ -11,4 +12,6 @@ if current == ARGV[2] then
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
+redis.call('RPUSH', KEYS[4], cjson.encode({ts = tonumber(ARGV[4]), status = ARGV[2]}))
+redis.call('LTRIM', KEYS[4], -100, -1)
 return 1

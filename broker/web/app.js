@@ -163,6 +163,11 @@ function renderSummary(summary) {
     ? w.reasons.slice(0, 5).map((r) => `<li title="${esc(r.reason)}"><b>${fmt.int(r.jobs)}</b> ${esc(r.reason)}`
       + `<span class="bar" style="width:${((r.jobs / top) * 100).toFixed(0)}%"></span></li>`).join('')
     : '<li class="none">nothing is waiting</li>';
+  const revenue = summary.revenue_24h_by_hub ?? [];
+  $('revenue').innerHTML = revenue.length
+    ? revenue.map((r) => `<tr data-hub="${esc(r.hub)}"><td>${esc(r.hub)}</td><td>¥${fmt.int(Math.round(r.cost_cny))}</td>`
+      + `<td class="muted">${fmt.int(Math.round(r.device_hours))} device-h · ${fmt.int(r.jobs)} jobs</td></tr>`).join('')
+    : '<tr><td class="muted">no finished jobs yet</td></tr>';
   const now = Date.now();
   const seconds = Math.max(0.5, (now - state.lastRateAt) / 1000);
   charts.rate.push({ rate: state.placedSinceTick / seconds }, now);

@@ -40,6 +40,9 @@ async function sitePage(id, ctx) {
     + `<h3>Pools</h3><table><thead><tr><th>arch</th><th>model</th><th>allocated / external</th><th>free</th><th>alloc</th>`
     + `<th>ext</th><th>total</th><th>¥/h</th></tr></thead><tbody>${pools || '<tr><td colspan="8" class="muted">no pools</td></tr>'}</tbody></table>`
     + (latency.length ? `<h3>Measured latency</h3>${kv(latency.map(([k, v]) => [k, `${Number(v).toFixed(1)} ms`]))}` : '')
+    + `<h3>Status history</h3><table><tbody>${(site.status_history ?? []).slice(-12).reverse()
+      .map((e) => `<tr><td>${esc(e.ts ?? '')}</td><td>${badge(e.status)}</td></tr>`).join('')
+      || '<tr><td class="muted">no changes recorded</td></tr>'}</tbody></table>`
     + `<h3>Recent activity here</h3><table><tbody>${recent || '<tr><td class="muted">nothing since this page opened</td></tr>'}</tbody></table>`;
 }
 

@@ -134,3 +134,31 @@ async def test_usage_range_and_bad_times(broker: Broker, http: aiohttp.ClientSes
     assert status == 400 and body["error"]["field"] == "from"
     status, body = await get_json(http, "/v1/usage?from=2026-11-21T00:00:00")
     assert status == 400 and body["error"]["field"] == "from"
+
+
+async def test_dashboard_summary_shows_revenue_by_hub_and_sites_keep_a_status_history(
+    broker: Broker, http: aiohttp.ClientSession, own_mosquitto: MosquittoServer
+) -> None:
+    """A finished job's cost shows in the dashboard's 24-hour revenue by hub, and a site's status changes
+    (online, then offline) are listed on its page."""
+    from tests.integration.test_end_to_end import mqtt_client
+
+    async with hand_site(own_mosquitto, "earning-1", [gpu_pool(16, price=9.0)], hold) as site:
+        await online(http, "earning-1")
+        job_id = await submit(http, job_body(2))
+        view = await job_when(http, job_id, lambda j: j["state"] == "running")
+        site.link.emit(job_id, view["allocation"]["attempt"], "completed")
+        await job_when(http, job_id, lambda j: j["state"] == "completed")
+    status, summary = await get_json(http, "/v1/dashboard/summary")
+    assert status == 200
+    [guizhou] = [row for row in summary["revenue_24h_by_hub"] if row["hub"] == "guizhou"]
+    assert guizhou["jobs"] == 1 and guizhou["cost_cny"] >= 0
+    async with mqtt_client(own_mosquitto) as client:
+        await client.publish("suanwang/v1/sites/earning-1/status", b"offline", qos=1, retain=True)
+    for _ in range(50):
+        status, page = await get_json(http, "/v1/sites/earning-1")
+        if [e["status"] for e in page["status_history"]][-1:] == ["offline"]:
+            break
+        await asyncio.sleep(0.1)
+    assert [e["status"] for e in page["status_history"]][-2:] == ["online", "offline"]
+    assert all(e["ts"].endswith("Z") for e in page["status_history"])
