@@ -168,6 +168,8 @@ class _Plan:
         self.place_ok = np.array([self._place_ok(c) for c in range(len(snap.cluster_names))], np.bool_)
         self.tables = [t for t in self._candidate_tables() if self._table_ok(t) is None]
         self.avoid = np.zeros(0, np.int32)  # site codes to pass over
+        self.exclude: tuple[str, int] | None = None
+        self.when_empty = False
         self.reference_perf = self._reference_perf()
 
     def _place_ok(self, cluster: int) -> bool:
@@ -218,19 +220,23 @@ class _Plan:
 
 
 def match(req: Request, snap: Snapshot, *, limit: int = LIMIT, exhaustive: bool = False,
-          keep: int = RUNNERS_UP + 1, _avoid: frozenset[str] = frozenset()) -> Decision | NoFit:  # fmt: skip
+          keep: int = RUNNERS_UP + 1, exclude: tuple[str, int] | None = None, when_empty: bool = False,
+          _avoid: frozenset[str] = frozenset()) -> Decision | NoFit:  # fmt: skip
     """Choose the best pool for `req` in `snap`, or say why none fits.
 
     Sites in `req.avoid_sites` (the last site that gave the job back) are passed over when another fits.
+    `exclude` (model, row) takes one pool out (one reserved for a blocked gang); `when_empty` asks where
+    the job would go if every pool were empty of the broker's work (where a blocked gang should wait).
     """
     if req.avoid_sites:
         elsewhere = match(req.relaxed(avoid_sites=frozenset()), snap, limit=limit, exhaustive=exhaustive, keep=keep,
-                          _avoid=req.avoid_sites)  # fmt: skip
+                          exclude=exclude, when_empty=when_empty, _avoid=req.avoid_sites)  # fmt: skip
         if isinstance(elsewhere, Decision):
             return elsewhere
         req = req.relaxed(avoid_sites=frozenset())
     plan = _Plan(req, snap)
     plan.avoid = np.array(sorted(snap.sites[s].code for s in _avoid if s in snap.sites), np.int32)
+    plan.exclude, plan.when_empty = exclude, when_empty
     if not plan.tables or not plan.origin_known:
         return explain(req, snap, plan)
     scan = _Scan(plan, keep=max(keep, RUNNERS_UP + 1), exhaustive=exhaustive)
@@ -323,12 +329,16 @@ class _Scan:
         per_node = table.per_node[rows]
         devices = -(-need // per_node) * per_node if req.whole_nodes else np.full(rows.shape[0], need)
         free = table.free(rows)
+        if plan.when_empty:
+            free = table.total[rows] - table.external[rows]
         price = table.price[rows]
         cost = price * devices
         unit_price = cost / req.units if req.units is not None else price
         ok = table.online[rows] & (free >= devices) & plan.place_ok[table.cluster[rows]]
         if plan.avoid.size:
             ok &= ~np.isin(table.site_code[rows], plan.avoid)
+        if plan.exclude is not None and plan.exclude[0] == table.model:
+            ok &= rows != plan.exclude[1]
         ok &= plan.ic_ok[table.interconnect[rows]] & (plan.stack_ok[table.stackset[rows]] >= 0)
         if req.min_memory_gb > 0:
             ok &= table.memory_gb[rows] >= req.min_memory_gb

@@ -102,7 +102,8 @@ async def start_broker(settings: Settings) -> Broker:
     )  # fmt: skip
     link_holder.append(mqtt)
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
-                          accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics)  # fmt: skip
+                          accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics,
+                          reserve_after_s=settings.reserve_after_s)  # fmt: skip
     feed = EventFeed(store)
 
     async def mirror_publish(payload: bytes) -> None:

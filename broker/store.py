@@ -206,6 +206,22 @@ class Store:
         async with translated():
             return [orjson.loads(item) for item in await self.redis.lrange(self.keys.site_status_log(site), 0, -1)]
 
+    async def holdings_ends(self, site: str, model: str) -> list[tuple[int, int]]:
+        """(expected end ms, devices) of the broker's jobs holding `model` at `site`: two round trips."""
+        jobs = await self.jobs_at(site)
+        if not jobs:
+            return []
+        out = []
+        for j_model, count, assigned, started, decision in await self.get_jobs(
+            jobs, "model", "count", "assigned_at", "started_at", "decision"
+        ):
+            if j_model != model or not count:
+                continue
+            since = int(started or assigned or now_ms())
+            hours = float(orjson.loads(decision)["chosen"]["est_hours"]) if decision else 1.0
+            out.append((since + int(hours * 3_600_000), int(count)))
+        return out
+
     async def silent_sites(self, older_than_ms: int) -> list[str]:
         async with translated():
             return [_text(s) for s in await self.redis.zrangebyscore(self.keys.seen, "-inf", older_than_ms)]

@@ -90,6 +90,8 @@ class Settings:
     site_ttl_s: float = 30.0
     # Seconds an assignment may wait for the site's `accepted` before it returns to the queue.
     accept_timeout_s: float = 30.0
+    # Seconds a job waits before a pool is held back for it (EASY backfill: only shorter work may use it).
+    reserve_after_s: float = 30.0
     # Most jobs one scheduling pass takes from the queue.
     batch: int = 512
     max_body_bytes: int = 64 * 1024
