@@ -22,9 +22,10 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from adapters.sim import run_sim
 from broker.auth import Tokens
-from broker.service import Broker, start_broker
-from suanwang.config import MqttTarget, Settings
+from broker.service import Broker
+from suanwang.config import MqttTarget
 from suanwang.servers import MosquittoServer, RedisServer
+from tests.support import running_broker
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -70,19 +71,8 @@ def chromium() -> Path:
 
 @pytest.fixture
 async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
-    settings = Settings(redis_url=redis_server.url, mqtt_url=own_mosquitto.url, http="127.0.0.1:0",
-                        namespace=namespace, auth="required")  # fmt: skip
-    running = await start_broker(settings)
-    try:
-        async with asyncio.timeout(WAIT):
-            await running.mqtt.connected.wait()
+    async with running_broker(redis_server, own_mosquitto, namespace, auth="required") as running:
         yield running
-    finally:
-        closing = asyncio.create_task(running.close())
-        while not (await asyncio.wait([closing], timeout=0.5))[0]:
-            for task in running.tasks:  # a cancellation swallowed by a library call: cancel again
-                task.cancel()
-        closing.result()
 
 
 @pytest.fixture

@@ -18,7 +18,8 @@ import pytest
 from broker.auth import Tokens
 from broker.service import Broker
 from suanwang.servers import MosquittoServer, RedisServer
-from tests.integration.test_end_to_end import eventually, job_body, running_broker
+from tests.integration.test_end_to_end import job_body
+from tests.support import eventually, running_broker
 
 CALLERS = ("none", "user", "other", "operator", "admin")
 OWN = "acme"  # the user's tenant, owner of the job `{own}`
@@ -179,7 +180,7 @@ async def test_revoked_token_stops_working(deployment: Deployment) -> None:
         async with deployment.session.get("/v1/sites", headers=headers) as response:
             return response.status == 401
 
-    await eventually(refused, 5.0, "the revoked token to be refused")
+    await eventually(refused, "the revoked token to be refused", 5.0)
     status, body, _ = await deployment.call("admin", "GET", "/v1/admin/tokens")
     assert identity.id not in {t["id"] for t in body["tokens"]}
     # revoking over HTTP takes effect on this replica at once

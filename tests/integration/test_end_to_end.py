@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import io
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ from broker.schemas import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignment, Assignment
 from broker.service import Broker, start_broker
 from suanwang.config import MqttTarget, Settings
 from suanwang.servers import MosquittoServer, RedisServer
+from tests.support import eventually, running_broker
 
 WAIT = 15.0  # seconds any single expected outcome may take before the test fails
 HUB, CLUSTER, ORIGIN = "guizhou", "guian", "guiyang"
@@ -40,35 +41,6 @@ T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = WAIT, what: str = "condition") -> T:
-    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
-    last: T | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await probe()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}; last probe: {last!r}") from None
-
-
-@asynccontextmanager
-async def running_broker(redis: RedisServer, mqtt: MosquittoServer, namespace: str, **overrides: Any
-                         ) -> AsyncIterator[Broker]:  # fmt: skip
-    """An in-process broker replica, connected to MQTT before it is handed out."""
-    settings = Settings(redis_url=redis.url, mqtt_url=mqtt.url, http="127.0.0.1:0", namespace=namespace,
-                        **overrides)  # fmt: skip
-    broker = await start_broker(settings)
-    try:
-        async with asyncio.timeout(WAIT):
-            await broker.mqtt.connected.wait()
-        yield broker
-    finally:
-        await close_persistently(broker)
 
 
 async def close_persistently(broker: Broker, patience: float = 0.5) -> str:
@@ -131,7 +103,7 @@ async def job_when(http: aiohttp.ClientSession, job_id: str, check: Callable[[di
         assert status == 200, view
         return view if check(view) else None
 
-    return await eventually(probe, timeout, f"job {job_id} to satisfy {check}")
+    return await eventually(probe, f"job {job_id} to satisfy {check}", timeout)
 
 
 async def site_when(http: aiohttp.ClientSession, site: str, check: Callable[[dict[str, Any]], bool]

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import aiomqtt
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +24,9 @@ from broker.audit import audit
 from broker.schemas import CAPACITY_SCHEMA, EVENT_SCHEMA
 from broker.service import Broker
 from broker.store import Store
-from suanwang.servers import MosquittoServer, RedisServer
-from tests.integration.test_end_to_end import eventually, job_when, running_broker
+from suanwang.servers import MosquittoServer
+from tests.integration.test_end_to_end import job_when
+from tests.support import eventually
 
 EXAMPLES = 300
 ANCHOR, SENTINEL = "fuzz-anchor", "fuzz-sentinel"  # the anchor holds real jobs; the sentinel proves liveness
@@ -103,15 +102,10 @@ def raw_messages() -> st.SearchStrategy[tuple[str, bytes]]:
     sites = st.sampled_from([*VICTIMS, *ODD_SITES])
     topic = st.builds(lambda s, k: f"{topics.ROOT}/sites/{s}/{k}", sites, st.sampled_from(KINDS))
     nesting = st.integers(min_value=1, max_value=5000).flatmap(
-        lambda n: st.sampled_from([b"[" * n + b"]" * n, b'{"a":' * n + b"1" + b"}" * n, b"[" * n]))
+        lambda n: st.sampled_from([b"[" * n + b"]" * n, b'{"a":' * n + b"1" + b"}" * n, b"[" * n])
+    )
     payload = st.binary(max_size=512) | nesting | json_values.map(encode)
     return st.tuples(topic, payload)
-
-
-@pytest.fixture
-async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
-    async with running_broker(redis_server, own_mosquitto, namespace) as running:
-        yield running
 
 
 async def test_ingest_survives_hostile_messages(broker: Broker, own_mosquitto: MosquittoServer) -> None:
@@ -131,7 +125,7 @@ async def test_ingest_survives_hostile_messages(broker: Broker, own_mosquitto: M
             await mqtt.publish(message[0], message[1], qos=1)
             await mqtt.publish(topics.capacity(SENTINEL), encode(capacity(SENTINEL, sentinel_seq)), qos=1)
             expected = str(sentinel_seq).encode()
-            await eventually(lambda: _seq_is(store, expected), 10.0, f"the valid message after {message!r:.300}")
+            await eventually(lambda: _seq_is(store, expected), f"the valid message after {message!r:.300}", 10.0)
 
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip

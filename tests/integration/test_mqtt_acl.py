@@ -23,7 +23,7 @@ from broker.store import Store
 from regions import load_geography
 from suanwang.config import MqttTarget
 from suanwang.servers import MosquittoServer, RedisServer
-from tests.integration.test_end_to_end import eventually, running_broker
+from tests.support import eventually, running_broker
 
 BROKER_USER, BROKER_PASSWORD = "suanwang-broker", "broker-secret"
 A, B = "acl-a", "acl-b"
@@ -74,7 +74,7 @@ class Heard:
         return [t for t, _ in self.messages]
 
     async def until(self, check: Callable[[list[str]], bool], what: str) -> None:
-        await eventually(lambda: _true(check(self.topics())), 5.0, what)
+        await eventually(lambda: _true(check(self.topics())), what, 5.0)
 
 
 async def _true(value: bool) -> bool:
@@ -130,9 +130,12 @@ async def test_wrong_credentials_are_refused(secured: Mqtt, user: str | None, pa
 
 async def test_site_cannot_publish_for_another_site(secured: Mqtt) -> None:
     """A's message on B's capacity topic never reaches the broker's account; A's own does."""
-    async with (listening(secured.client(BROKER_USER), f"{topics.ROOT}/sites/+/capacity",
-                          f"{topics.ROOT}/sites/+/events") as broker_heard,  # fmt: skip
-                secured.client(A) as site_a):
+    async with (
+        listening(
+            secured.client(BROKER_USER), f"{topics.ROOT}/sites/+/capacity", f"{topics.ROOT}/sites/+/events"
+        ) as broker_heard,  # fmt: skip
+        secured.client(A) as site_a,
+    ):
         await site_a.publish(topics.capacity(B), capacity(B), qos=1)
         await site_a.publish(topics.events(B), b"{}", qos=1)
         await site_a.publish(topics.status(B), b"offline", qos=1)
@@ -144,9 +147,12 @@ async def test_site_cannot_publish_for_another_site(secured: Mqtt) -> None:
 
 async def test_site_reads_only_its_own_assignments(secured: Mqtt) -> None:
     """A subscribed to B's assignments (and to everyone's) receives only its own."""
-    async with (listening(secured.client(A), topics.assignments(B), f"{topics.ROOT}/sites/+/assignments",
-                          f"{topics.ROOT}/#") as a_heard,  # fmt: skip
-                secured.client(BROKER_USER) as broker):
+    async with (
+        listening(
+            secured.client(A), topics.assignments(B), f"{topics.ROOT}/sites/+/assignments", f"{topics.ROOT}/#"
+        ) as a_heard,  # fmt: skip
+        secured.client(BROKER_USER) as broker,
+    ):
         await broker.publish(topics.assignments(B), b"for B", qos=1)
         await broker.publish(topics.capacity(B), capacity(B), qos=1)
         await broker.publish(topics.assignments(A), b"for A", qos=1)
@@ -179,7 +185,7 @@ async def test_in_process_broker_ingests_a_registered_site(secured: Mqtt, redis_
                         cluster="guian", interval=0.5)  # fmt: skip
         running = asyncio.create_task(link.run())
         try:
-            await eventually(lambda: _site_status(broker.store, A), 10.0, "site A online with capacity")
+            await eventually(lambda: _site_status(broker.store, A), "site A online with capacity", 10.0)
         finally:
             link.stop()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
@@ -187,14 +193,14 @@ async def test_in_process_broker_ingests_a_registered_site(secured: Mqtt, redis_
         # The broker's own account may write anywhere, so it stands in for a site nobody registered.
         async with secured.client(BROKER_USER, identifier="stand-in") as stand_in:
             await stand_in.publish(topics.capacity("acl-c"), capacity("acl-c"), qos=1)
-            await eventually(lambda: _true(broker.ingest.dropped["unregistered"] >= 1), 5.0, "acl-c dropped")
+            await eventually(lambda: _true(broker.ingest.dropped["unregistered"] >= 1), "acl-c dropped", 5.0)
             assert not await _has_meta(broker.store, "acl-c")
             redis = aioredis.Redis.from_url(redis_server.url)
             await SiteRegistry(redis, Keys(namespace)).register("acl-c", "guizhou", "guian", load_geography())
             await redis.aclose()
             await asyncio.sleep(1.1)  # the gate refreshes an unknown site's answer at most once a second
             await stand_in.publish(topics.capacity("acl-c"), capacity("acl-c", seq=2), qos=1)
-            await eventually(lambda: _has_meta(broker.store, "acl-c"), 5.0, "acl-c applied once registered")
+            await eventually(lambda: _has_meta(broker.store, "acl-c"), "acl-c applied once registered", 5.0)
 
 
 @dataclass

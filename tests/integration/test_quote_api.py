@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -21,53 +21,17 @@ from adapters.sim import run_sim
 from adapters.site import SiteLink
 from broker.matching import BALANCED_SENSITIVE, BALANCED_TOLERANT
 from broker.schemas import Assignments
-from broker.service import Broker, start_broker
+from broker.service import Broker
 from broker.stacks import parse_requirement
-from suanwang.config import MqttTarget, Settings
-from suanwang.servers import MosquittoServer, RedisServer
+from suanwang.config import MqttTarget
+from suanwang.servers import MosquittoServer
+from tests.support import eventually
 
 WAIT = 20.0
 T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    """Poll `probe` until it returns something truthy; fail after `timeout` seconds."""
-    last: T | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await probe()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}; last probe: {last!r}") from None
-
-
-@pytest.fixture
-async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
-    settings = Settings(redis_url=redis_server.url, mqtt_url=own_mosquitto.url, http="127.0.0.1:0",
-                        namespace=namespace)  # fmt: skip
-    running = await start_broker(settings)
-    try:
-        async with asyncio.timeout(WAIT):
-            await running.mqtt.connected.wait()
-        yield running
-    finally:
-        closing = asyncio.create_task(running.close())
-        while not (await asyncio.wait([closing], timeout=0.5))[0]:
-            for task in running.tasks:  # a cancellation swallowed inside a handler: cancel again
-                task.cancel()
-        closing.result()
-
-
-@pytest.fixture
-async def http(broker: Broker) -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(base_url=broker.url) as session:
-        yield session
 
 
 async def call(http: aiohttp.ClientSession, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -299,12 +263,15 @@ async def test_done_means_equivalent_job_on_the_demo_fleet(
 BAD_INPUT = [
     pytest.param({"residency": {"allow_hubs": ["atlantis"]}}, "residency.allow_hubs", id="unknown-hub"),
     pytest.param({"residency": {"deny_hubs": ["atlantis"]}}, "residency.deny_hubs", id="unknown-deny-hub"),
-    pytest.param({"residency": {"allow_provinces": ["Atlantis"]}}, "residency.allow_provinces",
-                 id="unknown-province"),
-    pytest.param({"resources": {"equivalent": {"units": 8, "reference": "Z9000"}}},
-                 "resources.equivalent.reference", id="unknown-reference"),
-    pytest.param({"resources": {"arch": "GPU", "count": 8, "equivalent": {"units": 8}}}, "resources",
-                 id="count-and-equivalent"),
+    pytest.param({"residency": {"allow_provinces": ["Atlantis"]}}, "residency.allow_provinces", id="unknown-province"),
+    pytest.param(
+        {"resources": {"equivalent": {"units": 8, "reference": "Z9000"}}},
+        "resources.equivalent.reference",
+        id="unknown-reference",
+    ),
+    pytest.param(
+        {"resources": {"arch": "GPU", "count": 8, "equivalent": {"units": 8}}}, "resources", id="count-and-equivalent"
+    ),
     pytest.param({"resources": {"arch": "GPU"}}, "resources", id="neither-count-nor-equivalent"),
     pytest.param({"software": [{"stack": "cuda", "versions": "=>12"}]}, "software", id="bad-version-range"),
     pytest.param({"software": [{"stack": "cuda", "versions": ">=12.*"}]}, "software", id="wildcard-with->="),

@@ -6,65 +6,27 @@ Each test has its own Mosquitto (site topics are not namespaced) and its own Red
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-import pytest
 
 from adapters.runner import run_adapter
 from adapters.siteconfig import parse_site_config
-from broker.service import Broker, start_broker
-from suanwang.config import MqttTarget, Settings
-from suanwang.servers import MosquittoServer, RedisServer
+from broker.service import Broker
+from suanwang.config import MqttTarget
+from suanwang.servers import MosquittoServer
+from tests.support import eventually
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "adapters"
 WAIT = 15.0
 T = TypeVar("T")
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    last: T | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await probe()
-                if last:
-                    return last
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}; last probe: {last!r}") from None
-
-
-async def close_persistently(broker: Broker, patience: float = 0.5) -> None:
-    """broker.close(), cancelling its tasks again while it hangs (a cancellation can be swallowed in a handler)."""
-    closing = asyncio.create_task(broker.close())
-    while not (await asyncio.wait([closing], timeout=patience))[0]:
-        for task in broker.tasks:
-            if not task.done():
-                task.print_stack(file=io.StringIO())
-                task.cancel()
-    closing.result()
-
-
-@pytest.fixture
-async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
-    settings = Settings(redis_url=redis_server.url, mqtt_url=own_mosquitto.url, http="127.0.0.1:0", namespace=namespace)
-    running = await start_broker(settings)
-    try:
-        async with asyncio.timeout(WAIT):
-            await running.mqtt.connected.wait()
-        yield running
-    finally:
-        await close_persistently(running)
 
 
 async def site(broker: Broker, site_id: str) -> dict[str, Any] | None:

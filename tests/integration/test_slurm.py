@@ -10,13 +10,12 @@ a second job is cancelled through the broker and becomes an scancel.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,38 +26,15 @@ import pytest
 
 from adapters.runner import run_adapter
 from adapters.siteconfig import parse_site_config
-from broker.service import Broker, start_broker
-from suanwang.config import MqttTarget, Settings
-from suanwang.servers import MosquittoServer, RedisServer, free_port
+from broker.service import Broker
+from suanwang.config import MqttTarget
+from suanwang.servers import MosquittoServer, free_port
+from tests.support import eventually
 
 WAIT = 30.0
 SITE = "guian-hpc-01"
 DAEMONS = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm", "munged": "munge"}
 T = TypeVar("T")
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, timeout: float = WAIT) -> T:
-    last: T | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                last = await probe()
-                if last:
-                    return last
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}; last probe: {last!r}") from None
-
-
-async def close_persistently(broker: Broker, patience: float = 0.5) -> None:
-    """broker.close(), cancelling its tasks again while it hangs (a cancellation can be swallowed in a handler)."""
-    closing = asyncio.create_task(broker.close())
-    while not (await asyncio.wait([closing], timeout=patience))[0]:
-        for task in broker.tasks:
-            if not task.done():
-                task.print_stack(file=io.StringIO())
-                task.cancel()
-    closing.result()
 
 
 async def site(broker: Broker, site_id: str) -> dict[str, Any] | None:
@@ -173,7 +149,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                          f"--log-file={root}/munged.log", f"--pid-file={root}/munged.pid",
                          f"--seed-file={root}/munged.seed"], "munged.out.log")  # fmt: skip
         if not _wait_for((root / "munge.sock").exists, 10):
-            pytest.skip(f"munged did not start:\n{cluster.logs()}")
+            pytest.fail(f"munged did not start:\n{cluster.logs()}")
         _start(cluster, ["slurmctld", "-D", "-f", str(cluster.conf)], "slurmctld.out.log")
         _start(cluster, ["slurmd", "-D", "-f", str(cluster.conf), "-N", "localhost"], "slurmd.out.log")
 
@@ -181,7 +157,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             return "State=IDLE" in cluster.run("scontrol", "show", "node", "localhost", "--oneliner")
 
         if not _wait_for(node_idle, WAIT):
-            pytest.skip(f"slurmctld/slurmd did not bring node localhost to IDLE within {WAIT:.0f} s:\n{cluster.logs()}")
+            pytest.fail(f"slurmctld/slurmd did not bring node localhost to IDLE within {WAIT:.0f} s:\n{cluster.logs()}")
         yield cluster
     finally:
         for proc in reversed(cluster.procs):
@@ -193,18 +169,6 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-async def broker(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str) -> AsyncIterator[Broker]:
-    settings = Settings(redis_url=redis_server.url, mqtt_url=own_mosquitto.url, http="127.0.0.1:0", namespace=namespace)
-    running = await start_broker(settings)
-    try:
-        async with asyncio.timeout(WAIT):
-            await running.mqtt.connected.wait()
-        yield running
-    finally:
-        await close_persistently(running)
 
 
 async def call(broker: Broker, method: str, path: str, body: Any = None) -> Any:

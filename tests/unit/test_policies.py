@@ -548,8 +548,10 @@ def test_cheapest_whole_node_gang_looks_past_the_first_chunk():
 
 def test_fastest_equivalent_with_whole_nodes_finds_the_most_compute():
     """Whole-node rounding can make a slower model deliver more; fastest must not skip it on an unrounded bound."""
-    snap = snapshot(S("a100", (P(model="A100-80G", per_node=16, total=64),)),  # 10 -> 16 devices: 1.6x asked
-                    S("ascend", (P(model="Ascend-910B", per_node=40, total=80),)))  # 20 -> 40 devices: 2.0x asked
+    snap = snapshot(
+        S("a100", (P(model="A100-80G", per_node=16, total=64),)),  # 10 -> 16 devices: 1.6x asked
+        S("ascend", (P(model="Ascend-910B", per_node=40, total=80),)),
+    )  # 20 -> 40 devices: 2.0x asked
     req = job(resources=equivalent(10, whole_nodes=True), workload="training", policy="fastest")
     result = decided(match(req, snap))
     assert (result.chosen.site, result.chosen.devices) == ("ascend", 40)
@@ -657,8 +659,10 @@ def random_specs(draw: st.DrawFn) -> dict[str, Any]:
         resources["count"] = draw(st.integers(1, 64))
         archs = archs or [draw(st.sampled_from(("GPU", "ASIC")))]
     else:
-        resources["equivalent"] = {"units": draw(st.sampled_from((0.5, 1, 3, 8, 20.5, 64))),
-                                   "reference": draw(st.sampled_from(("A100-80G", "H800", "Ascend-910B")))}
+        resources["equivalent"] = {
+            "units": draw(st.sampled_from((0.5, 1, 3, 8, 20.5, 64))),
+            "reference": draw(st.sampled_from(("A100-80G", "H800", "Ascend-910B"))),
+        }
     if archs:
         resources["archs"] = archs
     resources["models"] = sometimes(draw, st.lists(st.sampled_from(MODELS), min_size=1, max_size=3, unique=True), [])
@@ -670,8 +674,12 @@ def random_specs(draw: st.DrawFn) -> dict[str, Any]:
     provinces = st.lists(st.sampled_from(sorted({c.province for c in GEO.clusters.values()})), max_size=5, unique=True)
     software = [{"stack": stack, "versions": ",".join(op + v for op, v in clauses), "image": f"img-{i}"}
                 for i, (stack, clauses) in enumerate(sometimes(draw, software_options, []))]  # fmt: skip
-    residency = {"allow_hubs": draw(hubs), "deny_hubs": sometimes(draw, hubs, []),
-                 "allow_provinces": sometimes(draw, provinces, []), "deny_provinces": sometimes(draw, provinces, [])}
+    residency = {
+        "allow_hubs": draw(hubs),
+        "deny_hubs": sometimes(draw, hubs, []),
+        "allow_provinces": sometimes(draw, provinces, []),
+        "deny_provinces": sometimes(draw, provinces, []),
+    }
     spec: dict[str, Any] = {
         "resources": resources, "origin": draw(st.sampled_from(ORIGINS)), "duration_hours": 2,
         "workload": draw(st.sampled_from(("training", "inference", "hpc", "batch", "general"))),
@@ -731,7 +739,8 @@ def admitted_by(spec: dict[str, Any], pool: P) -> int | None:
         for tag in pool.stacks:
             name, _, version = tag.partition("-")
             if name == option["stack"] and all(
-                    _holds(version, c[:2] if c[1] == "=" else c[0], c[2:] if c[1] == "=" else c[1:]) for c in clauses):
+                _holds(version, c[:2] if c[1] == "=" else c[0], c[2:] if c[1] == "=" else c[1:]) for c in clauses
+            ):
                 return i
     return None
 
@@ -773,8 +782,9 @@ def speed_key(spec: dict[str, Any], pool: P) -> float:
 
 
 # derandomize: the suite gives the same verdict on every run; the defects found so far have their own tests above
-@settings(max_examples=200, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=200, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(fleet=random_fleets(), spec=random_specs(), job_id=st.text("abcdef0123456789-", min_size=1, max_size=12))
 def test_random_fleets_decisions_hold_every_constraint_and_policy(fleet, spec, job_id):
     """On random fleets and requests: decisions satisfy every hard constraint (brute force), NoFit iff nothing fits,
@@ -809,8 +819,10 @@ def test_random_fleets_decisions_hold_every_constraint_and_policy(fleet, spec, j
     # the chosen one is optimal under a single-score policy (brute force over every feasible pool)
     weights = req.weight_map()
     only = next(iter(weights)) if len(weights) == 1 else None
-    chosen_site, chosen_pool = by_id[result.chosen.site], next(
-        p for p in by_id[result.chosen.site].pools if p.model == result.chosen.model)
+    chosen_site, chosen_pool = (
+        by_id[result.chosen.site],
+        next(p for p in by_id[result.chosen.site].pools if p.model == result.chosen.model),
+    )
     if only == "price":  # (b) nothing that passes the filters is cheaper per hour
         cheapest = min(p.price * devices_for(spec, p) for _, p in options)  # type: ignore[operator]
         assert result.chosen.cost_per_hour <= cheapest * (1 + 1e-9), (result.chosen, cheapest)

@@ -46,9 +46,18 @@ def snapshot(*sites: S) -> Snapshot:
     for s in sites:
         pool = {"arch": CATALOG[s.model].arch, "model": s.model, "memory_gb": 80, "per_node": 8,
                 "interconnect": "nvlink", "stacks": ["cuda-12.4"], "price_cny_per_hour": s.price}  # fmt: skip
-        snap.apply(SiteRecord(id=s.id, hub="guizhou", cluster="guian", status="online", seen_ms=1, meta_version=1,
-                              meta={"pools": [pool], "energy": {}, "latency_ms": {"shanghai": s.latency_ms}},
-                              capacity={f"t:{s.model}": s.total, f"x:{s.model}": 0, f"a:{s.model}": s.allocated}))
+        snap.apply(
+            SiteRecord(
+                id=s.id,
+                hub="guizhou",
+                cluster="guian",
+                status="online",
+                seen_ms=1,
+                meta_version=1,
+                meta={"pools": [pool], "energy": {}, "latency_ms": {"shanghai": s.latency_ms}},
+                capacity={f"t:{s.model}": s.total, f"x:{s.model}": 0, f"a:{s.model}": s.allocated},
+            )
+        )
     return snap
 
 

@@ -1,0 +1,44 @@
+"""Helpers shared by the tests that drive real servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from broker.service import Broker, start_broker
+from suanwang.config import Settings
+from suanwang.servers import MosquittoServer, RedisServer
+
+WAIT = 15.0
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str = "condition", timeout: float = WAIT) -> T:
+    """Poll `probe` until it returns something truthy; fail after `timeout` seconds naming `what`."""
+    last: T | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                last = await probe()
+                if last:
+                    return last
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}; last probe: {last!r}") from None
+
+
+@asynccontextmanager
+async def running_broker(redis: RedisServer, mqtt: MosquittoServer, namespace: str, **overrides: Any
+                         ) -> AsyncIterator[Broker]:  # fmt: skip
+    """An in-process broker replica, connected to MQTT before it is handed out."""
+    settings = Settings(redis_url=redis.url, mqtt_url=mqtt.url, http="127.0.0.1:0", namespace=namespace,
+                        **overrides)  # fmt: skip
+    broker = await start_broker(settings)
+    try:
+        async with asyncio.timeout(WAIT):
+            await broker.mqtt.connected.wait()
+        yield broker
+    finally:
+        await broker.close()
