@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from suanwang.config import DEFAULT_MQTT
+from common.config import DEFAULT_MQTT
 
 # source -> (what it reads, what --from-file takes)
 SOURCES: dict[str, tuple[str, str]] = {
@@ -42,9 +42,9 @@ def _command(source: str) -> click.Command:
             log_level: str) -> None:  # fmt: skip
         from adapters.runner import run_adapter
         from adapters.siteconfig import load_site_config
-        from suanwang import logs
-        from suanwang.config import MqttTarget
-        from suanwang.errors import SuanwangError
+        from common import logs
+        from common.config import MqttTarget
+        from common.errors import SuanwangError
 
         if interval is not None and interval <= 0:
             raise click.BadParameter("must be positive", param_hint="--interval")

@@ -14,8 +14,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from adapters.site import SiteLink
-from broker.schemas import Assignment, Assignments, SiteEventKind
-from suanwang import logs
+from common import logs
+from common.protocol import Assignment, Assignments, SiteEventKind
 
 log = logs.get("adapters.ledger")
 

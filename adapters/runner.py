@@ -25,9 +25,9 @@ from adapters.site import SiteLink
 from adapters.siteconfig import SiteConfig
 from adapters.slurm_jobs import SlurmExecutor
 from adapters.sources import READERS, Reader, SourceError, slurm_command
+from common import logs
+from common.config import MqttTarget
 from regions import load_geography
-from suanwang import logs
-from suanwang.config import MqttTarget
 
 log = logs.get("adapters.runner")
 

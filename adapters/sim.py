@@ -16,10 +16,10 @@ import signal
 from adapters.fleet import sites_for_hub
 from adapters.ledger import Held, Ledger
 from adapters.site import SiteLink
-from broker.schemas import SiteEventKind
+from common import logs
+from common.config import MqttTarget
+from common.protocol import SiteEventKind
 from regions import SiteSeed
-from suanwang import logs
-from suanwang.config import MqttTarget
 
 log = logs.get("adapters.sim")
 

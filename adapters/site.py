@@ -18,21 +18,11 @@ from typing import Any
 import aiomqtt
 import orjson
 
-from broker import topics
-from broker.schemas import (
-    CAPACITY_SCHEMA,
-    EVENT_SCHEMA,
-    Assignments,
-    Capacity,
-    Energy,
-    Pool,
-    SiteEvent,
-    SiteEventKind,
-    parse,
-)
-from suanwang import logs
-from suanwang.config import MqttTarget
-from suanwang.errors import InvalidInput
+from common import logs, topics
+from common.config import MqttTarget
+from common.errors import InvalidInput
+from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignments, Capacity, Energy, Pool, SiteEvent, SiteEventKind
+from common.validation import parse
 
 log = logs.get("adapters.site")
 

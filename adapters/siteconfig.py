@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters.inventory import Inventory
 from adapters.inventory.kubernetes import MODEL_LABELS
 from adapters.inventory.slurm import DEVICE_GRES
-from broker.schemas import Arch, Energy, Identifier, Model, Stack
+from common.errors import InvalidInput
+from common.protocol import Energy
+from common.validation import Arch, Identifier, Model, Stack
 from regions import load_devices, load_geography
-from suanwang.errors import InvalidInput
 
 
 class _Strict(BaseModel):

@@ -22,8 +22,8 @@ from pathlib import Path
 from adapters.inventory.slurm import SlurmTarget
 from adapters.site import SiteLink
 from adapters.sources import Output, SourceError, run_command
-from broker.schemas import Assignment, Assignments, SiteEventKind
-from suanwang import logs
+from common import logs
+from common.protocol import Assignment, Assignments, SiteEventKind
 
 log = logs.get("adapters.slurm")
 

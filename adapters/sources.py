@@ -19,7 +19,7 @@ from adapters.inventory.kubernetes import parse_kubernetes
 from adapters.inventory.nvidia import QUERY_APPS, QUERY_GPU, parse_nvidia_smi
 from adapters.inventory.slurm import parse_slurm
 from adapters.siteconfig import SiteConfig
-from suanwang.errors import SuanwangError
+from common.errors import SuanwangError
 
 Reader = Callable[[], Awaitable[Inventory]]
 CSV = "--format=csv,noheader,nounits"

@@ -17,8 +17,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from broker.snapshot import Snapshot
-    from broker.store import Store
+    from broker.matching.snapshot import Snapshot
+    from broker.state.store import Store
 
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", object)  # type: ignore[arg-type]
 
@@ -82,7 +82,7 @@ class Metrics:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    from broker.api import STORE
+    from broker.http.api import STORE
 
     metrics = request.app[METRICS]
     await request.app[SCRAPE]()  # type: ignore[operator]

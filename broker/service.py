@@ -10,26 +10,25 @@ from typing import Any
 
 from aiohttp import web
 
-from broker import topics
-from broker.api import Limits, make_app
-from broker.auth import Tokens
-from broker.events import EventFeed, run_mirror
-from broker.ingest import Ingest
-from broker.lifecycle import run_sweeper
-from broker.matching import Request
+from broker.http.api import Limits, make_app
+from broker.http.usage import add_routes as add_usage_routes
+from broker.matching.quote import quote
+from broker.matching.scan import Request
+from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.metrics import add_routes as add_metrics_routes
-from broker.mqtt import MqttLink
-from broker.quote import quote
-from broker.registry import SiteGate
-from broker.scheduler import Scheduler
-from broker.schemas import JobSpec
-from broker.snapshot import Snapshot
-from broker.store import Store
-from broker.usage import add_routes as add_usage_routes
+from broker.model.job import JobSpec
+from broker.scheduling.scheduler import Scheduler
+from broker.sites.ingest import Ingest
+from broker.sites.lifecycle import run_sweeper
+from broker.sites.link import MqttLink
+from broker.state.events import EventFeed, run_mirror
+from broker.state.registry import SiteGate
+from broker.state.store import Store
+from broker.state.tokens import Tokens
+from common import logs, topics
+from common.config import Settings, redact_url
 from regions import load_geography
-from suanwang import logs
-from suanwang.config import Settings, redact_url
 
 log = logs.get("suanwang.broker")
 

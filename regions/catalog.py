@@ -24,7 +24,7 @@ from regions.geo import Geography, load_geography
 ARCHES = ("CPU", "GPU", "ASIC", "FPGA")
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 SITE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-STACK_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")  # same as broker.schemas.Stack
+STACK_RE = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")  # same as common.validation.Stack
 POOL_KEYS = (
     "arch",
     "model",

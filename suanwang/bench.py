@@ -22,8 +22,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from common.errors import SuanwangError
 from regions import load_geography
-from suanwang.errors import SuanwangError
 from suanwang.samples import sample_job
 from suanwang.servers import MosquittoServer, RedisServer, free_port
 

@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 from adapters.fleet import all_sites
-from broker.matching import Decision, Request, match
-from broker.schemas import JobSpec
-from broker.snapshot import Snapshot
-from broker.store import SiteRecord
+from broker.matching.scan import Decision, Request, match
+from broker.matching.snapshot import Snapshot
+from broker.model.job import JobSpec
+from broker.model.records import SiteRecord
 from regions import load_geography
 from suanwang.samples import sample_job
 

@@ -12,9 +12,9 @@ import orjson
 from rich.console import Console
 
 from adapters.commands import register as _register_adapters
-from suanwang import logs
-from suanwang.config import AUTH_MODES, DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
-from suanwang.errors import SuanwangError
+from common import logs
+from common.config import AUTH_MODES, DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
+from common.errors import SuanwangError
 from suanwang.security_cli import register as _register_security
 
 console = Console()
@@ -249,8 +249,8 @@ def watch(http: str, last_event_id: str | None, plain: bool, token: str | None, 
 @json_option
 def audit(redis_url: str | None, namespace: str, as_json: bool) -> None:
     """Check the invariants of the live state in Redis; exits 1 if any is violated."""
-    from broker.audit import audit as run_audit
-    from broker.store import Store
+    from broker.state.audit import audit as run_audit
+    from broker.state.store import Store
 
     async def _audit() -> list[Any]:
         store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
@@ -282,7 +282,7 @@ def tenant() -> None:
 @click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True)
 def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespace: str) -> None:
     """Set (or lift) a tenant's limit on devices held at once."""
-    from broker.store import Store
+    from broker.state.store import Store
 
     async def _set() -> None:
         store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from suanwang.errors import SuanwangError
+from common.errors import SuanwangError
 
 
 class ApiError(SuanwangError):

@@ -15,10 +15,10 @@ import orjson
 from rich.console import Console
 
 from adapters.sim import run_sim
-from broker.auth import Tokens
 from broker.service import Broker, start_broker
+from broker.state.tokens import Tokens
+from common.config import MqttTarget, Settings
 from regions import load_geography
-from suanwang.config import MqttTarget, Settings
 from suanwang.samples import sample_job
 from suanwang.servers import EmbeddedMqtt, MosquittoServer, RedisServer, mosquitto_available
 from suanwang.view import event_line

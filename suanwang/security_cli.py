@@ -11,10 +11,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from broker.auth import ROLES, Tokens
-from broker.registry import DEFAULT_BROKER_USER, SiteRegistry, write_mosquitto_files
-from broker.store import Store
-from suanwang.config import DEFAULT_REDIS
+from broker.model.identity import ROLES
+from broker.state.registry import DEFAULT_BROKER_USER, SiteRegistry, write_mosquitto_files
+from broker.state.store import Store
+from broker.state.tokens import Tokens
+from common.config import DEFAULT_REDIS
 
 T = TypeVar("T")
 console = Console()

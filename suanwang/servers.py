@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from suanwang.errors import SuanwangError
+from common.errors import SuanwangError
 
 
 class ServerError(SuanwangError):

@@ -32,11 +32,12 @@ import aiomqtt
 import orjson
 
 from adapters.fleet import sites_for_hub
-from broker import topics
-from broker.audit import audit
-from broker.store import Store, translated
-from suanwang.config import MqttTarget
-from suanwang.errors import StoreUnavailable
+from broker.state.audit import audit
+from broker.state.connection import translated
+from broker.state.store import Store
+from common import topics
+from common.config import MqttTarget
+from common.errors import StoreUnavailable
 from suanwang.servers import MosquittoServer, RedisServer, free_port
 
 HUBS = ("guizhou", "gansu", "ningxia")

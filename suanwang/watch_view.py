@@ -18,8 +18,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from common.errors import SuanwangError
 from suanwang.client import call, follow
-from suanwang.errors import SuanwangError
 from suanwang.view import event_line
 
 ARCHS = ("CPU", "GPU", "ASIC", "FPGA")

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from suanwang import logs
+from common import logs
 from suanwang.servers import MosquittoServer, RedisServer, mosquitto_available
 
 

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from broker.service import Broker, start_broker
-from suanwang.config import Settings
+from common.config import Settings
 from suanwang.servers import MosquittoServer, RedisServer
 
 WAIT = 15.0

@@ -1,6 +1,6 @@
 """Pure inventory parsers: a tool's text or JSON in, capacity-message pools and warnings out.
 
-Every parser returns an `Inventory`. Pools are complete `broker.schemas.Pool` dicts: what the tool
+Every parser returns an `Inventory`. Pools are complete `common.protocol.Pool` dicts: what the tool
 says (model, count, memory, outside use) plus catalog defaults for the rest (arch, stack, price).
 The site config (`adapters.siteconfig`) then applies the site's own prices, stacks and overrides.
 Parsers never raise on odd input: a line they cannot read becomes a warning, so one broken device

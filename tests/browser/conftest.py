@@ -21,9 +21,9 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
 from adapters.sim import run_sim
-from broker.auth import Tokens
 from broker.service import Broker
-from suanwang.config import MqttTarget
+from broker.state.tokens import Tokens
+from common.config import MqttTarget
 from suanwang.servers import MosquittoServer, RedisServer
 from tests.support import running_broker
 

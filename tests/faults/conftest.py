@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from broker.store import Store
+from broker.state.store import Store
 from suanwang.servers import MosquittoServer, RedisServer
 from suanwang.soak import Cluster, Wire
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from broker.store import Store
+from broker.state.store import Store
 from suanwang.soak import Client, Findings, Wire, examine, job_body, settle
 
 LOAD_JOBS, LOAD_RATE = 200, 25.0  # eight seconds of submissions, each job lasting one to three seconds

@@ -11,9 +11,9 @@ from contextlib import asynccontextmanager
 import pytest
 
 from adapters.site import SiteLink
-from broker.schemas import Assignments
-from broker.store import Store
-from suanwang.config import MqttTarget
+from broker.state.store import Store
+from common.config import MqttTarget
+from common.protocol import Assignments
 from suanwang.servers import MosquittoServer, RedisServer
 from suanwang.soak import Client
 from tests.faults.conftest import MakeCluster

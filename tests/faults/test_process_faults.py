@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from broker.store import Store
+from broker.state.store import Store
 from suanwang.soak import Client, Cluster, Wire
 from tests.faults.helpers import LOAD_RATE, assert_recovered, bodies
 

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from broker.store import Store
+from broker.state.store import Store
 from suanwang.servers import MosquittoServer, RedisServer
 from suanwang.soak import TENANT, Ack, Client, Cluster, Wire, settle
 from tests.faults.conftest import MakeCluster

@@ -15,8 +15,8 @@ import aiohttp
 import orjson
 import pytest
 
-from broker.auth import Tokens
 from broker.service import Broker
+from broker.state.tokens import Tokens
 from suanwang.servers import MosquittoServer, RedisServer
 from tests.integration.test_end_to_end import job_body
 from tests.support import eventually, running_broker

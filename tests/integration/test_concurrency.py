@@ -24,9 +24,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from adapters.site import SiteLink
-from broker.keys import Keys
-from broker.schemas import Assignment, Assignments
-from suanwang.config import MqttTarget
+from broker.state.keys import Keys
+from common.config import MqttTarget
+from common.protocol import Assignment, Assignments
 from suanwang.servers import MosquittoServer, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]

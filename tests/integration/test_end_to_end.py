@@ -24,12 +24,12 @@ import redis.asyncio as aioredis
 
 from adapters.sim import run_sim
 from adapters.site import SiteLink
-from broker import topics
-from broker.events import MIRROR_GROUP, decode_event
-from broker.keys import Keys
-from broker.schemas import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignment, Assignments
 from broker.service import Broker, start_broker
-from suanwang.config import MqttTarget, Settings
+from broker.state.events import MIRROR_GROUP, decode_event
+from broker.state.keys import Keys
+from common import topics
+from common.config import MqttTarget, Settings
+from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignment, Assignments
 from suanwang.servers import MosquittoServer, RedisServer
 from tests.support import eventually, running_broker
 

@@ -19,11 +19,11 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import topics
-from broker.audit import audit
-from broker.schemas import CAPACITY_SCHEMA, EVENT_SCHEMA
 from broker.service import Broker
-from broker.store import Store
+from broker.state.audit import audit
+from broker.state.store import Store
+from common import topics
+from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA
 from suanwang.servers import MosquittoServer
 from tests.integration.test_end_to_end import job_when
 from tests.support import eventually

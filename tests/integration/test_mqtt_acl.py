@@ -15,13 +15,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from adapters.site import SiteLink
-from broker import topics
-from broker.keys import Keys
-from broker.registry import SiteRegistry, mosquitto_hash, write_mosquitto_files
-from broker.schemas import CAPACITY_SCHEMA
-from broker.store import Store
+from broker.state.keys import Keys
+from broker.state.registry import SiteRegistry, mosquitto_hash, write_mosquitto_files
+from broker.state.store import Store
+from common import topics
+from common.config import MqttTarget
+from common.protocol import CAPACITY_SCHEMA
 from regions import load_geography
-from suanwang.config import MqttTarget
 from suanwang.servers import MosquittoServer, RedisServer
 from tests.support import eventually, running_broker
 

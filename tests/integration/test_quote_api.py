@@ -19,11 +19,11 @@ import pytest
 from adapters.fleet import all_sites
 from adapters.sim import run_sim
 from adapters.site import SiteLink
-from broker.matching import BALANCED_SENSITIVE, BALANCED_TOLERANT
-from broker.schemas import Assignments
+from broker.matching.scan import BALANCED_SENSITIVE, BALANCED_TOLERANT
+from broker.model.stacks import parse_requirement
 from broker.service import Broker
-from broker.stacks import parse_requirement
-from suanwang.config import MqttTarget
+from common.config import MqttTarget
+from common.protocol import Assignments
 from suanwang.servers import MosquittoServer
 from tests.support import eventually
 

@@ -20,7 +20,7 @@ import orjson
 from adapters.runner import run_adapter
 from adapters.siteconfig import parse_site_config
 from broker.service import Broker
-from suanwang.config import MqttTarget
+from common.config import MqttTarget
 from suanwang.servers import MosquittoServer
 from tests.support import eventually
 

@@ -17,10 +17,11 @@ import pytest
 
 from adapters.fleet import all_sites, sites_for_hub
 from adapters.sim import run_sim
-from broker import topics
-from broker.schemas import ASSIGNMENTS_SCHEMA, Capacity, Pool, SiteEvent, parse
+from common import topics
+from common.config import MqttTarget
+from common.protocol import ASSIGNMENTS_SCHEMA, Capacity, Pool, SiteEvent
+from common.validation import parse
 from regions import load_fleet
-from suanwang.config import MqttTarget
 from suanwang.servers import MosquittoServer
 
 REPO = Path(__file__).resolve().parents[2]

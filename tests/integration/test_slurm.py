@@ -27,7 +27,7 @@ import pytest
 from adapters.runner import run_adapter
 from adapters.siteconfig import parse_site_config
 from broker.service import Broker
-from suanwang.config import MqttTarget
+from common.config import MqttTarget
 from suanwang.servers import MosquittoServer, free_port
 from tests.support import eventually
 

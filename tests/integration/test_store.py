@@ -9,10 +9,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from broker.keys import Keys
-from broker.lifecycle import requeue_site
-from broker.schemas import ASSIGNMENTS_SCHEMA, Capacity, JobSpec
-from broker.store import Placement, Store, queue_score
+from broker.model.job import JobSpec
+from broker.model.records import Placement
+from broker.sites.lifecycle import requeue_site
+from broker.state.keys import Keys
+from broker.state.store import Store, queue_score
+from common.protocol import ASSIGNMENTS_SCHEMA, Capacity
 
 SITE = "guian-01"
 MODEL = "A100-80G"

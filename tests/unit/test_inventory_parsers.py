@@ -21,8 +21,8 @@ from adapters.runner import InventoryAdapter
 from adapters.siteconfig import load_site_config, parse_site_config
 from adapters.slurm_jobs import SlurmExecutor, gres_args
 from adapters.sources import Output
-from broker.schemas import CAPACITY_SCHEMA, Assignment, Assignments, Capacity, Pool
-from suanwang.errors import InvalidInput
+from common.errors import InvalidInput
+from common.protocol import CAPACITY_SCHEMA, Assignment, Assignments, Capacity, Pool
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "adapters"
 EXAMPLES = Path(__file__).resolve().parents[2] / "adapters" / "examples"
@@ -125,7 +125,7 @@ def test_parser_pools_and_warnings(parse: Any, pools: dict[str, Any], warnings: 
 
 @pytest.mark.parametrize("parse", [c[1] for c in CASES], ids=[c[0] for c in CASES])
 def test_every_pool_is_a_valid_capacity_pool(parse: Any) -> None:
-    """Every produced pool validates as broker.schemas.Pool, and together they make a valid capacity message."""
+    """Every produced pool validates as common.protocol.Pool, and together they make a valid capacity message."""
     pools = [Pool.model_validate(p) for p in parse().pools]
     Capacity(schema=CAPACITY_SCHEMA, site="s1", hub="guizhou", seq=1, pools=tuple(pools))  # type: ignore[arg-type]
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.matching import RUNNERS_UP, Decision, NoFit, Request, match
-from broker.schemas import JobSpec
-from broker.snapshot import Snapshot
-from broker.store import SiteRecord
+from broker.matching.scan import RUNNERS_UP, Decision, NoFit, Request, match
+from broker.matching.snapshot import Snapshot
+from broker.model.job import JobSpec
+from broker.model.records import SiteRecord
 from regions import load_geography
 
 GEO = load_geography()

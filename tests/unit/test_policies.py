@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.matching import CHUNK, POLICIES, Decision, NoFit, Request, match
-from broker.schemas import JobSpec
-from broker.snapshot import Snapshot, green_score
-from broker.store import SiteRecord
+from broker.matching.scan import CHUNK, POLICIES, Decision, NoFit, Request, match
+from broker.matching.snapshot import Snapshot, green_score
+from broker.model.job import JobSpec
+from broker.model.records import SiteRecord
 from regions import Device, LatencyModel, load_geography
 
 GEO = load_geography()

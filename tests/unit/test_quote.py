@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from broker.matching import Request
-from broker.quote import quote
-from broker.schemas import JobSpec
-from broker.snapshot import Snapshot
-from broker.store import SiteRecord
+from broker.matching.quote import quote
+from broker.matching.scan import Request
+from broker.matching.snapshot import Snapshot
+from broker.model.job import JobSpec
+from broker.model.records import SiteRecord
 from regions import Device, load_geography
 
 GEO = load_geography()

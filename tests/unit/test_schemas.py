@@ -8,8 +8,10 @@ from typing import Any
 import orjson
 import pytest
 
-from broker.schemas import Arch, Capacity, JobSpec, Priority, SiteEvent, SiteEventKind, parse
-from suanwang.errors import InvalidInput
+from broker.model.job import JobSpec, Priority
+from common.errors import InvalidInput
+from common.protocol import Capacity, SiteEvent, SiteEventKind
+from common.validation import Arch, parse
 
 # The samples from INTERFACE.md, verbatim.
 JOB: dict[str, Any] = {

@@ -150,10 +150,12 @@ def test_fleet_pools_are_complete_and_consistent():
 
 def test_fleet_pools_validate_as_capacity_messages():
     """Pools can be sent as-is in a suanwang.capacity/1 message."""
-    schemas = pytest.importorskip("broker.schemas")
+    from common import protocol
+    from common.validation import parse
+
     for seq, site in enumerate(load_fleet()):
         msg = {
-            "schema": schemas.CAPACITY_SCHEMA,
+            "schema": protocol.CAPACITY_SCHEMA,
             "site": site.id,
             "hub": site.hub,
             "cluster": site.cluster,
@@ -161,7 +163,7 @@ def test_fleet_pools_validate_as_capacity_messages():
             "pools": site.capacity_pools(),
             "energy": dict(site.energy),
         }
-        schemas.parse(schemas.Capacity, msg)
+        parse(protocol.Capacity, msg)
 
 
 def _price_per_a100(hubs: set[str]) -> float:

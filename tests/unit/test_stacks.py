@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.schemas import JobSpec, parse
-from broker.stacks import Version, parse_requirement, split_tag
-from suanwang.errors import InvalidInput
+from broker.model.job import JobSpec
+from broker.model.stacks import Version, parse_requirement, split_tag
+from common.errors import InvalidInput
+from common.validation import parse
 
 # --------------------------------------------------------------------------- versions
 

@@ -1,0 +1,1 @@
+"""Static files of the operators' dashboard (served by broker.http.dashboard)."""

@@ -1,1 +1,0 @@
-"""Lua scripts, one per state change, loaded by broker.store."""

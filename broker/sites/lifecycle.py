@@ -1,0 +1,120 @@
+"""Giving work back: jobs of a site that went offline or silent, and assignments never accepted.
+
+Every path ends in the `transition` script, which checks the job's site and attempt, so running any of
+these twice, or on several replicas at once, changes nothing the second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+
+import orjson
+
+from broker.metrics import Metrics
+from broker.state.connection import now_ms
+from broker.state.store import Store
+from common import logs
+from common.protocol import ASSIGNMENTS_SCHEMA
+
+log = logs.get("suanwang.lifecycle")
+
+PublishAssignments = Callable[[str, bytes], Awaitable[None]]
+
+
+def cancel_payload(site: str, jobs: Sequence[tuple[str, int]]) -> bytes:
+    """An assignments message telling `site` to stop these (job, attempt) pairs."""
+    return orjson.dumps({
+        "schema": ASSIGNMENTS_SCHEMA, "site": site,
+        "assignments": [{"job": job, "attempt": attempt, "action": "cancel"} for job, attempt in jobs],
+    })  # fmt: skip
+
+
+async def tell_site_to_cancel(publish: PublishAssignments, site: str, jobs: Sequence[tuple[str, int]]) -> None:
+    if not jobs:
+        return
+    try:
+        await publish(site, cancel_payload(site, jobs))
+    except Exception as exc:  # best effort: the site's stale events are ignored by attempt anyway
+        log.warning("cancel.publish_failed", site=site, error=str(exc))
+
+
+async def reconcile_site(store: Store, publish: PublishAssignments, site: str) -> int:
+    """Tell a site that came back which of its jobs the broker still counts there; it stops the rest."""
+    jobs = await store.jobs_at(site)
+    rows = await store.get_jobs(jobs, "attempt", "state") if jobs else []
+    items = [{"job": job, "attempt": int(attempt or 0), "action": "run"}
+             for job, (attempt, state) in zip(jobs, rows, strict=True) if state in ("assigned", "running")]  # fmt: skip
+    payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items, "reconcile": True})
+    try:
+        await publish(site, payload)
+    except Exception as exc:  # it reconciles on its next return instead
+        log.warning("reconcile.publish_failed", site=site, error=str(exc))
+    log.info("site.reconciled", site=site, jobs=len(items))
+    return len(items)
+
+
+async def requeue_site(store: Store, publish: PublishAssignments, site: str, reason: str) -> int:
+    """Return every job held at `site` to the queue; returns how many went back."""
+    jobs = await store.jobs_at(site)
+    if not jobs:
+        return 0
+    attempts = await store.get_jobs(jobs, "attempt")
+    results = await store.transitions((job, "requeue", site, "", reason) for job in jobs)
+    back = [(job, int(a or 0)) for job, (a,), r in zip(jobs, attempts, results, strict=True) if r == "queued"]
+    for job, _ in back:
+        log.info("job.requeued", job=job, site=site, reason=reason)
+    await tell_site_to_cancel(publish, site, back)
+    return len(back)
+
+
+async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> Counter[str]:
+    """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, and give back
+    the work of silent sites. Returns how many jobs moved, by reason."""
+    now = now_ms()
+    moved: Counter[str] = Counter()
+    overdue = await store.overdue_assignments(now)
+    if overdue:
+        rows = await store.get_jobs(overdue, "site", "attempt")
+        results = await store.transitions(
+            (job, "expire", "", "", "the site did not accept the assignment in time") for job in overdue
+        )
+        for job, (site, attempt), result in zip(overdue, rows, results, strict=True):
+            if result in ("queued", "failed") and site:
+                moved["accept_timeout"] += 1
+                log.info("job.requeued", job=job, site=site, reason="accept timeout")
+                await tell_site_to_cancel(publish, site, [(job, int(attempt or 0))])
+    due = await store.due_deadlines(now)
+    if due:
+        results = await store.transitions((job, "deadline", "", "", "not started by its deadline") for job in due)
+        for job, result in zip(due, results, strict=True):
+            if result == "failed":
+                moved["deadline"] += 1
+                log.info("job.deadline_passed", job=job)
+    for site in await store.silent_sites(now - site_ttl_ms):
+        if await store.set_site_status(site, "stale", expect="online"):
+            log.warning("site.silent", site=site)
+            moved["site_silent"] += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
+    return moved
+
+
+async def run_sweeper(
+    store: Store, publish: PublishAssignments, site_ttl_s: float, kick: asyncio.Event, stop: asyncio.Event,
+    every_s: float = 1.0, metrics: Metrics | None = None,
+) -> None:  # fmt: skip
+    while not stop.is_set():
+        try:
+            moved = await sweep(store, publish, int(site_ttl_s * 1000))
+            if moved:
+                kick.set()
+            if metrics is not None:
+                for reason, n in moved.items():
+                    metrics.rejections.labels(reason).inc(n)
+                await metrics.observe_redis(store)
+        except Exception as exc:  # Redis away: try again next round
+            log.warning("sweep.failed", error=str(exc), error_type=type(exc).__name__)
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            pass

@@ -1,0 +1,80 @@
+"""The broker's MQTT connection: the documented aiomqtt reconnect loop, with subscriptions restored
+after every reconnect (Mosquitto 2.0.11 does not restore `$share` subscriptions of a session), and
+aiomqtt errors translated into `MessagingUnavailable` for callers that publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+
+import aiomqtt
+
+from common import logs
+from common.config import MqttTarget
+from common.errors import MessagingUnavailable
+
+log = logs.get("suanwang.mqtt")
+
+OnMessage = Callable[[str, bytes], Awaitable[None]]
+
+
+class MqttLink:
+    def __init__(
+        self,
+        target: MqttTarget,
+        identifier: str,
+        subscriptions: Sequence[tuple[str, int]],
+        on_message: OnMessage,
+        *,
+        keepalive: int = 30,
+    ) -> None:
+        self.target = target
+        self.identifier = identifier
+        self.subscriptions = list(subscriptions)
+        self.on_message = on_message
+        self.keepalive = keepalive
+        self.connected = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                async with aiomqtt.Client(
+                    self.target.host, self.target.port, username=self.target.username,
+                    password=self.target.password, identifier=self.identifier, clean_session=True,
+                    keepalive=self.keepalive, max_queued_incoming_messages=100_000, max_inflight_messages=1000,
+                    tls_params=self.target.tls_params(),
+                ) as client:  # fmt: skip
+                    self._client = client
+                    for topic_filter, qos in self.subscriptions:
+                        await client.subscribe(topic_filter, qos=qos)
+                    self.connected.set()
+                    backoff = 0.2
+                    log.info("mqtt.connected", host=self.target.host, port=self.target.port)
+                    async for message in client.messages:
+                        payload = message.payload
+                        if not isinstance(payload, bytes | bytearray):
+                            payload = str(payload or "").encode()
+                        try:
+                            await self.on_message(str(message.topic), bytes(payload))
+                        except Exception:  # a bug in one handler must not stop the ingest loop
+                            log.exception("mqtt.handler_failed", topic=str(message.topic))
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt.disconnected", error=str(exc), retry_in=backoff)
+            finally:
+                self.connected.clear()
+                self._client = None
+            if not stop.is_set():
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise MessagingUnavailable("not connected to the MQTT broker")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
+        except aiomqtt.MqttError as exc:
+            raise MessagingUnavailable(f"MQTT publish failed: {exc}") from None

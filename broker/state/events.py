@@ -1,0 +1,148 @@
+"""The event log (a capped Redis Stream) and its readers: one tail per process fanned out to every
+live view, and the MQTT mirror fed through a consumer group so that each event is mirrored once
+however many broker replicas run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from redis import exceptions as redis_errors
+
+from broker.state.connection import translated
+from broker.state.store import Store
+from common import logs
+
+log = logs.get("suanwang.events")
+
+_NUMBERS = {"count": int, "attempt": int, "price": float, "latency_ms": float, "ts": int}
+MIRROR_GROUP = "mirror"
+CLAIM_IDLE_MS = 30_000  # a replica silent this long on an entry is taken to be dead
+
+
+def decode_event(event_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """A stream entry as the JSON object operators see; empty fields are left out."""
+    event: dict[str, Any] = {"id": event_id.decode() if isinstance(event_id, bytes) else event_id}
+    for raw_key, raw_value in fields.items():
+        key, value = raw_key.decode(), raw_value.decode()
+        if value == "":
+            continue
+        convert = _NUMBERS.get(key)
+        if convert is not None:
+            try:
+                event[key] = convert(value)
+            except ValueError:
+                event[key] = value
+        else:
+            event[key] = value
+    return event
+
+
+def id_after(a: str, b: str) -> bool:
+    """Whether stream id `a` comes after `b`."""
+    ams, _, aseq = a.partition("-")
+    bms, _, bseq = b.partition("-")
+    return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
+
+
+class Subscription:
+    """A live view's queue; `overflowed` is set when it fell too far behind and was dropped."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(size)
+        self.overflowed = False
+
+
+class EventFeed:
+    """Tails the stream once and hands each event, encoded once, to every subscriber."""
+
+    def __init__(self, store: Store, block_ms: int = 1000, subscriber_buffer: int = 10_000) -> None:
+        self.store = store
+        self.block_ms = block_ms
+        self.subscriber_buffer = subscriber_buffer
+        self._subscribers: set[Subscription] = set()
+        self.last_id = "$"
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> AsyncIterator[Subscription]:
+        subscription = Subscription(self.subscriber_buffer)
+        self._subscribers.add(subscription)
+        try:
+            yield subscription
+        finally:
+            self._subscribers.discard(subscription)
+
+    def resubscribe(self, subscription: Subscription) -> None:
+        subscription.overflowed = False
+        self._subscribers.add(subscription)
+
+    async def backlog(self, after: str, count: int = 1000) -> list[tuple[str, bytes]]:
+        """Events after id `after` (exclusive), oldest first, at most `count`."""
+        async with translated():
+            rows = await self.store.redis.xrange(self.store.keys.events, f"({after}", "+", count=count)
+        return [(event["id"], orjson.dumps(event)) for event in (decode_event(i, f) for i, f in rows)]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        redis = self.store.redis
+        key = self.store.keys.events
+        while not stop.is_set():
+            try:
+                if self.last_id == "$":
+                    newest = await redis.xrevrange(key, count=1)
+                    self.last_id = newest[0][0].decode() if newest else "0-0"
+                reply = await redis.xread({key: self.last_id}, block=self.block_ms, count=1000)
+            except (redis_errors.RedisError, OSError) as exc:
+                log.warning("events.tail_failed", error=str(exc))
+                await asyncio.sleep(1)
+                continue
+            for _stream, entries in reply or ():
+                for event_id, fields in entries:
+                    event = decode_event(event_id, fields)
+                    self.last_id = event["id"]
+                    item = (event["id"], orjson.dumps(event))
+                    for subscription in list(self._subscribers):
+                        try:
+                            subscription.queue.put_nowait(item)
+                        except asyncio.QueueFull:
+                            # a subscriber this far behind catches up from the log by its last id
+                            self._subscribers.discard(subscription)
+                            subscription.overflowed = True
+
+
+async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awaitable[None]],
+                     stop: asyncio.Event) -> None:  # fmt: skip
+    """Publish every event to the MQTT mirror topic once, sharing the work between replicas."""
+    redis, key = store.redis, store.keys.events
+    created = False
+    while not stop.is_set():
+        try:
+            if not created:
+                with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: it exists
+                    await redis.xgroup_create(key, MIRROR_GROUP, id="$", mkstream=True)
+                created = True
+            # First entries a dead replica read but never acknowledged, then our own pending ones
+            # (published but not acknowledged before a reconnect), then new ones.
+            claimed = await redis.xautoclaim(key, MIRROR_GROUP, consumer, min_idle_time=CLAIM_IDLE_MS, count=500)
+            if claimed and claimed[1]:
+                log.info("mirror.claimed", entries=len(claimed[1]))
+            reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500)
+            if not reply or not reply[0][1]:
+                reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: ">"}, count=500, block=1000)
+            for _stream, entries in reply or ():
+                if not entries:
+                    continue
+                await asyncio.gather(*(publish(orjson.dumps(decode_event(i, f))) for i, f in entries))
+                await redis.xack(key, MIRROR_GROUP, *[event_id for event_id, _ in entries])
+        except redis_errors.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                created = False  # the stream was deleted (Redis restarted without persistence)
+                continue
+            log.warning("mirror.failed", error=str(exc))
+            await asyncio.sleep(1)
+        except Exception as exc:  # MQTT or Redis away: retry; unacknowledged events are published again
+            log.warning("mirror.failed", error=str(exc), error_type=type(exc).__name__)
+            await asyncio.sleep(1)

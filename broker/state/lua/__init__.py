@@ -1,0 +1,1 @@
+"""Lua scripts, one per state change, loaded by broker.state.store."""

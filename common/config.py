@@ -1,0 +1,154 @@
+"""Settings from flags and environment variables (flag wins), as one plain dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from common.errors import InvalidInput
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
+DEFAULT_HTTP = "127.0.0.1:8080"
+AUTH_MODES = ("required", "off")
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class MqttTarget:
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+
+    @classmethod
+    def from_url(cls, url: str) -> MqttTarget:
+        """Parse `mqtt://user:pass@host:port` (or `mqtts://` for TLS)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise InvalidInput(f"MQTT URL must start with mqtt:// or mqtts://, got {url!r}", "mqtt")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise InvalidInput(f"MQTT URL has a bad port: {url!r}", "mqtt") from None
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=tls,
+        )
+
+    @property
+    def url(self) -> str:
+        auth = f"{self.username}:{self.password}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without the password, for logs."""
+        auth = f"{self.username}:***@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+    def tls_params(self) -> Any:
+        """aiomqtt's TLS parameters for `mqtts://` (CA bundle from SUANWANG_MQTT_CA, else the system's)."""
+        if not self.tls:
+            return None
+        import aiomqtt  # here: config stays importable without the MQTT client
+
+        return aiomqtt.TLSParameters(ca_certs=os.environ.get("SUANWANG_MQTT_CA") or None)
+
+
+def redact_url(url: str) -> str:
+    """`scheme://user:***@host...`: a URL fit for logs."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def parse_http(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidInput(f"HTTP address must be host:port, got {address!r}", "http")
+    return host or "127.0.0.1", int(port)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = DEFAULT_REDIS
+    mqtt_url: str = DEFAULT_MQTT
+    http: str = DEFAULT_HTTP
+    namespace: str = "sw"
+    # `$share` group for site events; empty for brokers without shared subscriptions (embedded demo broker)
+    share_group: str = "suanwang"
+    # Seconds a site may stay silent before the matcher stops offering it.
+    site_ttl_s: float = 30.0
+    # Seconds an assignment may wait for the site's `accepted` before it returns to the queue.
+    accept_timeout_s: float = 30.0
+    # Seconds a job waits before a pool is held back for it (EASY backfill: only shorter work may use it).
+    reserve_after_s: float = 30.0
+    # Most jobs one scheduling pass takes from the queue.
+    batch: int = 512
+    max_body_bytes: int = 64 * 1024
+    # API tokens: "required" (what `suanwang serve` runs with) or "off" (every caller is an admin).
+    auth: str = "off"
+    # Drop MQTT messages from sites missing from the registry (`suanwang site register`).
+    require_registered: bool = False
+    # Largest MQTT payload ingest applies; a larger one is dropped unread.
+    max_message_bytes: int = 256 * 1024
+    # Submissions per API token: a bucket of `submit_burst` refilled at `submit_rate` per second.
+    submit_rate: float = 20.0
+    submit_burst: int = 100
+    # Most jobs one tenant may have queued at once.
+    max_queued_per_tenant: int = 10_000
+    # HTTPS: certificate chain and private key (PEM); both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
+
+    def __post_init__(self) -> None:
+        if self.auth not in AUTH_MODES:
+            raise InvalidInput(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}", "auth")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInput("give both --tls-cert and --tls-key, or neither", "tls_cert")
+        if self.submit_rate <= 0 or self.submit_burst < 1 or self.max_queued_per_tenant < 1:
+            raise InvalidInput("submit rate, burst and the queued-jobs bound must be positive", "submit_rate")
+
+    @property
+    def mqtt(self) -> MqttTarget:
+        return MqttTarget.from_url(self.mqtt_url)
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return parse_http(self.http)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from SUANWANG_* variables; keyword overrides that are not None win."""
+        env = os.environ
+        values: dict[str, object] = {
+            "redis_url": env.get("SUANWANG_REDIS_URL", DEFAULT_REDIS),
+            "mqtt_url": env.get("SUANWANG_MQTT_URL", DEFAULT_MQTT),
+            "http": env.get("SUANWANG_HTTP", DEFAULT_HTTP),
+            "namespace": env.get("SUANWANG_NAMESPACE", "sw"),
+            "share_group": env.get("SUANWANG_SHARE_GROUP", "suanwang"),
+            # the dataclass default is "off" for in-process brokers; anything started from the environment
+            # (serve, demo) requires tokens unless told otherwise
+            "auth": env.get("SUANWANG_AUTH", "required"),
+            "require_registered": env.get("SUANWANG_REQUIRE_REGISTERED", "").lower() in _TRUE,
+            "tls_cert": env.get("SUANWANG_TLS_CERT") or None,
+            "tls_key": env.get("SUANWANG_TLS_KEY") or None,
+        }
+        for name, var in (("site_ttl_s", "SUANWANG_SITE_TTL"), ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT")):
+            if var in env:
+                try:
+                    values[name] = float(env[var])
+                except ValueError:
+                    raise InvalidInput(f"{var} must be a number of seconds, got {env[var]!r}", var) from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
