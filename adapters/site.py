@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -66,6 +67,7 @@ class SiteLink:
         self._pools: tuple[Pool, ...] = ()
         self._energy = Energy()
         self._last_seq = 0
+        self.boot = secrets.token_hex(8)  # a new one per process: the broker restarts its seq order with it
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._outbox: deque[bytes] = deque()
@@ -153,6 +155,7 @@ class SiteLink:
             pools=pools,
             energy=self._energy,
             ts=time.time(),
+            boot=self.boot,
         )
 
     def _client(self) -> aiomqtt.Client:

@@ -13,14 +13,11 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import numpy as np
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
     from broker.matching.snapshot import Snapshot
     from broker.state.store import Store
-
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics", object)  # type: ignore[arg-type]
 
 
 class Metrics:
@@ -79,23 +76,3 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    from broker.http.api import STORE
-
-    metrics = request.app[METRICS]
-    await request.app[SCRAPE]()  # type: ignore[operator]
-    for priority, n in (await request.app[STORE].queue_depths()).items():
-        metrics.queue_depth.labels(priority).set(n)
-    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-SCRAPE: web.AppKey[object] = web.AppKey("scrape", object)
-
-
-def add_routes(app: web.Application, metrics: Metrics, scrape: object) -> None:
-    """`scrape` is an async callable that refreshes what the gauges read (snapshot, ingest tallies)."""
-    app[METRICS] = metrics
-    app[SCRAPE] = scrape
-    app.router.add_get("/metrics", metrics_handler)

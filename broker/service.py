@@ -10,20 +10,20 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.http.api import Limits, make_app
-from broker.http.usage import add_routes as add_usage_routes
+from broker.http.app import make_app
+from broker.http.deps import Deps, Limits
+from broker.matching import Request
 from broker.matching.quote import quote
-from broker.matching.scan import Request
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
-from broker.metrics import add_routes as add_metrics_routes
 from broker.model.job import JobSpec
 from broker.scheduling.scheduler import Scheduler
 from broker.sites.ingest import Ingest
 from broker.sites.lifecycle import run_sweeper
 from broker.sites.link import MqttLink
 from broker.state.events import EventFeed, run_mirror
-from broker.state.registry import SiteGate
+from broker.state.queries import Queries
+from broker.state.registry import SiteGate, SiteRegistry
 from broker.state.store import Store
 from broker.state.tokens import Tokens
 from common import logs, topics
@@ -80,15 +80,8 @@ async def start_broker(settings: Settings) -> Broker:
     geo = load_geography()
     stop = asyncio.Event()
     kick = asyncio.Event()
-    link_holder: list[MqttLink] = []
-
-    async def publish_assignments(site: str, payload: bytes) -> None:
-        await link_holder[0].publish(topics.assignments(site), payload, qos=1)
-
     metrics = Metrics()
     gate = SiteGate(store.redis, store.keys) if settings.require_registered else None
-    ingest = Ingest(store, publish_assignments, kick, geo, metrics, gate=gate,
-                    max_message_bytes=settings.max_message_bytes)  # fmt: skip
     root = topics.ROOT
     mqtt = MqttLink(
         settings.mqtt, f"suanwang-broker-{settings.replica}",
@@ -97,51 +90,50 @@ async def start_broker(settings: Settings) -> Broker:
             (f"{root}/sites/+/status", 1),
             (topics.shared(f"{root}/sites/+/events", settings.share_group), 1),  # each event to one replica
         ],
-        ingest.handle,
     )  # fmt: skip
-    link_holder.append(mqtt)
+    publish_assignments = mqtt.publish_assignments
+    ingest = Ingest(store, publish_assignments, kick, geo, metrics, gate=gate,
+                    max_message_bytes=settings.max_message_bytes)  # fmt: skip
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
                           accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics,
                           reserve_after_s=settings.reserve_after_s)  # fmt: skip
     feed = EventFeed(store)
 
-    async def mirror_publish(payload: bytes) -> None:
-        await mqtt.publish(topics.ALLOCATIONS, payload, qos=0)
-
     broker = Broker(settings, store, scheduler, ingest, mqtt, feed, stop)
     broker.tasks = [
-        asyncio.create_task(mqtt.run(stop), name="mqtt"),
+        asyncio.create_task(mqtt.run(stop, ingest.handle), name="mqtt"),
         asyncio.create_task(scheduler.run(stop, mqtt.connected), name="scheduler"),
         asyncio.create_task(
             run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop, metrics=metrics), name="sweep"
         ),
         asyncio.create_task(feed.run(stop), name="feed"),
-        asyncio.create_task(run_mirror(store, settings.replica, mirror_publish, stop), name="mirror"),
+        asyncio.create_task(run_mirror(store, settings.replica, mqtt.publish_allocation, stop), name="mirror"),
     ]
 
     async def quoter(job_id: str, spec: JobSpec) -> dict[str, Any]:
         await scheduler.refresh()
         return quote(Request.of(job_id, spec), scheduler.snapshot)
 
-    tokens = Tokens(store.redis, store.keys) if settings.auth == "required" else None
-    limits = Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant)
-    app = make_app(store, feed, geo, publish_assignments, kick, mqtt.connected.is_set, quoter, settings.max_body_bytes,
-                   tokens=tokens, limits=limits)  # fmt: skip
-
     async def scrape() -> None:
         await scheduler.refresh()
         metrics.observe_capacity(scheduler.snapshot)
 
-    add_metrics_routes(app, metrics, scrape)
-    add_usage_routes(app)
+    tokens = Tokens(store.redis, store.keys)
+    app = make_app(Deps(
+        store=store, feed=feed, geography=geo, publish_assignments=publish_assignments, kick=kick,
+        mqtt_up=mqtt.connected.is_set, quoter=quoter, queries=Queries(store), token_admin=tokens,
+        registry=SiteRegistry(store.redis, store.keys), metrics=metrics, scrape=scrape,
+        tokens=tokens if settings.auth == "required" else None,
+        limits=Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant),
+        max_body_bytes=settings.max_body_bytes,
+    ))  # fmt: skip
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     host, port = settings.http_address
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=_https(settings))
     await site.start()
     broker.runner = runner
-    server = site._server  # the bound port, when 0 asked for a free one
-    broker.port = server.sockets[0].getsockname()[1] if server and server.sockets else port  # type: ignore[union-attr]
+    broker.port = runner.addresses[0][1]  # the bound port, when 0 asked for a free one
     log.info("broker.started", http=broker.url, redis=redact_url(settings.redis_url), mqtt=settings.mqtt.safe_url,
              replica=settings.replica, auth=settings.auth, require_registered=settings.require_registered)  # fmt: skip
     return broker

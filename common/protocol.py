@@ -65,6 +65,8 @@ class Capacity(Strict):
         default_factory=dict, max_length=512, description="Measured round trip per origin; overrides the model"
     )
     ts: float | None = None
+    boot: str | None = Field(default=None, min_length=1, max_length=64,
+                             description="Changes when the adapter restarts: `seq` starts again with it")  # fmt: skip
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -187,7 +187,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         started = time.monotonic()
         sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
         startup_s = time.monotonic() - started
-        dead = [" ".join(map(str, p.args[2:4])) for p in procs if p.poll() is not None]
+        dead = [" ".join(map(str, cast(list[str], p.args)[2:4])) for p in procs if p.poll() is not None]
         if dead or sites_seen == 0:
             raise BenchError(f"the system did not come up: {sites_seen} sites seen; exited: {dead or 'none'}")
         rng = random.Random(options.seed)

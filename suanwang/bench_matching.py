@@ -10,13 +10,13 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Any
+from typing import Any, cast
 
 from adapters.fleet import all_sites
-from broker.matching.scan import Decision, Request, match
+from broker.matching import Decision, Request, match
 from broker.matching.snapshot import Snapshot
 from broker.model.job import JobSpec
-from broker.model.records import SiteRecord
+from broker.model.records import PoolCounts, SiteRecord, counter_fields
 from regions import load_geography
 from suanwang.samples import sample_job
 
@@ -45,9 +45,9 @@ def build_snapshot(n_sites: int, seed: int = 3) -> Snapshot:
         pools = site.capacity_pools()
         capacity: dict[str, int] = {}
         for pool in pools:
-            free = int(pool["total"]) - int(pool["in_use_external"])
-            capacity |= {f"t:{pool['model']}": int(pool["total"]), f"x:{pool['model']}": int(pool["in_use_external"]),
-                         f"a:{pool['model']}": int(free * rng.uniform(0, 0.5))}  # fmt: skip
+            total, external = cast(int, pool["total"]), cast(int, pool["in_use_external"])
+            allocated = int((total - external) * rng.uniform(0, 0.5))
+            capacity |= counter_fields(str(pool["model"]), PoolCounts(total, external, allocated))
         meta = {"pools": [{k: v for k, v in p.items() if k not in ("total", "in_use_external")} for p in pools],
                 "energy": dict(site.energy), "latency_ms": {}}  # fmt: skip
         snap.apply(SiteRecord(site.id, site.hub, site.cluster, "online", 0, 1, meta, capacity))

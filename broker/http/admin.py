@@ -8,11 +8,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import Field
 
-from broker.http.api import GEO, STORE, json_response
-from broker.http.auth import TOKENS
-from broker.state.registry import SiteRegistry
-from broker.state.tokens import Tokens
-from common.errors import InvalidInput
+from broker.http.deps import DEPS
+from broker.http.responses import json_body, json_response
+from broker.http.routes import ID, Route
 from common.validation import Identifier, Strict, parse
 
 
@@ -29,60 +27,52 @@ class SiteRegistration(Strict):
     rotate: bool = Field(default=False, description="Give an already registered site a new password")
 
 
-def _tokens(request: web.Request) -> Tokens:
-    """The app's own token store when auth is on, so a revocation also clears this replica's cache."""
-    store = request.app[STORE]
-    return request.app[TOKENS] or Tokens(store.redis, store.keys)
-
-
-def _registry(request: web.Request) -> SiteRegistry:
-    store = request.app[STORE]
-    return SiteRegistry(store.redis, store.keys)
-
-
-async def _body(request: web.Request) -> bytes:
-    if request.content_type != "application/json":
-        raise InvalidInput("send application/json", None, code="unsupported_media_type")
-    return await request.read()
-
-
 async def list_tokens(request: web.Request) -> web.Response:
-    return json_response({"tokens": [i.as_dict() for i in await _tokens(request).list()]})
+    return json_response({"tokens": [i.as_dict() for i in await request.app[DEPS].token_admin.list()]})
 
 
 async def create_token(request: web.Request) -> web.Response:
     """A new token: the only time it is shown."""
-    asked = parse(TokenRequest, await _body(request))
-    token, identity = await _tokens(request).create(asked.role, asked.tenant, asked.name)
+    asked = parse(TokenRequest, await json_body(request))
+    token, identity = await request.app[DEPS].token_admin.create(asked.role, asked.tenant, asked.name)
     return json_response({"token": token, **identity.as_dict()}, 201)
 
 
 async def revoke_token(request: web.Request) -> web.Response:
-    return json_response({"revoked": (await _tokens(request).revoke(request.match_info["id"])).as_dict()})
+    revoked = await request.app[DEPS].token_admin.revoke(request.match_info["id"])
+    return json_response({"revoked": revoked.as_dict()})
 
 
 async def list_registered_sites(request: web.Request) -> web.Response:
-    return json_response({"sites": [s.as_dict() for s in await _registry(request).sites()]})
+    return json_response({"sites": [s.as_dict() for s in await request.app[DEPS].registry.sites()]})
 
 
 async def register_site(request: web.Request) -> web.Response:
     """Register a site; the answer holds its MQTT password, shown this once."""
-    asked = parse(SiteRegistration, await _body(request))
-    site, password = await _registry(request).register(asked.id, asked.hub, asked.cluster, request.app[GEO],
-                                                       rotate=asked.rotate)  # fmt: skip
+    deps = request.app[DEPS]
+    asked = parse(SiteRegistration, await json_body(request))
+    site, password = await deps.registry.register(asked.id, asked.hub, asked.cluster, deps.geography,
+                                                  rotate=asked.rotate)  # fmt: skip
     body: dict[str, Any] = {**site.as_dict(), "mqtt_username": site.id, "mqtt_password": password}
     return json_response(body, 201)
 
 
 async def revoke_site(request: web.Request) -> web.Response:
-    await _registry(request).revoke(request.match_info["id"])
+    await request.app[DEPS].registry.revoke(request.match_info["id"])
     return json_response({"revoked": request.match_info["id"]})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/admin/tokens", list_tokens)
-    app.router.add_post("/v1/admin/tokens", create_token)
-    app.router.add_delete("/v1/admin/tokens/{id}", revoke_token)
-    app.router.add_get("/v1/admin/sites", list_registered_sites)
-    app.router.add_post("/v1/admin/sites", register_site)
-    app.router.add_delete("/v1/admin/sites/{id}", revoke_site)
+ROUTES = (
+    Route("GET", "/v1/admin/tokens", list_tokens, "API tokens (never the tokens themselves)", role="admin",
+          ok=(200, "TokenList")),
+    Route("POST", "/v1/admin/tokens", create_token, "Create an API token, shown this once", role="admin",
+          ok=(201, "NewToken"), errors=(400, 413, 415), body=TokenRequest),
+    Route("DELETE", "/v1/admin/tokens/{id}", revoke_token, "Revoke a token by id", role="admin",
+          ok=(200, "RevokedToken"), errors=(404,), params=(ID,)),
+    Route("GET", "/v1/admin/sites", list_registered_sites, "The site registry", role="admin",
+          ok=(200, "RegisteredSiteList")),
+    Route("POST", "/v1/admin/sites", register_site, "Register a site; its MQTT password is shown this once",
+          role="admin", ok=(201, "NewSite"), errors=(400, 409, 413, 415), body=SiteRegistration),
+    Route("DELETE", "/v1/admin/sites/{id}", revoke_site, "Remove a site from the registry", role="admin",
+          ok=(200, "RevokedSite"), errors=(404,), params=(ID,)),
+)  # fmt: skip

@@ -1,5 +1,5 @@
-"""Authentication for the API: the bearer token of each request, its identity, and the role each route
-needs."""
+"""Authentication for the API: the bearer token of each request, the identity it stands for, and the check
+of that identity's role against the least role the route declares (broker.http.routes)."""
 
 from __future__ import annotations
 
@@ -7,49 +7,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from broker.http.deps import DEPS
+from broker.http.routes import ADMIN, ROUTE_TABLE, TENANT_HEADER
 from broker.model.identity import OPEN, PUBLIC, Identity, check_tenant
-from broker.state.tokens import Tokens
 from common.errors import Forbidden, Unauthorized
 
-TENANT_HEADER = "X-Suanwang-Tenant"
-
-# The least role each route needs, by (method, route path). A route missing here needs `admin`, so a
-# route added without a thought for access is closed rather than open.
-ROUTE_ROLES: dict[tuple[str, str], str] = {
-    ("GET", "/healthz"): PUBLIC,
-    ("GET", "/openapi.json"): PUBLIC,
-    ("GET", "/"): PUBLIC,
-    ("GET", "/static"): PUBLIC,
-    ("POST", "/v1/jobs"): "user",
-    ("POST", "/v1/quote"): "user",
-    ("GET", "/v1/jobs"): "user",
-    ("GET", "/v1/jobs/{id}"): "user",
-    ("DELETE", "/v1/jobs/{id}"): "user",
-    ("GET", "/v1/hubs"): "user",
-    ("GET", "/v1/sites"): "operator",
-    ("GET", "/v1/sites/{id}"): "operator",
-    ("GET", "/v1/allocations/stream"): "operator",
-    ("GET", "/v1/dashboard/summary"): "operator",
-    ("GET", "/v1/dashboard/places"): "operator",
-    ("GET", "/v1/dashboard/jobs/{id}/events"): "operator",
-    ("GET", "/v1/usage"): "user",
-    ("GET", "/metrics"): "operator",
-    ("GET", "/v1/admin/tokens"): "admin",
-    ("POST", "/v1/admin/tokens"): "admin",
-    ("DELETE", "/v1/admin/tokens/{id}"): "admin",
-    ("GET", "/v1/admin/sites"): "admin",
-    ("POST", "/v1/admin/sites"): "admin",
-    ("DELETE", "/v1/admin/sites/{id}"): "admin",
-}
-# Only the live stream takes its token from the query: a browser's EventSource cannot send headers.
-QUERY_TOKEN_ROUTES = {("GET", "/v1/allocations/stream")}
-
-
-def route_role(method: str, path: str) -> str:
-    return ROUTE_ROLES.get(("GET" if method == "HEAD" else method, path), "admin")
-
-
-TOKENS: web.AppKey[Tokens | None] = web.AppKey("tokens", object)  # type: ignore[arg-type]
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
 
 
@@ -70,13 +32,13 @@ async def authenticate(request: web.Request, handler: Callable[[web.Request], Aw
     resource = request.match_info.route.resource
     if resource is None:  # no such route (404) or method (405): nothing to protect
         return await handler(request)
-    key = ("GET" if request.method == "HEAD" else request.method, resource.canonical)
-    need = route_role(*key)
-    tokens = request.app[TOKENS]
+    tokens = request.app[DEPS].tokens
     if tokens is None:
         request[IDENTITY] = OPEN
         return await handler(request)
-    token = bearer(request, key in QUERY_TOKEN_ROUTES)
+    route = request.app[ROUTE_TABLE].find(request.method, resource.canonical)
+    need = route.role if route is not None else ADMIN
+    token = bearer(request, route is not None and route.query_token)
     identity = await tokens.lookup(token) if token else None
     if identity is None:
         if need == PUBLIC:

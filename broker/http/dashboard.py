@@ -1,34 +1,37 @@
 """The operators' web dashboard: the static page at `/` and the read-only views it polls.
 
-The page itself (broker/web/) is plain HTML, CSS and JavaScript modules with no build step; it draws
+The page itself (broker/http/web/) is plain HTML, CSS and JavaScript modules with no build step; it draws
 the map, the live feed and the charts from the public API plus the three views here, which see every
 tenant: the queue summary, the places of the map and a job's event history.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 
-from broker.http.api import GEO, STORE, json_response
-from broker.http.usage import totals, usage_records
-from broker.state.connection import now_ms, translated
-from broker.state.events import decode_event
+from broker.http.deps import DEPS
+from broker.http.responses import json_response
+from broker.http.routes import ID, STR, Route, param
+from broker.http.views import usage_totals
 from common.errors import NotFound
 
 WEB_ROOT = Path(str(resources.files("broker.http.web")))
 QUEUE_SAMPLE = 2000  # queued jobs read for the waiting reasons; the head of the queue is what matters
 RECENT_EVENTS = 400  # newest log entries scanned for the recent jobs
 RECENT_JOBS = 15
-HISTORY_PAGE = 5000  # log entries read per round when collecting one job's history
-HISTORY_ROUNDS = 4
 BACKFILL = 150  # events the page replays from the log when it opens
-_TERMINAL = {"completed", "failed", "cancelled"}
+DAY_MS = 24 * 3600 * 1000
 _NO_CACHE = {"Cache-Control": "no-cache"}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def reason_phrases(message: str) -> list[str]:
@@ -83,26 +86,17 @@ def recent_jobs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def summary(request: web.Request) -> web.Response:
     """Queue depth by priority, why jobs wait, and the jobs that moved last, across every tenant."""
-    store = request.app[STORE]
-    keys, redis = store.keys, store.redis
-    by_priority = await store.queue_depths()
-    async with translated():
-        pipe = redis.pipeline(transaction=False)
-        pipe.zrange(keys.queue, 0, QUEUE_SAMPLE - 1)
-        pipe.zcard(keys.assigned)
-        pipe.xrevrange(keys.events, count=RECENT_EVENTS)
-        queued_ids, assigned, newest = await pipe.execute()
-    day = await usage_records(store, now_ms() - 24 * 3600 * 1000, None, None)
-    ids = [i.decode() for i in queued_ids]
-    fields = await store.get_jobs(ids, "reason", "tenant", "priority", "created", "name", "origin")
-    events = [decode_event(i, f) for i, f in newest]
+    queries = request.app[DEPS].queries
+    sample = await queries.queue_sample(QUEUE_SAMPLE, RECENT_EVENTS)
+    day = await queries.usage_records(now_ms() - DAY_MS, None, None)
+    events = sample.newest_events
     backfill = events[BACKFILL] if len(events) > BACKFILL else None
     return json_response({
-        "queue": {"total": sum(by_priority.values()), "by_priority": by_priority},
-        "awaiting_acceptance": assigned,
-        "waiting": waiting_summary(list(zip(ids, fields, strict=True)), now_ms()),
+        "queue": {"total": sum(sample.depths.values()), "by_priority": sample.depths},
+        "awaiting_acceptance": sample.awaiting_acceptance,
+        "waiting": waiting_summary(sample.queued, now_ms()),
         "recent_jobs": recent_jobs(events),
-        "revenue_24h_by_hub": totals(day, "hub"),
+        "revenue_24h_by_hub": usage_totals(day, "hub"),
         # replay from here so the feed opens with the latest events instead of empty
         "backfill_from": backfill["id"] if backfill else ("0-0" if events else None),
     })  # fmt: skip
@@ -110,7 +104,7 @@ async def summary(request: web.Request) -> web.Response:
 
 async def places(request: web.Request) -> web.Response:
     """Everything the map places: hubs, clusters and the cities jobs come from, with coordinates."""
-    geo = request.app[GEO]
+    geo = request.app[DEPS].geography
     return json_response({
         "hubs": [{"id": h.id, "name_zh": h.name_zh, "name_en": h.name_en, "side": h.side,
                   "demand_hub": h.demand_hub, "clusters": list(h.clusters)} for h in geo.hubs.values()],
@@ -121,40 +115,29 @@ async def places(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-def _created_ms(job: dict[str, str]) -> int:
-    return int(job.get("created") or 0)
-
-
 async def job_history(request: web.Request) -> web.Response:
     """The job's entries in the event log, oldest first, read forward from its submission."""
-    store = request.app[STORE]
+    deps = request.app[DEPS]
     job_id = request.match_info["id"]
-    job = await store.get_job(job_id)
+    job = await deps.store.get_job(job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    history: list[dict[str, Any]] = []
-    start, complete = f"{_created_ms(job)}-0", False
-    async with translated():
-        for _ in range(HISTORY_ROUNDS):
-            rows = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                        await store.redis.xrange(store.keys.events, start, "+", count=HISTORY_PAGE))  # fmt: skip
-            for event_id, fields in rows:
-                if fields.get(b"job") == job_id.encode():
-                    history.append(decode_event(event_id, fields))
-            if len(rows) < HISTORY_PAGE or (history and history[-1].get("type") in _TERMINAL):
-                complete = True
-                break
-            start = "(" + rows[-1][0].decode()
-    return json_response({"job": job_id, "events": history, "complete": complete})
+    found = await deps.queries.job_events(job_id, int(job.get("created") or 0))
+    return json_response({"job": job_id, "events": found.events, "complete": found.complete})
 
 
 async def index(_request: web.Request) -> web.FileResponse:
     return web.FileResponse(WEB_ROOT / "index.html", headers=_NO_CACHE)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_static("/static", WEB_ROOT, append_version=False)
-    app.router.add_get("/v1/dashboard/summary", summary)
-    app.router.add_get("/v1/dashboard/places", places)
-    app.router.add_get("/v1/dashboard/jobs/{id}/events", job_history)
+ROUTES = (
+    Route("GET", "/", index, "The operators' dashboard page", role="public", content="text/html"),
+    Route("GET", "/static", None, "The dashboard's scripts, styles and images", role="public", errors=(404,),
+          params=(param("filename", "path", STR),), content="", static=WEB_ROOT),
+    Route("GET", "/v1/dashboard/summary", summary, "Queue depth, why jobs wait, recent jobs", role="operator",
+          ok=(200, "DashboardSummary")),
+    Route("GET", "/v1/dashboard/places", places, "Hubs, clusters and cities with coordinates", role="operator",
+          ok=(200, "Places")),
+    Route("GET", "/v1/dashboard/jobs/{id}/events", job_history, "A job's entries in the event log",
+          role="operator", ok=(200, "JobEvents"), errors=(404,), params=(ID,)),
+)  # fmt: skip

@@ -1,66 +1,21 @@
-"""Usage accounting: one record per job that ended holding devices (written by transition.lua at that
-moment), read back by time range. Stream entry ids are the end times, so a range query is one XRANGE.
-"""
+"""Usage accounting over HTTP: the records of jobs that ended holding devices, by time range, as JSON with
+totals by hub and tenant, or as CSV for a spreadsheet."""
 
 from __future__ import annotations
 
 import csv
 import io
-from collections import defaultdict
 from datetime import datetime
-from typing import Any
 
 from aiohttp import web
 
-from broker.http.api import STORE, json_response
 from broker.http.auth import acting_tenant, identity_of
-from broker.state.connection import text, translated
-from broker.state.store import Store
+from broker.http.deps import DEPS
+from broker.http.responses import json_response
+from broker.http.routes import Route
+from broker.http.views import usage_totals
+from broker.state.queries import USAGE_FIELDS
 from common.errors import Forbidden, InvalidInput
-
-FIELDS = ("job", "tenant", "site", "hub", "arch", "model", "devices", "start", "end", "device_hours", "price",
-          "cost", "state")  # fmt: skip
-_NUMBERS = {"devices": int, "start": int, "end": int, "device_hours": float, "price": float, "cost": float}
-MAX_RECORDS = 100_000
-
-
-def _record(fields: dict[bytes, bytes]) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for raw_key, raw_value in fields.items():
-        key, value = text(raw_key), text(raw_value)
-        record[key] = _NUMBERS[key](value) if key in _NUMBERS else value
-    return record
-
-
-async def usage_records(store: Store, start_ms: int | None, end_ms: int | None, tenant: str | None) -> list[dict]:
-    """Records of jobs that ended in [start_ms, end_ms], oldest first, for one tenant or all."""
-    out: list[dict[str, Any]] = []
-    after = str(start_ms) if start_ms is not None else "-"
-    until = str(end_ms) if end_ms is not None else "+"
-    async with translated():
-        while len(out) < MAX_RECORDS:
-            page = await store.redis.xrange(store.keys.usage, after, until, count=5000)
-            if not page:
-                break
-            for _entry_id, fields in page:
-                record = _record(fields)
-                if tenant is None or record.get("tenant") == tenant:
-                    out.append(record)
-            after = "(" + text(page[-1][0])
-    return out
-
-
-def totals(records: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
-    """Device-hours and cost per `by` (hub, tenant, arch ...), largest cost first."""
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: {"jobs": 0, "device_hours": 0.0, "cost": 0.0})
-    for record in records:
-        row = sums[record.get(by, "")]
-        row["jobs"] += 1
-        row["device_hours"] += record["device_hours"]
-        row["cost"] += record["cost"]
-    return sorted(({by: key, "jobs": int(v["jobs"]), "device_hours": round(v["device_hours"], 4),
-                    "cost_cny": round(v["cost"], 2)} for key, v in sums.items()),
-                  key=lambda r: -r["cost_cny"])  # fmt: skip
 
 
 def _time(request: web.Request, name: str) -> int | None:
@@ -91,18 +46,21 @@ def _scope(request: web.Request) -> str | None:
 async def get_usage(request: web.Request) -> web.StreamResponse:
     """Usage records in a time range; `format=csv` (or Accept: text/csv) for a spreadsheet."""
     start, end = _time(request, "from"), _time(request, "to")
-    records = await usage_records(request.app[STORE], start, end, _scope(request))
+    records = await request.app[DEPS].queries.usage_records(start, end, _scope(request))
     wants_csv = request.query.get("format") == "csv" or "text/csv" in request.headers.get("Accept", "")
     if wants_csv:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=USAGE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
         return web.Response(text=buffer.getvalue(), content_type="text/csv",
                             headers={"Content-Disposition": 'attachment; filename="suanwang-usage.csv"'})  # fmt: skip
-    return json_response({"records": records, "by_hub": totals(records, "hub"), "by_tenant": totals(records, "tenant"),
+    return json_response({"records": records, "by_hub": usage_totals(records, "hub"),
+                          "by_tenant": usage_totals(records, "tenant"),
                           "total_cost_cny": round(sum(r["cost"] for r in records), 2)})  # fmt: skip
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/usage", get_usage)
+ROUTES = (
+    Route("GET", "/v1/usage", get_usage, "Usage records in a time range; `format=csv` (or Accept: text/csv) for a "
+          "spreadsheet", role="user", content=""),
+)  # fmt: skip

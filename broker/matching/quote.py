@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from broker.matching.scan import Candidate, Decision, NoFit, Request, match
+from broker.matching import Candidate, Decision, NoFit, Request, match
 from broker.matching.snapshot import Snapshot
 
 TOP = 10

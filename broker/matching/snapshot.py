@@ -238,9 +238,7 @@ class Snapshot:
             if row is None:
                 continue
             model = table.model
-            table.total[row] = record.capacity.get(f"t:{model}", 0)
-            table.external[row] = record.capacity.get(f"x:{model}", 0)
-            table.allocated[row] = record.capacity.get(f"a:{model}", 0)
+            table.total[row], table.external[row], table.allocated[row] = record.counts(model)
             table.online[row] = online
 
     def _apply_meta(self, info: SiteInfo, record: SiteRecord) -> None:

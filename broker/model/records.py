@@ -1,9 +1,43 @@
-"""What the broker knows of a site and what it commits for a job (pure records)."""
+"""What the broker knows of a site and what it commits for a job (pure records), and the one codec of
+the per-site capacity counters (`t:<model>` total, `x:<model>` in use outside the broker, `a:<model>`
+allocated by the broker) that the Lua scripts keep.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple
+
+_KINDS = ("t:", "x:", "a:")
+
+
+class PoolCounts(NamedTuple):
+    """One pool's counters: free = total - external - allocated."""
+
+    total: int = 0
+    external: int = 0
+    allocated: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.external - self.allocated
+
+
+def counter_fields(model: str, counts: PoolCounts) -> dict[str, int]:
+    """The capacity hash fields for one pool."""
+    return {f"t:{model}": counts.total, f"x:{model}": counts.external, f"a:{model}": counts.allocated}
+
+
+def pool_counts(capacity: Mapping[str, int], model: str) -> PoolCounts:
+    """One pool's counters from a site's capacity hash (absent fields are 0)."""
+    return PoolCounts(capacity.get(f"t:{model}", 0), capacity.get(f"x:{model}", 0), capacity.get(f"a:{model}", 0))
+
+
+def counted_models(capacity: Iterable[str]) -> set[str]:
+    """The models a capacity hash has any counter for."""
+    return {field[2:] for field in capacity if field[:2] in _KINDS}
 
 
 @dataclass(frozen=True)
@@ -21,6 +55,36 @@ class Placement:
     decision: str = "{}"  # JSON: the chosen pool's named scores and the runners-up
 
 
+class Applied(IntEnum):
+    """What a capacity message did (capacity.lua's return code)."""
+
+    MOVED = -1  # it named another hub or cluster than the site's own (registered, or first reported)
+    STALE = 0  # its content was not newer than the last applied (still a heartbeat unless a duplicate)
+    APPLIED = 1
+    REVIVED = 2  # it brought a stale site back online
+
+
+class Refusal(StrEnum):
+    """Why Redis refused to commit a placement."""
+
+    STALE_VIEW = "stale_view"  # the pool has less free than the matcher's view said
+    NOT_QUEUED = "not_queued"  # cancelled, or placed by another replica
+    SITE_NOT_ONLINE = "site_not_online"
+    TENANT_LIMIT = "tenant_limit"  # the tenant would hold more devices than its limit
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The outcome of one placement: the attempt number when it was committed, else why not."""
+
+    attempt: int = 0
+    refusal: Refusal | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.refusal is None
+
+
 @dataclass(frozen=True)
 class SiteRecord:
     """A site as stored: identity, status, pool metadata and the capacity counters."""
@@ -33,3 +97,6 @@ class SiteRecord:
     meta_version: int
     meta: dict[str, Any] | None
     capacity: dict[str, int]
+
+    def counts(self, model: str) -> PoolCounts:
+        return pool_counts(self.capacity, model)

@@ -1,4 +1,6 @@
-"""The shell around the pure matcher: refresh the snapshot, match a batch, commit, publish.
+"""The shell around the pure matcher. A pass reads top to bottom as its steps:
+
+    refresh -> intake -> plan (match, optimistic take) -> bind (one pipelined commit) -> notify
 
 Round trips per pass, whatever the batch size: one to learn which sites changed (plus one to load
 them), one to read the head of the queue (plus one for job specs not seen before), one pipelined commit
@@ -9,36 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
-import numpy as np
 import orjson
 
-from broker.matching.scan import Decision, NoFit, Request, match
+from broker.matching import Decision, NoFit, Request, match
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
-from broker.model.job import JobSpec
-from broker.model.records import Placement
+from broker.model.records import Commit, Placement, Refusal
+from broker.scheduling.backfill import Backfill
+from broker.scheduling.intake import Batch, Intake
+from broker.sites.assignments import PublishAssignments, publish_runs
 from broker.state.store import Store
 from common import logs
-from common.protocol import ASSIGNMENTS_SCHEMA
+from common.protocol import Assignment
 
 log = logs.get("suanwang.scheduler")
-
-Publish = Callable[[str, bytes], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """A pool held back for a blocked job until its expected start (only work that ends sooner may use it)."""
-
-    job: str
-    model: str
-    row: int
-    site: str
-    start_ms: float
 
 
 def placement_of(job_id: str, decision: Decision) -> Placement:
@@ -50,12 +39,27 @@ def placement_of(job_id: str, decision: Decision) -> Placement:
                      arch=chosen.arch, decision=record.decode())  # fmt: skip
 
 
+def assignment_of(req: Request, decision: Decision, attempt: int) -> Assignment:
+    chosen = decision.chosen
+    return Assignment(job=req.job_id, attempt=attempt, action="run", model=chosen.model, count=chosen.devices,
+                      duration_hours=round(chosen.est_hours, 4), name=req.name, workload=req.workload,
+                      stack=chosen.stack, image=chosen.image)  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """One pass's decisions: placements taken optimistically in the snapshot, and new waiting reasons."""
+
+    placements: list[tuple[Placement, Request, Decision]] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
 class Scheduler:
     def __init__(
         self,
         store: Store,
         snapshot: Snapshot,
-        publish_assignments: Publish,
+        publish_assignments: PublishAssignments,
         *,
         batch: int = 512,
         accept_timeout_s: float = 30.0,
@@ -68,15 +72,11 @@ class Scheduler:
         self.store = store
         self.snapshot = snapshot
         self.publish_assignments = publish_assignments
-        self.batch = batch
         self.accept_timeout_ms = int(accept_timeout_s * 1000)
         self.idle_poll_s = idle_poll_s
         self.kick = kick or asyncio.Event()
-        self._requests: OrderedDict[str, Request | None] = OrderedDict()
-        self._created: dict[str, int] = {}  # job -> submission time (ms), for the latency histogram
-        self._reservation: Reservation | None = None
-        self.reserve_after_ms = reserve_after_s * 1000
-        self._unfit: dict[str, tuple[int, str]] = {}  # job -> (snapshot version, reason written)
+        self.intake = Intake(store, batch)
+        self.backfill = Backfill(store, reserve_after_s)
         self.placed = 0
 
     async def refresh(self) -> int:
@@ -90,166 +90,71 @@ class Scheduler:
         self.snapshot.version = max(self.snapshot.version, max(version for _, version in changed))
         return len(changed)
 
-    async def _requests_for(self, ids: list[str]) -> list[Request]:
-        missing = [job_id for job_id in ids if job_id not in self._requests]
-        if missing:
-            rows = await self.store.get_jobs(missing, "spec", "created", "last_site")
-            for job_id, (spec, created, last_site) in zip(missing, rows, strict=True):
-                req = Request.of(job_id, JobSpec.model_validate_json(spec)) if spec else None
-                if req is not None and last_site:
-                    req = req.relaxed(avoid_sites=frozenset({last_site}))
-                self._requests[job_id] = req
-                self._created[job_id] = int(created or 0)
-            while len(self._requests) > 200_000:
-                dropped, _ = self._requests.popitem(last=False)
-                self._created.pop(dropped, None)
-        return [req for job_id in ids if (req := self._requests.get(job_id)) is not None]
-
-    async def _queue_head(self) -> tuple[list[str], dict[str, str], set[str]]:
-        """Jobs to consider this pass, fairly across tenants, and why any were held back.
-
-        Every tenant's first job comes before any tenant's second (so 10,000 jobs from one tenant do not
-        block one job from another), priority decides within a round, and a tenant at its device limit
-        waits. Jobs already found unfit at this snapshot version are skipped.
-        """
-        heads = await self.store.queue_heads(self.batch)
-        usage, limits = self.store.usage, self.store.limits
-        version = self.snapshot.version
-        held: dict[str, str] = {}
-        ids: list[str] = []
-        for job_id, _position, _score, tenant in sorted(heads, key=lambda h: (h[1], h[2])):
-            limit = limits.get(tenant)
-            if limit is not None and usage.get(tenant, 0) >= limit:
-                held[job_id] = f"tenant {tenant} holds {usage.get(tenant, 0)} devices, its limit is {limit}"
-            elif self._unfit.get(job_id, (-1, ""))[0] != version:
-                ids.append(job_id)
-        return ids[: self.batch], held, {h[0] for h in heads}
-
     async def run_once(self) -> int:
         """One scheduling pass; returns the number of jobs placed."""
         await self.refresh()
-        head, held, queued = await self._queue_head()
-        if self._reservation is not None and self._reservation.job not in queued:
-            self._reservation = None  # the gang was placed, cancelled or failed
-        requests = await self._requests_for(head)
-        if held:
-            await self.store.set_reasons({j: r for j, r in held.items() if self._unfit.get(j, (0, ""))[1] != r})
-            for job_id, reason in held.items():
-                self._unfit[job_id] = (-2, reason)  # re-checked every pass: usage changes without a site change
-        if not requests:
+        batch = await self.intake.next_batch(self.snapshot.version)
+        self.backfill.keep_if_queued(batch.queued)
+        await self.store.set_reasons(self.intake.hold(batch.held))
+        if not batch.requests:
             return 0
-        if len(self._unfit) > 200_000:
-            self._unfit.clear()  # entries of jobs that left the queue elsewhere; rebuilt as needed
-        placements: list[tuple[Placement, Request, Decision]] = []
-        reasons: dict[str, str] = {}
-        now = time.time() * 1000
-        for req in requests:
-            reserved = self._reservation
-            exclude = None
-            if (
-                reserved is not None
-                and req.job_id != reserved.job
-                and now + req.duration_hours * 3.6e6 > reserved.start_ms
-            ):
-                exclude = (reserved.model, reserved.row)  # backfill only what ends before the gang starts
-            result = match(req, self.snapshot, exclude=exclude)
-            if isinstance(result, NoFit):
-                message = result.message
-                if (reserved is None or reserved.job == req.job_id) and self._waited(req.job_id, now):
-                    note = await self._reserve(req, now)
-                    message += note
-                previous = self._unfit.get(req.job_id)
-                self._unfit[req.job_id] = (self.snapshot.version, message)
-                if previous is None or previous[1] != message:
-                    reasons[req.job_id] = message
-                continue
-            chosen = result.chosen
-            self.snapshot.tables[chosen.model].allocated[chosen.row] += chosen.devices  # optimistic; commit decides
-            placements.append((placement_of(req.job_id, result), req, result))
-        await self.store.set_reasons(reasons)
-        results = await self.store.allocate([p for p, _, _ in placements], self.accept_timeout_ms)
-        by_site: dict[str, list[dict[str, object]]] = defaultdict(list)
-        stale = False
-        for (placement, req, decision), attempt in zip(placements, results, strict=True):
-            if attempt <= 0:  # undo the optimistic take; Redis holds the truth
-                self.snapshot.tables[decision.chosen.model].allocated[decision.chosen.row] -= decision.chosen.devices
-            if attempt > 0:
-                self._unfit.pop(req.job_id, None)
-                self._requests.pop(req.job_id, None)
-                created = self._created.pop(req.job_id, 0)
-                self.metrics.placements.labels(placement.hub, placement.arch).inc()
-                if created:
-                    self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
-                chosen = decision.chosen
-                by_site[placement.site].append(
-                    {"job": req.job_id, "attempt": attempt, "action": "run", "model": placement.model,
-                     "count": placement.count, "duration_hours": round(chosen.est_hours, 4), "name": req.name,
-                     "workload": req.workload, "stack": chosen.stack, "image": chosen.image}
-                )  # fmt: skip
-                log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
-                         count=placement.count, attempt=attempt)  # fmt: skip
-            elif attempt == -1:
-                self._requests.pop(req.job_id, None)  # cancelled or placed by another replica
-                self.metrics.rejections.labels("not_queued").inc()
-            elif attempt == -3:
-                self.metrics.rejections.labels("tenant_limit").inc()  # the next pass holds the tenant's jobs
-            else:
-                stale = True  # our view was behind Redis; the next pass reloads the site
-                self.metrics.rejections.labels("stale_view" if attempt == 0 else "site_not_online").inc()
+        plan = await self._plan(batch)
+        await self.store.set_reasons(plan.reasons)
+        commits = await self.store.allocate([p for p, _, _ in plan.placements], self.accept_timeout_ms)
+        by_site = self._bind(plan, commits)
         if by_site:
-            await self._publish(by_site)
-        placed = sum(len(v) for v in by_site.values())
+            await publish_runs(self.publish_assignments, by_site)
+        placed = sum(len(items) for items in by_site.values())
         self.placed += placed
-        if stale:
-            self.kick.set()
         return placed
 
-    def _waited(self, job_id: str, now: float) -> bool:
-        created = self._created.get(job_id)
-        return created is not None and now - created >= self.reserve_after_ms
+    async def _plan(self, batch: Batch) -> Plan:
+        """Match each job in turn; a placement takes its devices in the snapshot at once (the commit decides),
+        so later jobs of the batch see them gone."""
+        plan = Plan()
+        now = time.time() * 1000
+        version = self.snapshot.version
+        for req in batch.requests:
+            result = match(req, self.snapshot, exclude=self.backfill.exclude_for(req, now))
+            if isinstance(result, NoFit):
+                message = result.message
+                if self.backfill.may_reserve(req, self.intake.created.get(req.job_id), now):
+                    message += await self.backfill.reserve(req, self.snapshot, now)
+                if self.intake.unfit(req.job_id, version, message):
+                    plan.reasons[req.job_id] = message
+                continue
+            self._take(result, +1)
+            plan.placements.append((placement_of(req.job_id, result), req, result))
+        return plan
 
-    async def _reserve(self, req: Request, now: float) -> str:
-        """Hold back, for the first job that has waited too long, the pool it would get when work there ends.
+    def _take(self, decision: Decision, sign: int) -> None:
+        chosen = decision.chosen
+        self.snapshot.tables[chosen.model].allocated[chosen.row] += sign * chosen.devices
 
-        EASY backfill: later jobs may still use that pool if they end before the job's expected start, so
-        small work fills the gap without delaying it. The start is expected from the end times of the
-        broker's jobs there (their start plus estimated hours). Returns a note for the job's `waiting`.
-        """
-        target = match(req, self.snapshot, when_empty=True)
-        if isinstance(target, NoFit):
-            self._reservation = None
-            return ""
-        chosen = target.chosen
-        table = self.snapshot.tables[chosen.model]
-        free = int(table.free(np.array([chosen.row]))[0])
-        start = now
-        if free < chosen.devices:
-            ends = sorted(await self.store.holdings_ends(chosen.site, chosen.model))
-            start = float("inf")
-            for end_ms, count in ends:
-                free += count
-                if free >= chosen.devices:
-                    start = max(float(end_ms), now)
-                    break
-        if start == float("inf"):
-            # the broker's own jobs there do not explain the shortfall: the view is behind a release that
-            # is under way (or outside use is shifting); keep the pool for the gang and start it first
-            start = now
-        self._reservation = Reservation(req.job_id, chosen.model, chosen.row, chosen.site, start)
-        minutes = max(0.0, (start - now) / 60000)
-        return f"; {chosen.site} is held for it, expected to start in about {minutes:.0f} min"
+    def _bind(self, plan: Plan, commits: list[Commit]) -> dict[str, list[Assignment]]:
+        """Settle each placement by what Redis decided: assignments to send, per site, for those committed."""
+        by_site: dict[str, list[Assignment]] = defaultdict(list)
+        for (placement, req, decision), commit in zip(plan.placements, commits, strict=True):
+            if commit.refusal is not None:
+                self._take(decision, -1)  # undo the optimistic take; Redis holds the truth
+                self._refused(req, commit.refusal)
+                continue
+            created = self.intake.placed(req.job_id)
+            self.metrics.placements.labels(placement.hub, placement.arch).inc()
+            if created:
+                self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
+            by_site[placement.site].append(assignment_of(req, decision, commit.attempt))
+            log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
+                     count=placement.count, attempt=commit.attempt)  # fmt: skip
+        return by_site
 
-    async def _publish(self, by_site: dict[str, list[dict[str, object]]]) -> None:
-        """One message per site, all sites at once (each QoS 1 publish waits for its PUBACK)."""
-
-        async def one(site: str, items: list[dict[str, object]]) -> None:
-            payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items})
-            try:
-                await self.publish_assignments(site, payload)
-            except Exception as exc:  # the assignment is in Redis; the accept timeout returns it to the queue
-                log.warning("assignment.publish_failed", site=site, error=str(exc))
-
-        await asyncio.gather(*(one(site, items) for site, items in by_site.items()))
+    def _refused(self, req: Request, refusal: Refusal) -> None:
+        self.metrics.rejections.labels(refusal.value).inc()
+        if refusal is Refusal.NOT_QUEUED:
+            self.intake.forget(req.job_id)  # cancelled or placed by another replica
+        elif refusal in (Refusal.STALE_VIEW, Refusal.SITE_NOT_ONLINE):
+            self.kick.set()  # our view was behind Redis; the next pass reloads the site
+        # TENANT_LIMIT: the next pass holds the tenant's jobs
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Schedule until `stop` is set: at once when kicked, otherwise every `idle_poll_s`.

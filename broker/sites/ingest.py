@@ -8,7 +8,9 @@ import asyncio
 from collections import Counter
 
 from broker.metrics import Metrics
-from broker.sites.lifecycle import PublishAssignments, reconcile_site, requeue_site
+from broker.model.records import Applied
+from broker.sites.assignments import PublishAssignments
+from broker.sites.lifecycle import reconcile_site, requeue_site
 from broker.state.registry import SITE_ID, SiteGate
 from broker.state.store import Store
 from common import logs, topics
@@ -111,10 +113,15 @@ class Ingest:
         if capacity.cluster is not None and capacity.cluster not in hub.clusters:
             raise InvalidInput(f"cluster {capacity.cluster!r} is not in hub {hub.id!r}", "cluster")
         applied = await self.store.apply_capacity(capacity)
-        if applied == 2:
+        if applied is Applied.MOVED:
+            self._drop("moved")
+            log.warning("mqtt.dropped", site=site, reason="names another hub or cluster than the site's own",
+                        hub=capacity.hub, cluster=capacity.cluster)  # fmt: skip
+            return
+        if applied is Applied.REVIVED:
             log.info("site.back", site=site)
             await reconcile_site(self.store, self.publish_assignments, site)
-        if applied:
+        if applied is not Applied.STALE:
             self.kick.set()
         else:
             self._drop("stale_seq")

@@ -8,45 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-
-import orjson
 
 from broker.metrics import Metrics
-from broker.state.connection import now_ms
+from broker.sites.assignments import PublishAssignments, reconcile_payload, tell_site_to_cancel
 from broker.state.store import Store
 from common import logs
-from common.protocol import ASSIGNMENTS_SCHEMA
 
 log = logs.get("suanwang.lifecycle")
-
-PublishAssignments = Callable[[str, bytes], Awaitable[None]]
-
-
-def cancel_payload(site: str, jobs: Sequence[tuple[str, int]]) -> bytes:
-    """An assignments message telling `site` to stop these (job, attempt) pairs."""
-    return orjson.dumps({
-        "schema": ASSIGNMENTS_SCHEMA, "site": site,
-        "assignments": [{"job": job, "attempt": attempt, "action": "cancel"} for job, attempt in jobs],
-    })  # fmt: skip
-
-
-async def tell_site_to_cancel(publish: PublishAssignments, site: str, jobs: Sequence[tuple[str, int]]) -> None:
-    if not jobs:
-        return
-    try:
-        await publish(site, cancel_payload(site, jobs))
-    except Exception as exc:  # best effort: the site's stale events are ignored by attempt anyway
-        log.warning("cancel.publish_failed", site=site, error=str(exc))
 
 
 async def reconcile_site(store: Store, publish: PublishAssignments, site: str) -> int:
     """Tell a site that came back which of its jobs the broker still counts there; it stops the rest."""
     jobs = await store.jobs_at(site)
     rows = await store.get_jobs(jobs, "attempt", "state") if jobs else []
-    items = [{"job": job, "attempt": int(attempt or 0), "action": "run"}
-             for job, (attempt, state) in zip(jobs, rows, strict=True) if state in ("assigned", "running")]  # fmt: skip
-    payload = orjson.dumps({"schema": ASSIGNMENTS_SCHEMA, "site": site, "assignments": items, "reconcile": True})
+    items = [(job, int(attempt or 0)) for job, (attempt, state) in zip(jobs, rows, strict=True)
+             if state in ("assigned", "running")]  # fmt: skip
+    payload = reconcile_payload(site, items)
     try:
         await publish(site, payload)
     except Exception as exc:  # it reconciles on its next return instead
@@ -72,7 +49,7 @@ async def requeue_site(store: Store, publish: PublishAssignments, site: str, rea
 async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> Counter[str]:
     """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, and give back
     the work of silent sites. Returns how many jobs moved, by reason."""
-    now = now_ms()
+    now = await store.clock_ms()
     moved: Counter[str] = Counter()
     overdue = await store.overdue_assignments(now)
     if overdue:

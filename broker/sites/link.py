@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiomqtt
 
-from common import logs
+from common import logs, topics
 from common.config import MqttTarget
 from common.errors import MessagingUnavailable
 
@@ -25,19 +25,18 @@ class MqttLink:
         target: MqttTarget,
         identifier: str,
         subscriptions: Sequence[tuple[str, int]],
-        on_message: OnMessage,
         *,
         keepalive: int = 30,
     ) -> None:
         self.target = target
         self.identifier = identifier
         self.subscriptions = list(subscriptions)
-        self.on_message = on_message
         self.keepalive = keepalive
         self.connected = asyncio.Event()
         self._client: aiomqtt.Client | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, on_message: OnMessage) -> None:
+        """Stay connected until `stop` is set, handing every message received to `on_message`."""
         backoff = 0.2
         while not stop.is_set():
             try:
@@ -58,7 +57,7 @@ class MqttLink:
                         if not isinstance(payload, bytes | bytearray):
                             payload = str(payload or "").encode()
                         try:
-                            await self.on_message(str(message.topic), bytes(payload))
+                            await on_message(str(message.topic), bytes(payload))
                         except Exception:  # a bug in one handler must not stop the ingest loop
                             log.exception("mqtt.handler_failed", topic=str(message.topic))
             except aiomqtt.MqttError as exc:
@@ -78,3 +77,11 @@ class MqttLink:
             await client.publish(topic, payload, qos=qos, retain=retain, timeout=10)
         except aiomqtt.MqttError as exc:
             raise MessagingUnavailable(f"MQTT publish failed: {exc}") from None
+
+    async def publish_assignments(self, site: str, payload: bytes) -> None:
+        """An `assignments` message to one site (QoS 1: the publish waits for the MQTT broker's PUBACK)."""
+        await self.publish(topics.assignments(site), payload, qos=1)
+
+    async def publish_allocation(self, payload: bytes) -> None:
+        """One event of the log to the operators' mirror topic (QoS 0: the log in Redis is the record)."""
+        await self.publish(topics.ALLOCATIONS, payload, qos=0)

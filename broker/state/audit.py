@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from broker.model.records import counted_models, pool_counts
 from broker.state.connection import text, translated
 from broker.state.store import Store
 
@@ -100,9 +101,8 @@ def _check_capacity(jobs: dict[str, list[Any]], caps: dict[str, dict[str, int]],
             row = jobs.get(job)
             if row and row[0] in HOLDING and row[2]:
                 held[row[2]] += int(row[3] or 0)
-        models = {f[2:] for f in cap if f[:2] in ("t:", "x:", "a:")} | set(held)
-        for model in sorted(models):
-            total, external, allocated = cap.get(f"t:{model}", 0), cap.get(f"x:{model}", 0), cap.get(f"a:{model}", 0)
+        for model in sorted(counted_models(cap) | set(held)):
+            total, external, allocated = pool_counts(cap, model)
             subject = f"{site}/{model}"
             if allocated < 0:
                 out.append(Violation("negative_allocation", subject, f"allocated {allocated}"))

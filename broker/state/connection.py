@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from redis import exceptions as redis_errors
 
@@ -15,14 +16,20 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def text(value: bytes | str | None) -> str:
+# What XRANGE, XREAD and XREADGROUP give back (redis-py's own annotations are too wide to use)
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+StreamReply = list[tuple[bytes, StreamEntries]]
+
+
+def text(value: object) -> str:
+    """A reply value as text ('' for a missing one)."""
     if value is None:
         return ""
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def decode_hash(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
+def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {text(k): text(v) for k, v in raw.items()}
 
 
 @contextlib.asynccontextmanager

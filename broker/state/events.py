@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis import exceptions as redis_errors
 
-from broker.state.connection import translated
+from broker.state.connection import StreamEntries, StreamReply, translated
 from broker.state.store import Store
 from common import logs
 
@@ -83,7 +83,8 @@ class EventFeed:
     async def backlog(self, after: str, count: int = 1000) -> list[tuple[str, bytes]]:
         """Events after id `after` (exclusive), oldest first, at most `count`."""
         async with translated():
-            rows = await self.store.redis.xrange(self.store.keys.events, f"({after}", "+", count=count)
+            rows = cast(StreamEntries, await self.store.redis.xrange(self.store.keys.events, f"({after}", "+",
+                                                                     count=count))  # fmt: skip
         return [(event["id"], orjson.dumps(event)) for event in (decode_event(i, f) for i, f in rows)]
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,9 +93,9 @@ class EventFeed:
         while not stop.is_set():
             try:
                 if self.last_id == "$":
-                    newest = await redis.xrevrange(key, count=1)
+                    newest = cast(StreamEntries, await redis.xrevrange(key, count=1))
                     self.last_id = newest[0][0].decode() if newest else "0-0"
-                reply = await redis.xread({key: self.last_id}, block=self.block_ms, count=1000)
+                reply = cast(StreamReply, await redis.xread({key: self.last_id}, block=self.block_ms, count=1000))
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("events.tail_failed", error=str(exc))
                 await asyncio.sleep(1)
@@ -129,9 +130,10 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awa
             claimed = await redis.xautoclaim(key, MIRROR_GROUP, consumer, min_idle_time=CLAIM_IDLE_MS, count=500)
             if claimed and claimed[1]:
                 log.info("mirror.claimed", entries=len(claimed[1]))
-            reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500)
+            reply = cast(StreamReply, await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500))
             if not reply or not reply[0][1]:
-                reply = await redis.xreadgroup(MIRROR_GROUP, consumer, {key: ">"}, count=500, block=1000)
+                reply = cast(StreamReply, await redis.xreadgroup(MIRROR_GROUP, consumer, {key: ">"}, count=500,
+                                                                 block=1000))  # fmt: skip
             for _stream, entries in reply or ():
                 if not entries:
                     continue

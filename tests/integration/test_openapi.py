@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 from schemathesis.schemas import APIOperation
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from broker.http.auth import route_role
+from broker.http.app import route_role
 from suanwang.servers import MosquittoServer, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import pytest
 from adapters.fleet import all_sites
 from adapters.sim import run_sim
 from adapters.site import SiteLink
-from broker.matching.scan import BALANCED_SENSITIVE, BALANCED_TOLERANT
+from broker.matching import BALANCED_SENSITIVE, BALANCED_TOLERANT
 from broker.model.stacks import parse_requirement
 from broker.service import Broker
 from common.config import MqttTarget

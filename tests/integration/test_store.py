@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.model.job import JobSpec
-from broker.model.records import Placement
+from broker.model.records import Commit, Placement, Refusal
 from broker.sites.lifecycle import requeue_site
 from broker.state.keys import Keys
 from broker.state.store import Store, queue_score
@@ -27,6 +27,11 @@ def store(redis_client: aioredis.Redis, namespace: str) -> Store:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def outcomes(commits: list[Commit]) -> list[int | str]:
+    """Each commit as its attempt number, or its refusal's name."""
+    return [c.attempt if c.refusal is None else c.refusal.value for c in commits]
 
 
 def capacity(seq: int, pools: dict[str, tuple[int, int]], site: str = SITE) -> Capacity:
@@ -74,9 +79,9 @@ async def site_with_job(store: Store, job: str = "j1", total: int = 100, count: 
     """An online site with one pool and `job` allocated on it; returns the attempt."""
     assert await store.apply_capacity(capacity(1, {MODEL: (total, 0)}))
     await store.submit(job, spec(count=count), at_ms=T0)
-    (attempt,) = await store.allocate([placement(job, count)], accept_timeout_ms=60_000)
-    assert attempt == 1
-    return attempt
+    (commit,) = await store.allocate([placement(job, count)], accept_timeout_ms=60_000)
+    assert commit == Commit(attempt=1)
+    return commit.attempt
 
 
 # --------------------------------------------------------------------------- capacity
@@ -144,7 +149,7 @@ async def test_placements_in_one_call_see_each_others_allocation(store):
     assert await store.apply_capacity(capacity(1, {MODEL: (10, 0)}))
     for job in ("j1", "j2", "j3"):
         await store.submit(job, spec(count=4), at_ms=T0)
-    assert await store.allocate([placement(j, 4) for j in ("j1", "j2", "j3")], 60_000) == [1, 1, 0]
+    assert outcomes(await store.allocate([placement(j, 4) for j in ("j1", "j2", "j3")], 60_000)) == [1, 1, "stale_view"]
     assert (await counters(store))[f"a:{MODEL}"] == 8
 
 
@@ -171,15 +176,15 @@ async def _unknown_site(store: Store) -> None:
 
 @pytest.mark.parametrize(
     ("setup", "refusal", "job_state"),
-    [(_too_little_free, 0, "queued"), (_not_queued, -1, "cancelled"), (_offline_site, -2, "queued"),
-     (_unknown_site, -2, "queued")],
+    [(_too_little_free, "stale_view", "queued"), (_not_queued, "not_queued", "cancelled"),
+     (_offline_site, "site_not_online", "queued"), (_unknown_site, "site_not_online", "queued")],
     ids=["too-little-free", "not-queued", "offline-site", "unknown-site"],
 )  # fmt: skip
 async def test_allocate_refuses_and_changes_nothing(store, setup, refusal, job_state):
-    """A refused allocation returns its code (0 free, -1 not queued, -2 not online) and leaves every key as it was."""
+    """A refused allocation says why (too little free, not queued, site not online) and leaves every key as it was."""
     await setup(store)
     before = (await counters(store), await event_types(store), await store.queued(0, 10))
-    assert await store.allocate([placement("j1", 8)], 60_000) == [refusal]
+    assert outcomes(await store.allocate([placement("j1", 8)], 60_000)) == [refusal]
     assert (await counters(store), await event_types(store), await store.queued(0, 10)) == before
     assert await state(store, "j1") == job_state
     assert await store.jobs_at(SITE) == []
@@ -191,8 +196,8 @@ async def _overbooking_race(store: Store) -> None:
     for job in jobs:
         await store.submit(job, spec(count=3), at_ms=T0)
     results = await asyncio.gather(*(store.allocate([placement(job, 3)], 60_000) for job in jobs))
-    won = [job for job, (r,) in zip(jobs, results, strict=True) if r == 1]
-    assert sorted(r for (r,) in results if r != 1) == [0] * 167
+    won = [job for job, (r,) in zip(jobs, results, strict=True) if r.attempt == 1]
+    assert [r.refusal for (r,) in results if not r.ok] == [Refusal.STALE_VIEW] * 167
     assert len(won) == 33
     assert (await counters(store))[f"a:{MODEL}"] == 99
     assert sorted(await store.jobs_at(SITE)) == sorted(won)
@@ -272,7 +277,7 @@ async def test_rejected_returns_the_job_to_its_place_in_the_queue(store):
     assert await store.apply_capacity(capacity(1, {MODEL: (100, 0)}))
     await store.submit("early", spec("high"), at_ms=T0)
     await store.submit("later", spec("high"), at_ms=T0 + 5_000)
-    assert await store.allocate([placement("early")], 60_000) == [1]
+    assert outcomes(await store.allocate([placement("early")], 60_000)) == [1]
     assert await store.transition("early", "rejected", SITE, 1, "no room") == "queued"
     assert await store.redis.zscore(store.keys.queue, "early") == queue_score("high", T0)
     assert await store.queued(0, 10) == ["early", "later"]
@@ -283,7 +288,7 @@ async def test_rejected_returns_the_job_to_its_place_in_the_queue(store):
     assert "site" not in job and "model" not in job
     assert await event_types(store) == ["queued", "queued", "allocated", "released", "requeued"]
     # the next attempt gets a new number, and the old attempt's events no longer apply
-    assert await store.allocate([placement("early")], 60_000) == [2]
+    assert outcomes(await store.allocate([placement("early")], 60_000)) == [2]
     assert await store.transition("early", "accepted", SITE, 1) == ""
     assert await store.transition("early", "accepted", SITE, 2) == "assigned"
 
@@ -341,7 +346,7 @@ async def test_expire_requeues_only_past_the_accept_deadline(store, timeout_ms, 
     """expire requeues an assignment only when its accept deadline has passed and the site has not accepted."""
     assert await store.apply_capacity(capacity(1, {MODEL: (100, 0)}))
     await store.submit("j1", spec(), at_ms=T0)
-    assert await store.allocate([placement("j1")], accept_timeout_ms=timeout_ms) == [1]
+    assert outcomes(await store.allocate([placement("j1")], accept_timeout_ms=timeout_ms)) == [1]
     if accept_first:
         assert await store.transition("j1", "accepted", SITE, 1) == "assigned"
     assert await store.transition("j1", "expire") == result
@@ -359,8 +364,8 @@ async def test_overdue_assignments_lists_only_expired_deadlines(store):
     assert await store.apply_capacity(capacity(1, {MODEL: (100, 0)}))
     for job in ("soon", "late"):
         await store.submit(job, spec(), at_ms=T0)
-    assert await store.allocate([placement("soon")], 0) == [1]
-    assert await store.allocate([placement("late")], 3_600_000) == [1]
+    assert outcomes(await store.allocate([placement("soon")], 0)) == [1]
+    assert outcomes(await store.allocate([placement("late")], 3_600_000)) == [1]
     assert await store.overdue_assignments(2**50) == ["soon", "late"]
     now = int(await store.redis.zscore(store.keys.assigned, "soon"))
     assert await store.overdue_assignments(now) == ["soon"]
@@ -375,8 +380,8 @@ async def test_requeue_site_returns_all_its_jobs_and_frees_capacity(store):
     assert await store.apply_capacity(capacity(1, {MODEL: (100, 0)}, site="other-01"))
     for job in ("a1", "a2", "b1"):
         await store.submit(job, spec(count=8), at_ms=T0)
-    assert await store.allocate([placement("a1"), placement("a2"), placement("b1", site="other-01")], 60_000) == [
-        1, 1, 1]  # fmt: skip
+    placements = [placement("a1"), placement("a2"), placement("b1", site="other-01")]
+    assert outcomes(await store.allocate(placements, 60_000)) == [1, 1, 1]
     assert await store.transition("a2", "running", SITE, 1) == "running"
     published: list[tuple[str, bytes]] = []
 

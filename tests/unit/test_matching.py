@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.matching.scan import RUNNERS_UP, Decision, NoFit, Request, match
+from broker.matching import RUNNERS_UP, Decision, NoFit, Request, match
 from broker.matching.snapshot import Snapshot
 from broker.model.job import JobSpec
 from broker.model.records import SiteRecord

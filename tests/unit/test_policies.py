@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.matching.scan import CHUNK, POLICIES, Decision, NoFit, Request, match
+from broker.matching import CHUNK, POLICIES, Decision, NoFit, Request, match
 from broker.matching.snapshot import Snapshot, green_score
 from broker.model.job import JobSpec
 from broker.model.records import SiteRecord

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from broker.matching import Request
 from broker.matching.quote import quote
-from broker.matching.scan import Request
 from broker.matching.snapshot import Snapshot
 from broker.model.job import JobSpec
 from broker.model.records import SiteRecord

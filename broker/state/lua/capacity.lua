@@ -1,16 +1,55 @@
--- Apply a site's capacity message if its seq is newer than the last one applied.
--- KEYS: site, capacity, sites, seen, clock, status_log
--- ARGV: site_id, seq, now_ms, hub, cluster, meta_json, n, model_1, total_1, external_1, ...
--- Returns 1 when applied, 2 when applied and it brought a stale site back online, 0 when stale or
--- duplicated. Allocations (a:<model>) are never touched.
-local seq = tonumber(ARGV[2])
-local current = tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1')
-if seq <= current then
+-- Apply a site's capacity message: every message is a heartbeat; its content is applied only when it is
+-- newer than the last one applied (seq orders content within one boot of the adapter; a new boot id
+-- starts the order again). A site's place is not its own to say: a registered site's hub and cluster are
+-- the registry's, an unregistered one keeps the hub it first reported.
+-- KEYS: site, capacity, sites, seen, clock, status_log, site_registry
+-- ARGV: site_id, seq, now_ms, hub, cluster, meta_json, n, model_1, total_1, external_1, ..., then boot
+--       (after the pools; '' when the adapter sends none)
+-- Returns 1 when applied, 2 when it brought a stale site back online (applied or not), 0 when the content
+-- was stale or a duplicate, -1 when the message names another place than the site's own (nothing done).
+local n = tonumber(ARGV[7])
+local boot = ARGV[8 + n * 3] or ''
+local hub, cluster = ARGV[4], ARGV[5]
+local registered = redis.call('HGET', KEYS[7], ARGV[1])
+if registered then
+  local entry = cjson.decode(registered)
+  local want_cluster = entry['cluster']
+  if type(want_cluster) ~= 'string' then want_cluster = '' end
+  if entry['hub'] ~= hub or (want_cluster ~= '' and cluster ~= '' and cluster ~= want_cluster) then
+    return -1
+  end
+  if cluster == '' then cluster = want_cluster end
+else
+  local known = redis.call('HGET', KEYS[1], 'hub')
+  if known and known ~= '' and known ~= hub then
+    return -1
+  end
+end
+local status = redis.call('HGET', KEYS[1], 'status')
+local last = redis.call('HMGET', KEYS[1], 'seq', 'boot')
+local current = tonumber(last[1] or '-1')
+local same_boot = (last[2] or '') == boot
+if not same_boot then
+  current = -1  -- the adapter restarted: its counter starts again
+end
+local duplicate = same_boot and tonumber(ARGV[2]) == current
+-- a replayed retained message, or a QoS 1 redelivery, repeats the last one exactly: it is not a sign of life
+if not duplicate and status then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+end
+local revived = status == 'stale' and not duplicate
+if tonumber(ARGV[2]) <= current then
+  if revived then
+    redis.call('HSET', KEYS[1], 'status', 'online')
+    redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+    redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(ARGV[3]), status = 'online'}))
+    redis.call('LTRIM', KEYS[6], -100, -1)
+    return 2
+  end
   return 0
 end
 local changed = false
-local revived = false
-local status = redis.call('HGET', KEYS[1], 'status')
 local new_site = not status
 if not status then
   status = 'online'
@@ -26,11 +65,11 @@ if redis.call('HGET', KEYS[1], 'meta') ~= ARGV[6] then
   redis.call('HINCRBY', KEYS[1], 'mv', 1)
   changed = true
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'seen', ARGV[3], 'hub', ARGV[4], 'cluster', ARGV[5], 'status', status)
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'boot', boot, 'seen', ARGV[3], 'hub', hub, 'cluster', cluster,
+  'status', status)
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
 
 local reported = {}
-local n = tonumber(ARGV[7])
 for i = 0, n - 1 do
   local model = ARGV[8 + i * 3]
   reported[model] = true

@@ -2,12 +2,17 @@
 -- KEYS: site, sites, clock, status_log
 -- ARGV: site_id, status, expect ('' for any; otherwise only change when the current status equals it), now_ms
 -- Each change is appended to the site's status log (the last 100 kept), for operators.
--- Returns 1 when the status changed, 0 otherwise.
+-- Returns 1 when the status changed, 0 otherwise (also for `online` on a stale site).
 local current = redis.call('HGET', KEYS[1], 'status')
 if ARGV[3] ~= '' and current ~= ARGV[3] then
   return 0
 end
 if current == ARGV[2] then
+  return 0
+end
+if ARGV[2] == 'online' and current == 'stale' then
+  -- a retained `online`, replayed to a (re)connecting replica, is no sign of life: only a fresh capacity
+  -- message brings a silent site back
   return 0
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2])

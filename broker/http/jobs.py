@@ -1,0 +1,150 @@
+"""Jobs for users: submit, quote, read, list and cancel. A user sees only its own tenant's jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from aiohttp import web
+
+from broker.http import auth
+from broker.http.deps import DEPS
+from broker.http.responses import json_body, json_response
+from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
+from broker.http.views import job_view
+from broker.model.job import JobSpec, JobState
+from broker.sites.assignments import tell_site_to_cancel
+from broker.state.jobs import SubmitRate
+from common import logs
+from common.errors import Conflict, InvalidInput, NotFound
+from common.validation import parse
+from regions import Geography, load_devices
+
+log = logs.get("suanwang.api")
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def new_job_id() -> str:
+    """Sortable by submission time: milliseconds in hex, then randomness."""
+    return f"j{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
+
+
+def check_against_network(spec: JobSpec, geo: Geography) -> None:
+    """What only the broker knows: places and reference models must exist."""
+    if not geo.is_origin(spec.origin):
+        raise InvalidInput(f"unknown origin {spec.origin!r}: use a city, cluster or hub id (GET /v1/hubs)", "origin")
+    equivalent = spec.resources.equivalent
+    if equivalent is not None and equivalent.reference not in load_devices():
+        raise InvalidInput(f"unknown reference model {equivalent.reference!r}", "resources.equivalent.reference")
+    provinces = {p.lower() for hub in geo.hubs.values() for p in hub.provinces}
+    for name in ("allow_hubs", "deny_hubs"):
+        for hub in getattr(spec.residency, name):
+            if hub not in geo.hubs:
+                raise InvalidInput(f"unknown hub {hub!r}; one of {', '.join(geo.hubs)}", f"residency.{name}")
+    for name in ("allow_provinces", "deny_provinces"):
+        for province in getattr(spec.residency, name):
+            if province.lower() not in provinces:
+                raise InvalidInput(f"unknown province {province!r}", f"residency.{name}")
+
+
+async def _read_spec(request: web.Request) -> JobSpec:
+    raw = parse(JobSpec, await json_body(request, "send the job as application/json"))  # syntax and types first
+    tenant = auth.acting_tenant(request, raw.tenant if "tenant" in raw.model_fields_set else None)
+    spec = raw if raw.tenant == tenant else raw.model_copy(update={"tenant": tenant})
+    check_against_network(spec, request.app[DEPS].geography)  # then what only the broker knows
+    return spec
+
+
+async def _visible_job(request: web.Request) -> dict[str, str]:
+    """The job named in the path; a user asking for another tenant's job learns only that there is none."""
+    job_id = request.match_info["id"]
+    job = await request.app[DEPS].store.get_job(job_id)
+    if job is None or not auth.may_see(request, job["tenant"]):
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    """Queue a job. With an Idempotency-Key, a retry returns the job the first request created."""
+    deps = request.app[DEPS]
+    spec = await _read_spec(request)
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not (0 < len(key) <= 128 and key.isprintable() and " " not in key):
+        raise InvalidInput("Idempotency-Key must be 1-128 printable characters without spaces", IDEMPOTENCY_HEADER)
+    body_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
+    limits, caller = deps.limits, auth.identity_of(request)
+    rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
+    stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash=body_hash,
+                                              rate_limit=rate, max_queued=limits.max_queued_per_tenant)  # fmt: skip
+    if created:
+        deps.kick.set()
+        log.info("job.submitted", job=stored["id"], tenant=spec.tenant, archs=spec.resources.arch_set,
+                 count=spec.resources.count, origin=spec.origin)  # fmt: skip
+    response = json_response(job_view(stored), 202 if created else 200)
+    response.headers["Location"] = f"/v1/jobs/{stored['id']}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def quote_job(request: web.Request) -> web.Response:
+    """Where the job would go now and what would make it fit better; takes no capacity."""
+    spec = await _read_spec(request)
+    return json_response(await request.app[DEPS].quoter(new_job_id(), spec))
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job = await _visible_job(request)
+    view = job_view(job)
+    view["history"] = await request.app[DEPS].store.history(job["id"])
+    return json_response(view)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    state = request.query.get("state") or None
+    if state is not None and state not in JobState.__members__.values():
+        raise InvalidInput(f"state must be one of {', '.join(s.value for s in JobState)}", "state")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidInput("limit must be an integer", "limit") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidInput("limit must be between 1 and 1000", "limit")
+    jobs = await request.app[DEPS].store.list_jobs(auth.acting_tenant(request), limit, state)
+    return json_response({"jobs": [job_view(j) for j in jobs]})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """Cancel the job; the site holding it is told to stop it, and its capacity goes back to the matcher."""
+    deps = request.app[DEPS]
+    job = await _visible_job(request)
+    job_id = job["id"]
+    state = await deps.store.transition(job_id, "cancel", "", "", "cancelled by the user")
+    if not state:
+        raise Conflict(f"job {job_id} is already {job['state']}")
+    if job.get("site"):
+        await tell_site_to_cancel(deps.publish_assignments, job["site"], [(job_id, int(job.get("attempt", 0)))])
+        deps.kick.set()
+    updated = await deps.store.get_job(job_id)
+    return json_response(job_view(updated or job))
+
+
+_KEY_PARAM = param(IDEMPOTENCY_HEADER, "header", {"type": "string", "maxLength": 128},
+                   "A retry with the same key returns the first job")  # fmt: skip
+_STATE_PARAM = param("state", "query", {"enum": [s.value for s in JobState]})
+_LIMIT_PARAM = param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000})
+
+ROUTES = (
+    Route("POST", "/v1/jobs", submit_job, "Submit a job", role="user", ok=(202, "Job"), also_ok={200: "Job"},
+          errors=(400, 409, 413, 415, 429), params=(TENANT_HEADER_PARAM, _KEY_PARAM), body=JobSpec),
+    Route("POST", "/v1/quote", quote_job, "Where a job would go now, taking no capacity", role="user",
+          ok=(200, "Quote"), errors=(400, 413, 415), params=(TENANT_HEADER_PARAM,), body=JobSpec),
+    Route("GET", "/v1/jobs", list_jobs, "The tenant's jobs, newest first", role="user", ok=(200, "JobList"),
+          errors=(400,), params=(_STATE_PARAM, _LIMIT_PARAM, TENANT_QUERY_PARAM, TENANT_HEADER_PARAM)),
+    Route("GET", "/v1/jobs/{id}", get_job, "A job: state, allocation or why it waits, history", role="user",
+          ok=(200, "Job"), errors=(404,), params=(ID,)),
+    Route("DELETE", "/v1/jobs/{id}", cancel_job, "Cancel a job, releasing what it holds", role="user",
+          ok=(200, "Job"), errors=(404, 409), params=(ID,)),
+)  # fmt: skip

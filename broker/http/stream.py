@@ -1,0 +1,78 @@
+"""The live allocation stream: server-sent events from the event log, resumable with `Last-Event-ID`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from broker.http.deps import DEPS
+from broker.http.routes import STR, Route, param
+from broker.state.events import id_after
+from common.errors import InvalidInput
+
+KEEPALIVE_S = 15.0
+BATCH = 500  # events written to the operator at once when many are waiting
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the backlog after `Last-Event-ID` (if given), then every event live."""
+    feed = request.app[DEPS].feed
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or ""
+    if last:
+        try:
+            id_after(last, "0-0")
+        except ValueError:
+            raise InvalidInput("Last-Event-ID must be a stream id like 1700000000000-0", "Last-Event-ID") from None
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})  # fmt: skip
+    await response.prepare(request)
+    await response.write(b": suanwang allocation stream\nretry: 2000\n\n")
+
+    async def send(items: list[tuple[str, bytes]]) -> None:
+        nonlocal last
+        chunk = bytearray()
+        for event_id, data in items:
+            if last and not id_after(event_id, last):
+                continue
+            chunk += b"id: " + event_id.encode() + b"\nevent: allocation\ndata: " + data + b"\n\n"
+            last = event_id
+        if chunk:
+            await response.write(bytes(chunk))
+
+    async def catch_up() -> None:
+        while last:
+            backlog = await feed.backlog(last)
+            if not backlog:
+                return
+            await send(backlog)
+
+    try:
+        async with feed.subscribe() as subscription:
+            await catch_up()
+            while True:
+                if subscription.overflowed and subscription.queue.empty():
+                    await catch_up()  # fell behind the live feed: read the rest from the log
+                    feed.resubscribe(subscription)
+                try:
+                    first = await asyncio.wait_for(subscription.queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                batch = [first]
+                while not subscription.queue.empty() and len(batch) < BATCH:
+                    batch.append(subscription.queue.get_nowait())
+                await send(batch)
+    except ConnectionResetError:
+        pass  # the operator went away
+    return response
+
+
+ROUTES = (
+    Route("GET", "/v1/allocations/stream", stream, "Server-sent events: every allocation, release and state change",
+          role="operator", errors=(400,), content="text/event-stream", query_token=True, params=(
+              param("Last-Event-ID", "header", STR, "Resume after this event id"),
+              param("last_event_id", "query", STR, "Resume after this event id (for EventSource)"),
+              param("access_token", "query", STR, "The API token, for EventSource, which cannot send headers"),
+          )),
+)  # fmt: skip

@@ -1,0 +1,279 @@
+"""Jobs in Redis: submission, the fair queue, allocation and every later transition."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from broker.model.job import JobSpec, JobState
+from broker.model.records import Commit, Placement, Refusal
+from broker.state.base import StoreBase
+from broker.state.connection import decode_hash, now_ms, text, translated
+from common.errors import Conflict, TooManyRequests
+
+# Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
+# one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
+PRIORITY_HANDICAP_MS = {"high": 0, "normal": 5 * 60_000, "low": 30 * 60_000}
+PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+def queue_score(priority: str, created_ms: int) -> int:
+    """Queue order: submission time plus the priority's handicap (a requeued job keeps its place)."""
+    return created_ms + PRIORITY_HANDICAP_MS[priority]
+
+
+# allocate.lua's return codes (an attempt number >= 1 means committed)
+_REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT}
+
+
+def _commit(code: int) -> Commit:
+    return Commit(attempt=code) if code > 0 else Commit(refusal=_REFUSALS[code])
+
+
+@dataclass(frozen=True)
+class SubmitRate:
+    """A token bucket for one caller's submissions: `burst` at once, refilled at `per_s` a second."""
+
+    key: str
+    per_s: float
+    burst: int
+
+
+class JobQueue(StoreBase):
+    async def submit(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        at_ms: int | None = None,
+        idempotency_key: str | None = None,
+        body_hash: str = "",
+        *,
+        rate_limit: SubmitRate | None = None,
+        max_queued: int | None = None,
+    ) -> tuple[dict[str, str], bool]:
+        """Store a new job and queue it atomically: after this returns the job is safe.
+
+        With an idempotency key seen before (same tenant, same body) returns that job and False; the same
+        key with another body raises Conflict. Over `rate_limit`, or with `max_queued` jobs of the tenant
+        already queued, raises TooManyRequests; all of it in one round trip.
+        """
+        k = self.keys
+        created = at_ms or now_ms()
+        qscore = queue_score(spec.priority.value, created)
+        deadline = str(int(spec.deadline.timestamp() * 1000)) if spec.deadline else ""
+        fields = {
+            "id": job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
+            "name": spec.name, "origin": spec.origin, "priority": spec.priority.value,
+            "created": str(created), "updated": str(created), "attempt": "0", "qscore": str(qscore),
+            "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
+        }  # fmt: skip
+        idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
+        bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
+        keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
+                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth, bucket]  # fmt: skip
+        args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
+                           IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen,
+                           rate_limit.per_s if rate_limit else "", rate_limit.burst if rate_limit else "",
+                           max_queued if max_queued is not None else ""]  # fmt: skip
+        for name, value in fields.items():
+            args += [name, value]
+        async with translated():
+            existing, created_flag = await self._submit(keys=keys, args=args)
+        existing = text(existing)
+        if int(created_flag) == 1:
+            return fields, True
+        if int(created_flag) == -2 and rate_limit is not None:
+            raise TooManyRequests(f"too many submissions: at most {rate_limit.per_s:g}/s in bursts of "
+                                  f"{rate_limit.burst}", retry_after_s=max(1, -(-int(existing) // 1000)))  # fmt: skip
+        if int(created_flag) == -3:
+            raise TooManyRequests(f"tenant {spec.tenant} already has {existing} queued jobs, the most allowed "
+                                  f"(max_queued_per_tenant {max_queued})", code="tenant_queue_full")  # fmt: skip
+        if int(created_flag) < 0:
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing})")
+        job = await self.get_job(existing)
+        if job is None:  # the key outlived its job (a Redis restart without persistence): treat as new
+            raise Conflict(f"Idempotency-Key {idempotency_key!r} refers to a job that no longer exists")
+        return job, False
+
+    async def jobs_at(self, site: str) -> list[str]:
+        async with translated():
+            return [text(j) for j in await self.redis.smembers(self.keys.site_jobs(site))]
+
+    async def holdings_ends(self, site: str, model: str) -> list[tuple[int, int]]:
+        """(expected end ms, devices) of the broker's jobs holding `model` at `site`: two round trips."""
+        jobs = await self.jobs_at(site)
+        if not jobs:
+            return []
+        out = []
+        for j_model, count, assigned, started, decision in await self.get_jobs(
+            jobs, "model", "count", "assigned_at", "started_at", "decision"
+        ):
+            if j_model != model or not count:
+                continue
+            since = int(started or assigned or now_ms())
+            hours = float(orjson.loads(decision)["chosen"]["est_hours"]) if decision else 1.0
+            out.append((since + int(hours * 3_600_000), int(count)))
+        return out
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        async with translated():
+            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.job_history(job_id), 0, -1)]
+
+    async def queue_heads(self, batch: int, max_tenants: int = 1000) -> list[tuple[str, int, float, str]]:
+        """The head of every tenant's queue as (job, position in its tenant's queue, queue score, tenant).
+
+        Each tenant gets an equal share of `batch` (at least 4). Also refreshes `usage` and `limits`. Two
+        round trips whatever the number of tenants.
+        """
+        k = self.keys
+        async with translated():
+            tenants = [text(t) for t in await self.redis.zrange(k.queued_tenants, 0, max_tenants - 1)]
+            if not tenants:
+                return []
+            per_tenant = max(4, batch // len(tenants))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(k.tenant_usage)
+            pipe.hgetall(k.tenant_limits)
+            for tenant in tenants:
+                pipe.zrange(k.tenant_queue(tenant), 0, per_tenant - 1, withscores=True)
+            usage, limits, *heads = await pipe.execute()
+        self.usage = {text(t): int(v) for t, v in usage.items()}
+        self.limits = {text(t): int(v) for t, v in limits.items()}
+        return [
+            (text(job), position, float(score), tenant)
+            for tenant, head in zip(tenants, heads, strict=True)
+            for position, (job, score) in enumerate(head)
+        ]
+
+    async def queue_depths(self) -> dict[str, int]:
+        """Queued jobs per priority."""
+        async with translated():
+            raw = await self.redis.hgetall(self.keys.queue_depth)
+        depths = {p: 0 for p in PRIORITY_RANK}
+        depths.update({text(p): int(n) for p, n in raw.items()})
+        return depths
+
+    async def set_tenant_limit(self, tenant: str, devices: int | None) -> None:
+        async with translated():
+            if devices is None:
+                await self.redis.hdel(self.keys.tenant_limits, tenant)
+            else:
+                await self.redis.hset(self.keys.tenant_limits, tenant, devices)
+
+    async def due_deadlines(self, at_ms: int) -> list[str]:
+        async with translated():
+            return [text(j) for j in await self.redis.zrangebyscore(self.keys.deadlines, "-inf", at_ms)]
+
+    async def get_job(self, job_id: str) -> dict[str, str] | None:
+        async with translated():
+            raw = await self.redis.hgetall(self.keys.job(job_id))
+        return decode_hash(raw) if raw else None
+
+    async def get_jobs(self, ids: Sequence[str], *fields: str) -> list[list[str | None]]:
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hmget(self.keys.job(job_id), *fields)
+            rows = await pipe.execute()
+        return [[v.decode() if v is not None else None for v in row] for row in rows]
+
+    async def list_jobs(self, tenant: str, limit: int, state: str | None = None) -> list[dict[str, str]]:
+        """Newest first; with a state filter, pages through the tenant's jobs until `limit` match."""
+        jobs: list[dict[str, str]] = []
+        start, page = 0, max(limit, 100)
+        async with translated():
+            while len(jobs) < limit:
+                ids = await self.redis.zrevrange(self.keys.tenant_jobs(tenant), start, start + page - 1)
+                if not ids:
+                    break
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hgetall(self.keys.job(text(job_id)))
+                for raw in await pipe.execute():
+                    job = decode_hash(raw)
+                    if job and (state is None or job.get("state") == state):
+                        jobs.append(job)
+                start += page
+        return jobs[:limit]
+
+    async def queued(self, start: int, count: int) -> list[str]:
+        async with translated():
+            return [text(j) for j in await self.redis.zrange(self.keys.queue, start, start + count - 1)]
+
+    async def queue_length(self) -> int:
+        async with translated():
+            return int(await self.redis.zcard(self.keys.queue))
+
+    async def allocate(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
+        """Commit placements in one round trip; per placement the attempt it became, or why it was refused."""
+        if not placements:
+            return []
+        k = self.keys
+        now = now_ms()
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for p in placements:
+                await self._allocate(
+                    keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
+                          k.sites, k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits,
+                          k.job_history(p.job), k.prefix + ":", k.queue_depth],
+                    args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, now, now + accept_timeout_ms,
+                          self.events_maxlen, p.hub, p.arch, p.decision],
+                    client=pipe,
+                )  # fmt: skip
+            return [_commit(int(r)) for r in await pipe.execute()]
+
+    async def transition(
+        self, job_id: str, action: str, site: str = "", attempt: int | str = "", reason: str = ""
+    ) -> str:
+        """Apply one lifecycle action; returns the new state, or '' when it did not apply."""
+        return (await self.transitions([(job_id, action, site, attempt, reason)]))[0]
+
+    async def transitions(self, actions: Iterable[tuple[str, str, str, int | str, str]]) -> list[str]:
+        k = self.keys
+        now = now_ms()
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            count = 0
+            for job_id, action, site, attempt, reason in actions:
+                await self._transition(
+                    keys=[
+                        k.job(job_id),
+                        k.queue,
+                        k.assigned,
+                        k.events,
+                        k.sites,
+                        k.clock,
+                        k.prefix + ":",
+                        k.queued_tenants,
+                        k.tenant_usage,
+                        k.deadlines,
+                        k.job_history(job_id),
+                        k.queue_depth,
+                        k.usage,
+                    ],
+                    args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen, self.max_attempts],
+                    client=pipe,
+                )
+                count += 1
+            if not count:
+                return []
+            return [text(r) for r in await pipe.execute()]
+
+    async def overdue_assignments(self, at_ms: int) -> list[str]:
+        async with translated():
+            return [text(j) for j in await self.redis.zrangebyscore(self.keys.assigned, "-inf", at_ms)]
+
+    async def set_reasons(self, reasons: dict[str, str]) -> None:
+        """Record why queued jobs are still waiting (only jobs still queued are touched)."""
+        if not reasons:
+            return
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id, reason in reasons.items():
+                pipe.hset(self.keys.job(job_id), "reason", reason)
+            await pipe.execute()

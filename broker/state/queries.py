@@ -1,0 +1,115 @@
+"""Read-only views over the whole network's state for operators: a sample of the queue, one job's entries in
+the event log, and usage records by time range.
+
+Usage records are written by transition.lua when a job that held devices ends; their stream entry ids are
+the end times, so a time range is one XRANGE (paged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, cast
+
+from broker.state.connection import StreamEntries, text, translated
+from broker.state.events import decode_event
+from broker.state.store import Store
+
+USAGE_FIELDS = ("job", "tenant", "site", "hub", "arch", "model", "devices", "start", "end", "device_hours", "price",
+                "cost", "state")  # fmt: skip
+_USAGE_NUMBERS = {"devices": int, "start": int, "end": int, "device_hours": float, "price": float, "cost": float}
+MAX_USAGE_RECORDS = 100_000
+USAGE_PAGE = 5000
+QUEUED_FIELDS = ("reason", "tenant", "priority", "created", "name", "origin")
+_TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class QueueSample:
+    """The queue as the dashboard shows it: depth by priority, the head of the queue with the fields of
+    `QUEUED_FIELDS` per job, the jobs assigned but not yet accepted, and the newest events (newest first)."""
+
+    depths: dict[str, int]
+    queued: list[tuple[str, list[str | None]]]
+    awaiting_acceptance: int
+    newest_events: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class JobEvents:
+    """A job's entries in the event log, oldest first; `complete` when the log was read to its end or to the
+    job's final event."""
+
+    events: list[dict[str, Any]]
+    complete: bool
+
+
+def usage_record(fields: dict[bytes, bytes]) -> dict[str, Any]:
+    """One usage stream entry as a record, with its numbers as numbers."""
+    record: dict[str, Any] = {}
+    for raw_key, raw_value in fields.items():
+        key, value = text(raw_key), text(raw_value)
+        record[key] = _USAGE_NUMBERS[key](value) if key in _USAGE_NUMBERS else value
+    return record
+
+
+class Queries:
+    """Operators' reads that span many keys; each is a few round trips whatever the size of the network."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def queue_sample(self, queued: int, recent_events: int) -> QueueSample:
+        """The first `queued` jobs of the queue and the newest `recent_events` events."""
+        store = self.store
+        keys, redis = store.keys, store.redis
+        depths = await store.queue_depths()
+        async with translated():
+            pipe = redis.pipeline(transaction=False)
+            pipe.zrange(keys.queue, 0, queued - 1)
+            pipe.zcard(keys.assigned)
+            pipe.xrevrange(keys.events, count=recent_events)
+            queued_ids, assigned, newest = await pipe.execute()
+        ids = [text(i) for i in queued_ids]
+        fields = await store.get_jobs(ids, *QUEUED_FIELDS)
+        return QueueSample(
+            depths=depths,
+            queued=list(zip(ids, fields, strict=True)),
+            awaiting_acceptance=int(assigned),
+            newest_events=[decode_event(i, f) for i, f in newest],
+        )
+
+    async def job_events(self, job_id: str, since_ms: int, page: int = 5000, rounds: int = 4) -> JobEvents:
+        """The job's entries in the event log read forward from `since_ms` (its submission), at most `rounds`
+        pages of `page` entries."""
+        store = self.store
+        events: list[dict[str, Any]] = []
+        start, wanted = f"{since_ms}-0", job_id.encode()
+        async with translated():
+            for _ in range(rounds):
+                rows = cast(StreamEntries, await store.redis.xrange(store.keys.events, start, "+", count=page))
+                events += [decode_event(event_id, fields) for event_id, fields in rows if fields.get(b"job") == wanted]
+                if len(rows) < page or (events and events[-1].get("type") in _TERMINAL):
+                    return JobEvents(events, True)
+                start = "(" + text(rows[-1][0])
+        return JobEvents(events, False)
+
+    async def usage_records(self, start_ms: int | None, end_ms: int | None, tenant: str | None
+                            ) -> list[dict[str, Any]]:  # fmt: skip
+        """Records of jobs that ended in [start_ms, end_ms] (open ends when None), oldest first, for one
+        tenant or (None) all; at most MAX_USAGE_RECORDS."""
+        store = self.store
+        out: list[dict[str, Any]] = []
+        after = str(start_ms) if start_ms is not None else "-"
+        until = str(end_ms) if end_ms is not None else "+"
+        async with translated():
+            while len(out) < MAX_USAGE_RECORDS:
+                page = cast(StreamEntries, await store.redis.xrange(store.keys.usage, after, until, count=USAGE_PAGE))
+                if not page:
+                    break
+                for _entry_id, fields in page:
+                    record = usage_record(fields)
+                    if tenant is None or record.get("tenant") == tenant:
+                        out.append(record)
+                after = "(" + text(page[-1][0])
+        return out
+

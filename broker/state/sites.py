@@ -1,0 +1,96 @@
+"""Sites in Redis: capacity, status, the change log the matcher follows, and who holds what where."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import orjson
+
+from broker.model.records import Applied, SiteRecord
+from broker.state.base import StoreBase
+from broker.state.connection import now_ms, text, translated
+from common.protocol import Capacity
+
+
+class SiteState(StoreBase):
+    async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> Applied:
+        """Record a capacity message, unless its seq is not newer than the last one applied."""
+        k = self.keys
+        meta = orjson.dumps(
+            {
+                "pools": [p.model_dump(mode="json", exclude={"total", "in_use_external"}) for p in cap.pools],
+                "energy": cap.energy.model_dump(),
+                "latency_ms": cap.latency_ms,
+            },
+            option=orjson.OPT_SORT_KEYS,
+        )
+        args: list[Any] = [cap.site, cap.seq, at_ms or now_ms(), cap.hub, cap.cluster or "", meta, len(cap.pools)]
+        for pool in cap.pools:
+            args += [pool.model, pool.total, pool.in_use_external]
+        args.append(cap.boot or "")
+        keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock, k.site_status_log(cap.site),
+                k.site_registry]  # fmt: skip
+        async with translated():
+            return Applied(int(await self._capacity(keys=keys, args=args)))
+
+    async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
+        k = self.keys
+        async with translated():
+            return bool(await self._status(keys=[k.site(site), k.sites, k.clock, k.site_status_log(site)],
+                                           args=[site, status, expect, now_ms()]))  # fmt: skip
+
+    async def changed_sites(self, since: int) -> list[tuple[str, int]]:
+        """Sites changed after version `since`, with their versions, oldest first."""
+        async with translated():
+            rows = cast(list[tuple[bytes, float]],
+                        await self.redis.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True))
+        return [(text(site), int(version)) for site, version in rows]
+
+    async def all_site_ids(self) -> list[str]:
+        async with translated():
+            return [text(s) for s in await self.redis.zrange(self.keys.sites, 0, -1)]
+
+    async def load_sites(self, ids: Sequence[str], known_meta: dict[str, int] | None = None) -> list[SiteRecord]:
+        """Load sites in one round trip (two when pool metadata changed since `known_meta` versions)."""
+        if not ids:
+            return []
+        k = self.keys
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for site in ids:
+                pipe.hmget(k.site(site), "hub", "cluster", "status", "seen", "mv")
+                pipe.hgetall(k.capacity(site))
+            raw = await pipe.execute()
+            known = known_meta or {}
+            need_meta = [
+                site for i, site in enumerate(ids)
+                if raw[2 * i][4] is not None and known.get(site) != int(raw[2 * i][4])
+            ]  # fmt: skip
+            metas: dict[str, dict[str, Any]] = {}
+            if need_meta:
+                pipe = self.redis.pipeline(transaction=False)
+                for site in need_meta:
+                    pipe.hget(k.site(site), "meta")
+                for site, blob in zip(need_meta, await pipe.execute(), strict=True):
+                    if blob:
+                        metas[site] = orjson.loads(blob)
+        records = []
+        for i, site in enumerate(ids):
+            hub, cluster, status, seen, mv = raw[2 * i]
+            capacity = {text(f): int(v) for f, v in raw[2 * i + 1].items()}
+            records.append(
+                SiteRecord(
+                    id=site, hub=text(hub), cluster=text(cluster), status=text(status) or "unknown",
+                    seen_ms=int(seen or 0), meta_version=int(mv or 0), meta=metas.get(site), capacity=capacity,
+                )
+            )  # fmt: skip
+        return records
+
+    async def status_history(self, site: str) -> list[dict[str, Any]]:
+        async with translated():
+            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.site_status_log(site), 0, -1)]
+
+    async def silent_sites(self, older_than_ms: int) -> list[str]:
+        async with translated():
+            return [text(s) for s in await self.redis.zrangebyscore(self.keys.seen, "-inf", older_than_ms)]
