@@ -116,16 +116,32 @@ async def list_jobs(request: web.Request) -> web.Response:
     return json_response({"jobs": [job_view(j) for j in jobs]})
 
 
+CANCEL_TRIES = 5  # a job that moves again each time it is read is rare; after this many, the caller retries
+
+
 async def cancel_job(request: web.Request) -> web.Response:
-    """Cancel the job; the site holding it is told to stop it, and its capacity goes back to the matcher."""
+    """Cancel the job; the site holding it is told to stop it, and its capacity goes back to the matcher.
+
+    The cancel is fenced on the holder and attempt just read: if the job moved in between (placed,
+    requeued, placed again), Redis refuses and the job is read again, so the site told is the one that
+    held the job at the moment it was cancelled."""
     deps = request.app[DEPS]
     job = await _visible_job(request)
     job_id = job["id"]
-    state = await deps.store.transition(job_id, "cancel", "", "", "cancelled by the user")
-    if not state:
-        raise Conflict(f"job {job_id} is already {job['state']}")
-    if job.get("site"):
-        await tell_site_to_cancel(deps.publish_assignments, job["site"], [(job_id, int(job.get("attempt", 0)))])
+    for _ in range(CANCEL_TRIES):
+        site, attempt = job.get("site", ""), job.get("attempt", "0")
+        if await deps.store.transition(job_id, "cancel", site, attempt, "cancelled by the user"):
+            break
+        fresh = await deps.store.get_job(job_id)
+        if fresh is None:
+            raise NotFound(f"no job {job_id}")
+        if JobState(fresh["state"]).final:
+            raise Conflict(f"job {job_id} is already {fresh['state']}")
+        job = fresh
+    else:
+        raise Conflict(f"job {job_id} kept moving while it was being cancelled; try again")
+    if site:
+        await tell_site_to_cancel(deps.publish_assignments, site, [(job_id, int(attempt))])
         deps.kick.set()
     updated = await deps.store.get_job(job_id)
     return json_response(job_view(updated or job))

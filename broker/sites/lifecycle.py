@@ -37,9 +37,10 @@ async def requeue_site(store: Store, publish: PublishAssignments, site: str, rea
     jobs = await store.jobs_at(site)
     if not jobs:
         return 0
-    attempts = await store.get_jobs(jobs, "attempt")
-    results = await store.transitions((job, "requeue", site, "", reason) for job in jobs)
-    back = [(job, int(a or 0)) for job, (a,), r in zip(jobs, attempts, results, strict=True) if r == "queued"]
+    attempts = [a or "0" for (a,) in await store.get_jobs(jobs, "attempt")]
+    # fenced on the attempt read: a job placed again in between (even at this site) is left to its new attempt
+    results = await store.transitions((job, "requeue", site, a, reason) for job, a in zip(jobs, attempts, strict=True))
+    back = [(job, int(a)) for job, a, r in zip(jobs, attempts, results, strict=True) if r == "queued"]
     for job, _ in back:
         log.info("job.requeued", job=job, site=site, reason=reason)
     await tell_site_to_cancel(publish, site, back)
@@ -54,8 +55,9 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
     overdue = await store.overdue_assignments(now)
     if overdue:
         rows = await store.get_jobs(overdue, "site", "attempt")
-        results = await store.transitions(
-            (job, "expire", "", "", "the site did not accept the assignment in time") for job in overdue
+        results = await store.transitions(  # fenced on the holder and attempt read
+            (job, "expire", site or "", attempt or "", "the site did not accept the assignment in time")
+            for job, (site, attempt) in zip(overdue, rows, strict=True)
         )
         for job, (site, attempt), result in zip(overdue, rows, results, strict=True):
             if result in ("queued", "failed") and site:

@@ -25,7 +25,8 @@ class SiteState(StoreBase):
             },
             option=orjson.OPT_SORT_KEYS,
         )
-        args: list[Any] = [cap.site, cap.seq, at_ms or now_ms(), cap.hub, cap.cluster or "", meta, len(cap.pools)]
+        when = at_ms if at_ms is not None else ""  # by default the heartbeat is timed by Redis's clock
+        args: list[Any] = [cap.site, cap.seq, when, cap.hub, cap.cluster or "", meta, len(cap.pools)]
         for pool in cap.pools:
             args += [pool.model, pool.total, pool.in_use_external]
         args.append(cap.boot or "")

@@ -81,6 +81,8 @@ class MemoryStore:
         job = self.jobs.get(job_id)
         if action != "cancel" or job is None or job["state"] in TERMINAL:
             return ""
+        if (site and job.get("site", "") != site) or (attempt != "" and job.get("attempt", "0") != str(attempt)):
+            return ""  # the job moved since the caller read it, as the transition script refuses
         job.update({"state": "cancelled", "reason": reason, "finished_at": str(now_ms()), "updated": str(now_ms())})
         self.histories[job_id].append({"ts": now_ms(), "state": "cancelled", "reason": reason})
         return "cancelled"

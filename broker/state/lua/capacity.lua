@@ -3,11 +3,16 @@
 -- starts the order again). A site's place is not its own to say: a registered site's hub and cluster are
 -- the registry's, an unregistered one keeps the hub it first reported.
 -- KEYS: site, capacity, sites, seen, clock, status_log, site_registry
--- ARGV: site_id, seq, now_ms, hub, cluster, meta_json, n, model_1, total_1, external_1, ..., then boot
+-- ARGV: site_id, seq, now_ms ('' for Redis's clock), hub, cluster, meta_json, n, model_1, total_1, external_1, ..., then boot
 --       (after the pools; '' when the adapter sends none)
 -- Returns 1 when applied, 2 when it brought a stale site back online (applied or not), 0 when the content
 -- was stale or a duplicate, -1 when the message names another place than the site's own (nothing done).
 local n = tonumber(ARGV[7])
+local now = ARGV[3]
+if now == '' then
+  local t = redis.call('TIME')  -- the heartbeat's time by Redis's clock, the one the sweeper compares with
+  now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 local boot = ARGV[8 + n * 3] or ''
 local hub, cluster = ARGV[4], ARGV[5]
 local registered = redis.call('HGET', KEYS[7], ARGV[1])
@@ -35,15 +40,15 @@ end
 local duplicate = same_boot and tonumber(ARGV[2]) == current
 -- a replayed retained message, or a QoS 1 redelivery, repeats the last one exactly: it is not a sign of life
 if not duplicate and status then
-  redis.call('HSET', KEYS[1], 'seen', ARGV[3])
-  redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+  redis.call('HSET', KEYS[1], 'seen', now)
+  redis.call('ZADD', KEYS[4], now, ARGV[1])
 end
 local revived = status == 'stale' and not duplicate
 if tonumber(ARGV[2]) <= current then
   if revived then
     redis.call('HSET', KEYS[1], 'status', 'online')
     redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
-    redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(ARGV[3]), status = 'online'}))
+    redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(now), status = 'online'}))
     redis.call('LTRIM', KEYS[6], -100, -1)
     return 2
   end
@@ -65,9 +70,9 @@ if redis.call('HGET', KEYS[1], 'meta') ~= ARGV[6] then
   redis.call('HINCRBY', KEYS[1], 'mv', 1)
   changed = true
 end
-redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'boot', boot, 'seen', ARGV[3], 'hub', hub, 'cluster', cluster,
+redis.call('HSET', KEYS[1], 'seq', ARGV[2], 'boot', boot, 'seen', now, 'hub', hub, 'cluster', cluster,
   'status', status)
-redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], now, ARGV[1])
 
 local reported = {}
 for i = 0, n - 1 do
@@ -95,7 +100,7 @@ if changed then
 end
 if revived or new_site then
   -- a new site, or a stale one speaking again: the status log records it
-  redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(ARGV[3]), status = status}))
+  redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(now), status = status}))
   redis.call('LTRIM', KEYS[6], -100, -1)
 end
 if revived then
