@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Annotated, Literal
 
-import orjson
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from common.validation import Arch, Count, Identifier, Model, Stack, Strict
@@ -121,8 +120,8 @@ class Assignments(Strict):
 
 
 def assignments_payload(site: str, assignments: Iterable[Assignment], *, reconcile: bool = False) -> bytes:
-    """One `assignments` message for `site`, encoded once (its parts were built from the broker's own state)."""
-    return orjson.dumps({
-        "schema": ASSIGNMENTS_SCHEMA, "site": site, "reconcile": reconcile,
-        "assignments": [a.model_dump(mode="json", exclude_none=True) for a in assignments],
-    })  # fmt: skip
+    """One `assignments` message for `site`, encoded once, by the model's own serializer (its parts were
+    validated when they were built)."""
+    message = Assignments.model_construct(schema_=ASSIGNMENTS_SCHEMA, site=site, assignments=tuple(assignments),
+                                          reconcile=reconcile)  # fmt: skip
+    return message.model_dump_json(by_alias=True, exclude_none=True).encode()
