@@ -59,7 +59,9 @@ class Ledger:
         if batch.reconcile:
             still_ours = {(a.job, a.attempt) for a in batch.assignments}
             for key in [k for k in self.held if k not in still_ours]:
-                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
+                # not remembered as finished: a job assigned while the list was on its way is sent again
+                # after it, and then runs
+                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"), remember=False)
         for item in batch.assignments:
             if item.action == "cancel":
                 self._cancel(item)
@@ -110,15 +112,17 @@ class Ledger:
         self.link.emit(key[0], key[1], SiteEventKind.COMPLETED)
         log.info("job completed", site=self.link.site, job=key[0], attempt=key[1])
 
-    def _cancel(self, item: Assignment) -> None:
+    def _cancel(self, item: Assignment, remember: bool = True) -> None:
         for key in [k for k in self.held if k[0] == item.job and k[1] <= item.attempt]:
             # free the devices now: a task cancelled before its first step never runs `finally`
             held = self.held.pop(key)
-            self._remember(key)
+            if remember:
+                self._remember(key)
             if held.task is not None:
                 held.task.cancel()
             log.info("job cancelled", site=self.link.site, job=key[0], attempt=key[1])
-        self._remember((item.job, item.attempt))
+        if remember:
+            self._remember((item.job, item.attempt))
 
     async def close(self) -> None:
         tasks = [held.task for held in self.held.values() if held.task is not None]

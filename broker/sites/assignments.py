@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
+import orjson
+
 from common import logs
 from common.protocol import Assignment, assignments_payload
 
@@ -17,6 +19,18 @@ class PublishAssignments(Protocol):
     """Publishes one `assignments` message to a site (QoS 1)."""
 
     async def __call__(self, site: str, payload: bytes, /) -> None: ...
+
+
+def run_of(job: str, record: Mapping[str, str | None]) -> Assignment | None:
+    """The run assignment of a job the broker holds at a site, rebuilt from its record (None if not held)."""
+    if record.get("state") not in ("assigned", "running") or not record.get("model"):
+        return None
+    chosen = orjson.loads(record.get("decision") or "{}").get("chosen", {})
+    spec = orjson.loads(record.get("spec") or "{}")
+    return Assignment(job=job, attempt=int(record.get("attempt") or 0), action="run", model=record["model"],
+                      count=int(record.get("count") or 0), duration_hours=round(float(chosen.get("est_hours", 0)), 4),
+                      name=record.get("name") or "", workload=spec.get("workload", ""), stack=chosen.get("stack"),
+                      image=chosen.get("image"))  # fmt: skip
 
 
 def cancel_payload(site: str, jobs: Iterable[tuple[str, int]]) -> bytes:
