@@ -4,7 +4,8 @@ An assignment is checked against what the site has free locally (its pools, less
 what it already holds), so a broker whose view is stale sees a rejection rather than an over-booked
 site. A (job, attempt) is handled once: QoS 1 redeliveries and late duplicates are ignored. A cancel
 for attempt N also ends older attempts of the job. A reconcile message (sent when the site comes back
-after an outage) is the broker's whole list for the site: anything else held here is stopped.
+after an outage) is the broker's whole list for the site as of its assignment sequence `upto`: anything
+else held here is stopped, except runs with a higher `seq`, which were assigned after the list was read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ class Held:
     model: str
     count: int
     task: asyncio.Task[None] | None = None
+    seq: int | None = None  # the run's place in the site's assignment sequence
+
+
+def newer(held: Held, upto: int | None) -> bool:
+    """Whether a held run was assigned after a reconcile list stamped `upto` was read (so it stays)."""
+    return upto is not None and held.seq is not None and held.seq > upto
 
 
 class Ledger:
@@ -57,21 +64,34 @@ class Ledger:
 
     def on_assignments(self, batch: Assignments) -> None:
         if batch.reconcile:
-            still_ours = {(a.job, a.attempt) for a in batch.assignments}
-            for key in [k for k in self.held if k not in still_ours]:
-                # not remembered as finished: a job assigned while the list was on its way is sent again
-                # after it, and then runs
-                self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"), remember=False)
+            self._reconcile(batch)
+            return
         for item in batch.assignments:
             if item.action == "cancel":
                 self._cancel(item)
             else:
                 self._start(item)
 
+    def _reconcile(self, batch: Assignments) -> None:
+        """Stop what the broker no longer counts here; report what it counts that this site does not hold."""
+        listed = {(a.job, a.attempt) for a in batch.assignments}
+        for key in [k for k, held in self.held.items() if k not in listed and not newer(held, batch.upto)]:
+            self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
+        for key in sorted(listed):
+            if key not in self.held and key not in self.finished:
+                self._lost(key)
+
     def _remember(self, key: tuple[str, int]) -> None:
         self.finished[key] = None
         while len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
+
+    def _lost(self, key: tuple[str, int]) -> None:
+        """Tell the broker this site does not hold work it counts here; a late run for it is then ignored."""
+        self._remember(key)
+        reason = f"site {self.link.site} does not hold it (lost in a restart, or its run has not arrived)"
+        self.link.emit(key[0], key[1], SiteEventKind.LOST, reason)
+        log.info("job lost", site=self.link.site, job=key[0], attempt=key[1])
 
     def _reject(self, key: tuple[str, int], reason: str) -> None:
         self._remember(key)
@@ -87,7 +107,7 @@ class Ledger:
             have = "no such pool" if free is None else f"{free} free"
             self._reject(key, f"requested {item.count} x {item.model}, {have} at site {self.link.site}")
             return
-        held = self.held[key] = Held(item.model or "", item.count)
+        held = self.held[key] = Held(item.model or "", item.count, seq=item.seq)
         self.link.emit(item.job, item.attempt, SiteEventKind.ACCEPTED)
         if self.running_at_once:
             self.link.emit(item.job, item.attempt, SiteEventKind.RUNNING)
@@ -112,17 +132,15 @@ class Ledger:
         self.link.emit(key[0], key[1], SiteEventKind.COMPLETED)
         log.info("job completed", site=self.link.site, job=key[0], attempt=key[1])
 
-    def _cancel(self, item: Assignment, remember: bool = True) -> None:
+    def _cancel(self, item: Assignment) -> None:
         for key in [k for k in self.held if k[0] == item.job and k[1] <= item.attempt]:
             # free the devices now: a task cancelled before its first step never runs `finally`
             held = self.held.pop(key)
-            if remember:
-                self._remember(key)
+            self._remember(key)
             if held.task is not None:
                 held.task.cancel()
             log.info("job cancelled", site=self.link.site, job=key[0], attempt=key[1])
-        if remember:
-            self._remember((item.job, item.attempt))
+        self._remember((item.job, item.attempt))
 
     async def close(self) -> None:
         tasks = [held.task for held in self.held.values() if held.task is not None]

@@ -95,6 +95,10 @@ class SiteLink:
         self._pools = validated
         self._changed.set()
 
+    def undelivered(self) -> list[bytes]:
+        """Job events queued and not yet delivered, oldest first."""
+        return list(self._outbox)
+
     def emit(self, job: str, attempt: int, event: SiteEventKind | str, reason: str | None = None) -> None:
         """Queue a job event for delivery (QoS 1, in emission order, kept across reconnects)."""
         message = SiteEvent(

@@ -45,6 +45,7 @@ class SlurmJob:
     count: int
     reported: str = "accepted"  # the last event sent for it
     cancelled_by_us: bool = False
+    seq: int | None = None  # the run's place in the site's assignment sequence
 
 
 def gres_args(target: SlurmTarget, count: int) -> list[str]:
@@ -80,12 +81,15 @@ class SlurmExecutor:
         self.targets: dict[str, SlurmTarget] = {}
         self.ledger: dict[tuple[str, int], SlurmJob] = {}
         self.finished: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._queue: asyncio.Queue[Assignment] = asyncio.Queue()
+        self._queue: asyncio.Queue[Assignment | Assignments] = asyncio.Queue()
 
     # ------------------------------------------------------------------ assignments in
 
     def on_assignments(self, batch: Assignments) -> None:
         # Queued for one worker: sbatch takes a while, and a cancel must not overtake its own run.
+        if batch.reconcile:
+            self._queue.put_nowait(batch)
+            return
         for item in batch.assignments:
             self._queue.put_nowait(item)
 
@@ -94,17 +98,27 @@ class SlurmExecutor:
         while True:
             item = await self._queue.get()
             try:
-                if item.action == "cancel":
+                if isinstance(item, Assignments):
+                    await self._reconcile(item)
+                elif item.action == "cancel":
                     await self._cancel(item)
                 else:
                     await self._submit(item)
             except Exception:  # one bad assignment must not stop the rest
-                log.exception("assignment failed", site=self.link.site, job=item.job)
+                log.exception("assignment failed", site=self.link.site,
+                              job=item.job if isinstance(item, Assignment) else "")  # fmt: skip
 
     def _remember(self, key: tuple[str, int]) -> None:
         self.finished[key] = None
         while len(self.finished) > FINISHED_MEMORY:
             self.finished.popitem(last=False)
+
+    def _lost(self, key: tuple[str, int]) -> None:
+        """Tell the broker this site does not hold work it counts here; a late run for it is then ignored."""
+        self._remember(key)
+        reason = f"site {self.link.site} does not hold it (lost in a restart, or its run has not arrived)"
+        self.link.emit(key[0], key[1], SiteEventKind.LOST, reason)
+        log.info("job lost", site=self.link.site, job=key[0], attempt=key[1])
 
     def _reject(self, key: tuple[str, int], reason: str) -> None:
         self._remember(key)
@@ -149,7 +163,7 @@ class SlurmExecutor:
             message = (result.stderr or result.stdout).strip().replace("sbatch: error: ", "")
             self._reject(key, f"sbatch refused: {message or 'no job id'}")
             return
-        self.ledger[key] = SlurmJob(slurm_id, item.job, item.attempt, item.model or "", item.count)
+        self.ledger[key] = SlurmJob(slurm_id, item.job, item.attempt, item.model or "", item.count, seq=item.seq)
         self.link.emit(item.job, item.attempt, SiteEventKind.ACCEPTED)
         log.info("job submitted", site=self.link.site, job=item.job, attempt=item.attempt, slurm_id=slurm_id)
 
@@ -162,6 +176,18 @@ class SlurmExecutor:
                 log.info("job cancelled", site=self.link.site, job=key[0], slurm_id=job.slurm_id,
                          ok=result.returncode == 0)  # fmt: skip
         self._remember((item.job, item.attempt))
+
+    async def _reconcile(self, batch: Assignments) -> None:
+        """Stop the Slurm jobs the broker no longer counts here (unless assigned after the list was read);
+        report what it counts that this site does not hold."""
+        listed = {(a.job, a.attempt) for a in batch.assignments}
+        for key, job in list(self.ledger.items()):
+            newer = batch.upto is not None and job.seq is not None and job.seq > batch.upto
+            if key not in listed and not newer:
+                await self._cancel(Assignment(job=key[0], attempt=key[1], action="cancel"))
+        for key in sorted(listed):
+            if key not in self.ledger and key not in self.finished:
+                self._lost(key)
 
     # ------------------------------------------------------------------ states out
 

@@ -21,6 +21,8 @@ from broker.scheduling.scheduler import Scheduler
 from broker.sites.ingest import Ingest
 from broker.sites.lifecycle import run_sweeper
 from broker.sites.link import MqttLink
+from broker.state.archive import Retention
+from broker.state.buckets import RateBuckets
 from broker.state.events import EventFeed, run_mirror
 from broker.state.queries import Queries
 from broker.state.registry import SiteGate, SiteRegistry
@@ -76,7 +78,9 @@ class Broker:
 
 async def start_broker(settings: Settings) -> Broker:
     """Start every part of a replica and return once HTTP is listening."""
-    store = Store.from_url(settings.redis_url, settings.namespace)
+    retention = Retention(finished_hours=settings.finished_retention_hours, usage_days=settings.usage_retention_days,
+                          archive_days=settings.archive_retention_days)  # fmt: skip
+    store = Store.from_url(settings.redis_url, settings.namespace, retention=retention)
     geo = load_geography()
     stop = asyncio.Event()
     kick = asyncio.Event()
@@ -111,20 +115,22 @@ async def start_broker(settings: Settings) -> Broker:
     ]
 
     async def quoter(job_id: str, spec: JobSpec) -> dict[str, Any]:
-        await scheduler.refresh()
-        return quote(Request.of(job_id, spec), scheduler.snapshot)
+        async with scheduler.view() as snapshot:
+            return quote(Request.of(job_id, spec), snapshot)
 
     async def scrape() -> None:
-        await scheduler.refresh()
-        metrics.observe_capacity(scheduler.snapshot)
+        async with scheduler.view() as snapshot:
+            metrics.observe_capacity(snapshot)
 
     tokens = Tokens(store.redis, store.keys)
     app = make_app(Deps(
         store=store, feed=feed, geography=geo, publish_assignments=publish_assignments, kick=kick,
         mqtt_up=mqtt.connected.is_set, quoter=quoter, queries=Queries(store), token_admin=tokens,
         registry=SiteRegistry(store.redis, store.keys), metrics=metrics, scrape=scrape,
-        tokens=tokens if settings.auth == "required" else None,
-        limits=Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant),
+        tokens=tokens if settings.auth == "required" else None, buckets=RateBuckets(store.redis, store.keys),
+        limits=Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant,
+                      quote_rate=settings.quote_rate, quote_burst=settings.quote_burst,
+                      auth_failures_per_minute=settings.auth_failures_per_minute),
         max_body_bytes=settings.max_body_bytes,
     ))  # fmt: skip
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

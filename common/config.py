@@ -14,6 +14,13 @@ DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
 DEFAULT_HTTP = "127.0.0.1:8080"
 AUTH_MODES = ("required", "off")
 _TRUE = ("1", "true", "yes", "on")
+_LIMIT_VARS: tuple[tuple[str, str, type[float] | type[int]], ...] = (
+    ("quote_rate", "SUANWANG_QUOTE_RATE", float), ("quote_burst", "SUANWANG_QUOTE_BURST", int),
+    ("auth_failures_per_minute", "SUANWANG_AUTH_FAILURES", int),
+)  # fmt: skip
+_RETENTION_VARS = (("finished_retention_hours", "SUANWANG_FINISHED_RETENTION_HOURS"),
+                   ("usage_retention_days", "SUANWANG_USAGE_RETENTION_DAYS"),
+                   ("archive_retention_days", "SUANWANG_ARCHIVE_RETENTION_DAYS"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,17 @@ class Settings:
     submit_burst: int = 100
     # Most jobs one tenant may have queued at once.
     max_queued_per_tenant: int = 10_000
+    # Quotes per API token (every replica shares the bucket): a bucket of `quote_burst` refilled at `quote_rate`/s.
+    quote_rate: float = 2.0
+    quote_burst: int = 10
+    # Unknown API tokens one client address may send per minute (per replica) before it is answered 429.
+    auth_failures_per_minute: int = 30
+    # Hours a finished job stays in the hot set (listings, state indexes) before it is archived.
+    finished_retention_hours: float = 168.0
+    # Days the global usage log keeps (operators' reads across tenants, the dashboard's revenue).
+    usage_retention_days: float = 35.0
+    # Days an archived job stays readable by id; 0 keeps archived jobs.
+    archive_retention_days: float = 365.0
     # HTTPS: certificate chain and private key (PEM); both or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -118,6 +136,15 @@ class Settings:
             raise InvalidInput("give both --tls-cert and --tls-key, or neither", "tls_cert")
         if self.submit_rate <= 0 or self.submit_burst < 1 or self.max_queued_per_tenant < 1:
             raise InvalidInput("submit rate, burst and the queued-jobs bound must be positive", "submit_rate")
+        if self.quote_rate <= 0 or self.quote_burst < 1:
+            raise InvalidInput("quote rate and burst must be positive", "quote_rate")
+        if self.auth_failures_per_minute < 1:
+            raise InvalidInput("auth_failures_per_minute must be at least 1", "auth_failures_per_minute")
+        if self.finished_retention_hours <= 0 or self.archive_retention_days < 0:
+            raise InvalidInput("finished_retention_hours must be positive and archive_retention_days not negative",
+                               "finished_retention_hours")  # fmt: skip
+        if self.usage_retention_days < 1:  # the dashboard's revenue reads the last 24 hours of the log
+            raise InvalidInput("usage_retention_days must be at least 1", "usage_retention_days")
 
     @property
     def mqtt(self) -> MqttTarget:
@@ -150,5 +177,17 @@ class Settings:
                     values[name] = float(env[var])
                 except ValueError:
                     raise InvalidInput(f"{var} must be a number of seconds, got {env[var]!r}", var) from None
+        for name, var in _RETENTION_VARS:
+            if var in env:
+                try:
+                    values[name] = float(env[var])
+                except ValueError:
+                    raise InvalidInput(f"{var} must be a number, got {env[var]!r}", var) from None
+        for name, var, kind in _LIMIT_VARS:
+            if var in env:
+                try:
+                    values[name] = kind(env[var])
+                except ValueError:
+                    raise InvalidInput(f"{var} must be a number, got {env[var]!r}", var) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

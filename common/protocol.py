@@ -23,6 +23,9 @@ class SiteEventKind(StrEnum):
     RUNNING = "running"
     COMPLETED = "completed"
     FAILED = "failed"
+    # the site does not hold work the broker counts there (an adapter that restarted and lost it): the
+    # broker queues it again
+    LOST = "lost"
 
 
 # --------------------------------------------------------------------------- MQTT, site -> broker
@@ -106,6 +109,9 @@ class Assignment(Strict):
     workload: str = ""
     stack: str | None = None
     image: str | None = None
+    # a run's place in the site's assignment sequence (per site, grows with every run the broker assigns
+    # there): what a reconcile's `upto` is compared with
+    seq: int | None = Field(default=None, ge=1)
 
 
 class Assignments(Strict):
@@ -115,13 +121,18 @@ class Assignments(Strict):
     # True when the list is everything the broker still counts at the site (sent when a site comes back):
     # the site stops any job it runs that is not on it.
     reconcile: bool = False
+    # with `reconcile`: the site's assignment sequence when the list was read. Runs with a higher `seq` were
+    # assigned after it and are kept whether or not they are listed.
+    upto: int | None = Field(default=None, ge=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-def assignments_payload(site: str, assignments: Iterable[Assignment], *, reconcile: bool = False) -> bytes:
+def assignments_payload(
+    site: str, assignments: Iterable[Assignment], *, reconcile: bool = False, upto: int | None = None
+) -> bytes:
     """One `assignments` message for `site`, encoded once, by the model's own serializer (its parts were
     validated when they were built)."""
     message = Assignments.model_construct(schema_=ASSIGNMENTS_SCHEMA, site=site, assignments=tuple(assignments),
-                                          reconcile=reconcile)  # fmt: skip
+                                          reconcile=reconcile, upto=upto)  # fmt: skip
     return message.model_dump_json(by_alias=True, exclude_none=True).encode()

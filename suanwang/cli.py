@@ -246,28 +246,48 @@ def watch(http: str, last_event_id: str | None, plain: bool, token: str | None, 
 @main.command()
 @redis_option
 @click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True)
+@click.option("--history", "with_history", is_flag=True, help="Also check every job's history in the event log")
 @json_option
-def audit(redis_url: str | None, namespace: str, as_json: bool) -> None:
-    """Check the invariants of the live state in Redis; exits 1 if any is violated."""
-    from broker.state.audit import audit as run_audit
+def audit(redis_url: str | None, namespace: str, with_history: bool, as_json: bool) -> None:
+    """Check the invariants of the live state in Redis (and with --history the event log); exits 1 if any is
+    violated."""
+    from broker.state.audit import Report, audit_report
+    from broker.state.history import HistoryReport, check_history
     from broker.state.store import Store
 
-    async def _audit() -> list[Any]:
+    async def _audit() -> tuple[Report, HistoryReport | None]:
         store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
         try:
-            return await run_audit(store)
+            return await audit_report(store), await check_history(store) if with_history else None
         finally:
             await store.close()
 
-    violations = _run(_audit())
+    report, history = _run(_audit())
+    violations = report.violations  # warnings (a site that shrank below its allocation) do not fail the audit
+    failed = bool(violations) or (history is not None and not history.ok)
     if as_json:
-        _print_json({"violations": [v.as_dict() for v in violations]})
-    elif violations:
-        for v in violations:
-            console.print(f"[red]{v.kind}[/] {v.subject}: {v.detail}", highlight=False)
-    else:
+        _print_json({"violations": [v.as_dict() for v in violations],
+                     "warnings": [w.as_dict() for w in report.warnings],
+                     **({"history": history.as_dict()} if history is not None else {})})  # fmt: skip
+        sys.exit(1 if failed else 0)
+    for v in violations:
+        console.print(f"[red]{v.kind}[/] {v.subject}: {v.detail}", highlight=False)
+    for w in report.warnings:
+        console.print(f"[yellow]{w.kind}[/] {w.subject}: {w.detail}", highlight=False)
+    if history is not None:
+        from rich.table import Table
+
+        trimmed = {True: "trimmed", False: "never trimmed", None: "trimming unknown"}[history.trimmed]
+        console.print(f"history: {history.events} events ({trimmed}), {history.jobs} jobs, {history.partial_jobs} "
+                      f"whose start is no longer in the log, {history.live_jobs} live", highlight=False)  # fmt: skip
+        if history.violations:
+            table = Table("job", "kind", "detail", title="history violations")
+            for hv in history.violations:
+                table.add_row(hv.job, f"[red]{hv.kind}[/]", hv.detail)
+            console.print(table)
+    if not failed:
         console.print("[green]no violations[/]")
-    sys.exit(1 if violations else 0)
+    sys.exit(1 if failed else 0)
 
 
 @main.group()

@@ -107,11 +107,12 @@ class _Process:
 @dataclass
 class RedisServer(_Process):
     appendonly: bool = False
+    appendfsync: str = "everysec"  # or "always": every write on disk before Redis answers (or "no")
 
     def command(self) -> list[str]:
         return [
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--daemonize", "no", "--protected-mode", "no", "--logfile", "",
         ]  # fmt: skip
 

@@ -5,7 +5,8 @@ URLs are given, redis-server with AOF and mosquitto), so any part can be killed 
 started again. `Client` plays careful users: every job carries an Idempotency-Key and a submission
 that meets a connection error or a 5xx is retried with the same key. `Wire` listens to the sites'
 MQTT traffic as an operator would. After the faults, `settle` waits until the system is quiet and
-`examine` compares what Redis holds with what users were told.
+`examine` compares what Redis holds with what users were told, and reads the event log back as a history
+(broker.state.history).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import orjson
 from adapters.fleet import sites_for_hub
 from broker.state.audit import audit
 from broker.state.connection import translated
+from broker.state.history import HistoryReport, check_history
 from broker.state.store import Store
 from common import topics
 from common.config import MqttTarget
@@ -352,17 +354,24 @@ class Findings:
     history_gaps: list[str]  # attempts missing from a job's history
     failed_reasons: Counter[str]
     retried: int = 0  # jobs placed more than once (requeued after a fault)
+    history: HistoryReport | None = None  # the event log checked as every job's history
+
+    @property
+    def history_violations(self) -> list[dict[str, str]]:
+        return [v.as_dict() for v in self.history.violations] if self.history is not None else []
 
     def problems(self, may_lose: set[str] | frozenset[str] = frozenset()) -> list[str]:
         out = [f"lost {job}" for job in self.lost if job not in may_lose]
         out += [f"audit {v['kind']} {v['subject']}: {v['detail']}" for v in self.violations]
         out += [f"unfinished {job}: {why}" for job, why in self.unfinished.items()]
+        out += [f"history {v['kind']} {v['job']}: {v['detail']}" for v in self.history_violations]
         return out + self.overlaps + self.history_gaps
 
     @property
     def double_allocations(self) -> int:
         kinds = ("over_allocated", "allocation_mismatch", "negative_allocation", "placement")
-        return len(self.overlaps) + sum(1 for v in self.violations if v["kind"] in kinds)
+        doubles = sum(1 for v in self.history_violations if v["kind"] == "double_live")
+        return len(self.overlaps) + doubles + sum(1 for v in self.violations if v["kind"] in kinds)
 
 
 async def examine(store: Store, jobs: list[str]) -> Findings:
@@ -393,7 +402,8 @@ async def examine(store: Store, jobs: list[str]) -> Findings:
             if s2 < e1:
                 overlaps.append(f"{job} attempt {a1} at {site1} until {e1} overlaps attempt {a2} at {site2} "
                                 f"from {s2}")  # fmt: skip
-    return Findings(len(jobs), states, lost, violations, unfinished, overlaps, gaps, failed_reasons, retried)
+    return Findings(len(jobs), states, lost, violations, unfinished, overlaps, gaps, failed_reasons, retried,
+                    await check_history(store))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ soak
@@ -411,6 +421,15 @@ class SoakOptions:
     down_s: tuple[float, float] = (1.0, 3.0)  # how long a killed site process stays down
     broker_kill: bool = True
     seed: int = 7
+
+
+def _history_summary(report: HistoryReport | None) -> dict[str, Any] | None:
+    """The history check in the soak's report: what was read, and the first violations."""
+    if report is None:
+        return None
+    return {"events": report.events, "jobs": report.jobs, "trimmed": report.trimmed,
+            "partial_jobs": report.partial_jobs, "live_jobs": report.live_jobs, "violations": len(report.violations),
+            "first_violations": [v.as_dict() for v in report.violations[:20]]}  # fmt: skip
 
 
 def _summary(values: list[float]) -> dict[str, float] | None:
@@ -538,6 +557,7 @@ async def run_soak(options: SoakOptions) -> dict[str, Any]:
         "jobs_placed_more_than_once": found.retried, "failed_reasons": dict(found.failed_reasons),
         "lost_jobs": len(found.lost), "double_allocations": found.double_allocations,
         "audit_violations": found.violations[:20], "unfinished": dict(list(found.unfinished.items())[:20]),
+        "history": _history_summary(found.history),
         "faults": dict(faults),
         "recovery": {name: _summary(values) for name, values in recovery.items()},
         "settle_s": round(settle_s, 2),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from broker.http import admin, dashboard, health, jobs, metrics, openapi, sites, stream, usage
-from broker.http.auth import authenticate
+from broker.http.auth import AUTH_FAILURES, FailureLimiter, authenticate
 from broker.http.deps import DEPS, Deps
 from broker.http.responses import errors
 from broker.http.routes import ROUTE_TABLE, Role, Route, RouteTable
@@ -30,6 +30,7 @@ def make_app(deps: Deps) -> web.Application:
     table = RouteTable(ROUTES)
     app[DEPS] = deps
     app[ROUTE_TABLE] = table
+    app[AUTH_FAILURES] = FailureLimiter(deps.limits.auth_failures_per_minute)
     table.mount(app)
     return app
 

@@ -23,8 +23,8 @@ from broker.state.queries import JobEvents, QueueSample
 from broker.state.registry import RegisteredSite
 from regions import Geography
 
-__all__ = ["DEPS", "Deps", "EventSource", "Limits", "MqttUp", "PublishAssignments", "Quoter", "ReadQueries",
-           "Scrape", "SiteBook", "StateStore", "TokenAdmin", "TokenLookup"]  # fmt: skip
+__all__ = ["DEPS", "Deps", "EventSource", "Limits", "MqttUp", "PublishAssignments", "Quoter", "RateBuckets",
+           "ReadQueries", "Scrape", "SiteBook", "StateStore", "TokenAdmin", "TokenLookup"]  # fmt: skip
 
 
 class StateStore(Protocol):
@@ -82,6 +82,9 @@ class TokenLookup(Protocol):
 
     async def lookup(self, token: str) -> Identity | None: ...
 
+    def cached(self, token: str) -> Identity | None:
+        """Who `token` stands for if it was just found valid, from memory only (no I/O)."""
+
 
 class TokenAdmin(Protocol):
     """Making, listing and revoking API tokens."""
@@ -110,6 +113,13 @@ class Quoter(Protocol):
     async def __call__(self, job_id: str, spec: JobSpec, /) -> dict[str, Any]: ...
 
 
+class RateBuckets(Protocol):
+    """Token buckets shared by every replica (broker.state.buckets), timed by one clock."""
+
+    async def take(self, scope: str, subject: str, rate: float, burst: int) -> int:
+        """Take one token from `subject`'s bucket in `scope`: 0 when taken, else milliseconds until one is there."""
+
+
 class Scrape(Protocol):
     """Refreshes what the metrics' gauges read (the replica's snapshot) before a scrape."""
 
@@ -124,12 +134,16 @@ class MqttUp(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """Submissions per token (a bucket of `submit_burst` refilled at `submit_rate`/s) and queued jobs per
-    tenant."""
+    """Submissions per token (a bucket of `submit_burst` refilled at `submit_rate`/s), queued jobs per
+    tenant, quotes per token (a bucket of `quote_burst` refilled at `quote_rate`/s) and failed
+    authentications per client address and minute."""
 
     submit_rate: float = 20.0
     submit_burst: int = 100
     max_queued_per_tenant: int | None = None
+    quote_rate: float = 2.0
+    quote_burst: int = 10
+    auth_failures_per_minute: int = 30
 
 
 @dataclass(frozen=True)
@@ -150,6 +164,7 @@ class Deps:
     metrics: Metrics
     scrape: Scrape
     tokens: TokenLookup | None = None
+    buckets: RateBuckets | None = None  # without, quotes are not rate limited
     limits: Limits = field(default_factory=Limits)
     max_body_bytes: int = 64 * 1024
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 
@@ -12,12 +13,12 @@ from broker.http import auth
 from broker.http.deps import DEPS
 from broker.http.responses import json_body, json_response
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
-from broker.http.views import job_view
+from broker.http.views import MAX_CANDIDATES, job_view, quote_view
 from broker.model.job import JobSpec, JobState
 from broker.sites.assignments import tell_site_to_cancel
 from broker.state.jobs import SubmitRate
 from common import logs
-from common.errors import Conflict, InvalidInput, NotFound
+from common.errors import Conflict, InvalidInput, NotFound, TooManyRequests
 from common.validation import parse
 from regions import Geography, load_devices
 
@@ -89,10 +90,35 @@ async def submit_job(request: web.Request) -> web.Response:
     return response
 
 
+def _query_int(request: web.Request, name: str, default: int, least: int, most: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"{name} must be an integer", name) from None
+    if not least <= value <= most:
+        raise InvalidInput(f"{name} must be between {least} and {most}", name)
+    return value
+
+
 async def quote_job(request: web.Request) -> web.Response:
-    """Where the job would go now and what would make it fit better; takes no capacity."""
+    """Where the job would go now and what would make it fit better; takes no capacity.
+
+    A quote runs the matcher over the whole network once per what-if, so each token has a bucket of quotes
+    (shared by every replica); the answer holds at most `MAX_CANDIDATES` candidates (`?limit=` for fewer)."""
+    deps = request.app[DEPS]
+    limit = _query_int(request, "limit", MAX_CANDIDATES, 1, MAX_CANDIDATES)
     spec = await _read_spec(request)
-    return json_response(await request.app[DEPS].quoter(new_job_id(), spec))
+    caller, limits = auth.identity_of(request), deps.limits
+    if caller.id and deps.buckets is not None:
+        wait_ms = await deps.buckets.take("quote", caller.id, limits.quote_rate, limits.quote_burst)
+        if wait_ms:
+            seconds = max(1, math.ceil(wait_ms / 1000))
+            raise TooManyRequests(f"too many quotes: at most {limits.quote_rate:g}/s in bursts of {limits.quote_burst} "
+                                  f"per token; retry in {seconds} s", seconds, code="quote_rate_limited")  # fmt: skip
+    return json_response(quote_view(await deps.quoter(new_job_id(), spec), limit))
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -151,12 +177,15 @@ _KEY_PARAM = param(IDEMPOTENCY_HEADER, "header", {"type": "string", "maxLength":
                    "A retry with the same key returns the first job")  # fmt: skip
 _STATE_PARAM = param("state", "query", {"enum": [s.value for s in JobState]})
 _LIMIT_PARAM = param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000})
+_CANDIDATES_PARAM = param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_CANDIDATES},
+                          f"At most this many candidates (default and most: {MAX_CANDIDATES})")  # fmt: skip
 
 ROUTES = (
     Route("POST", "/v1/jobs", submit_job, "Submit a job", role="user", ok=(202, "Job"), also_ok={200: "Job"},
           errors=(400, 409, 413, 415, 429), params=(TENANT_HEADER_PARAM, _KEY_PARAM), body=JobSpec),
     Route("POST", "/v1/quote", quote_job, "Where a job would go now, taking no capacity", role="user",
-          ok=(200, "Quote"), errors=(400, 413, 415), params=(TENANT_HEADER_PARAM,), body=JobSpec),
+          ok=(200, "Quote"), errors=(400, 413, 415, 429), params=(TENANT_HEADER_PARAM, _CANDIDATES_PARAM),
+          body=JobSpec),
     Route("GET", "/v1/jobs", list_jobs, "The tenant's jobs, newest first", role="user", ok=(200, "JobList"),
           errors=(400,), params=(_STATE_PARAM, _LIMIT_PARAM, TENANT_QUERY_PARAM, TENANT_HEADER_PARAM)),
     Route("GET", "/v1/jobs/{id}", get_job, "A job: state, allocation or why it waits, history", role="user",

@@ -87,14 +87,14 @@ def _response(description: str, schema: str | None, content: str = JSON) -> dict
 
 
 def operation(route: Route) -> dict[str, Any]:
-    """The route as an OpenAPI operation; a protected one also answers 401 and 403, one with a body 400, 413
-    and 415, and every one 405."""
+    """The route as an OpenAPI operation; a protected one also answers 401 and 403 (and 429 to an address past
+    its failed authentications), one with a body 400, 413 and 415, and every one 405."""
     status, schema = route.ok
     responses = {str(status): _response("Success", schema, route.content)}
     responses.update({str(code): _response("Success", name) for code, name in route.also_ok.items()})
     errors = set(route.errors)
     if not route.public:
-        errors |= {401, 403}
+        errors |= {401, 403, 429}
     if route.body is not None:
         errors |= {413, 415, 400}
     errors.add(405)

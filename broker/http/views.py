@@ -1,4 +1,10 @@
-"""How stored jobs, sites and usage look to API callers."""
+"""How stored jobs, sites, quotes and usage look to API callers.
+
+What a caller sees of other tenants' load is the market, never the tenants: for each offer (a quote's
+candidates and what-ifs, a decision's chosen pool and runners-up) the site, its hub, model, free devices,
+prices, latency and scores (`OFFER_FIELDS`, and nothing else even if the matcher records more); a job, its
+history and its usage only to its own tenant (or an operator); no other tenant's job ids, names or usage.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,16 @@ from typing import Any
 
 import orjson
 
+from broker.matching.quote import TOP
 from broker.model.job import JobState
 from broker.model.records import SiteRecord
+
+MAX_CANDIDATES = TOP  # the most candidates a quote answers with
+MAX_WHAT_IF = 12  # the most what-ifs (one per constraint loosened; there are about that many)
+# What an offer shows: the market (a site's free devices and prices), nothing of who holds the rest.
+OFFER_FIELDS = ("site", "hub", "model", "arch", "devices", "free", "price_cny_per_hour", "cost_cny_per_hour",
+                "unit_price_cny_per_hour", "total_cost_cny", "latency_ms", "est_hours", "score", "scores", "stack",
+                "image")  # fmt: skip
 
 
 def iso(ms: str | None) -> str | None:
@@ -17,6 +31,23 @@ def iso(ms: str | None) -> str | None:
     if not ms:
         return None
     return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def offer_view(offer: dict[str, Any]) -> dict[str, Any]:
+    """One place a job could go, or went, as callers see it: `OFFER_FIELDS` only."""
+    return {k: offer[k] for k in OFFER_FIELDS if k in offer}
+
+
+def quote_view(quote: dict[str, Any], candidates: int = MAX_CANDIDATES) -> dict[str, Any]:
+    """A quote as callers see it: at most `candidates` candidates and `MAX_WHAT_IF` what-ifs, each offer
+    reduced to `offer_view`; anything else the quoter answers passes as it is."""
+    view = dict(quote)
+    if "candidates" in view:
+        view["candidates"] = [offer_view(c) for c in view["candidates"][:candidates]]
+    if "what_if" in view:
+        view["what_if"] = [{**w, "best": offer_view(w["best"])} if "best" in w else dict(w)
+                           for w in view["what_if"][:MAX_WHAT_IF]]  # fmt: skip
+    return view
 
 
 def job_view(job: dict[str, str]) -> dict[str, Any]:
@@ -49,7 +80,8 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
                 "cost_cny_per_hour": chosen["cost_cny_per_hour"],
                 "unit_price_cny_per_hour": chosen["unit_price_cny_per_hour"],
                 "est_hours": chosen["est_hours"], "score": chosen["score"], "scores": chosen["scores"],
-                "stack": chosen["stack"], "image": chosen["image"], "runners_up": decision["runners_up"],
+                "stack": chosen["stack"], "image": chosen["image"],
+                "runners_up": [offer_view(r) for r in decision["runners_up"]],
             })  # fmt: skip
     if state == JobState.QUEUED:
         view["waiting"] = job.get("reason") or "waiting for the matcher"

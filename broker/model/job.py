@@ -135,5 +135,3 @@ class JobSpec(Strict):
             except InvalidInput as exc:
                 raise ValueError(exc.message) from None
         return software
-
-

@@ -75,10 +75,12 @@ class Refusal(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """The outcome of one placement: the attempt number when it was committed, else why not."""
+    """The outcome of one placement: the attempt number and the site's assignment sequence number when it
+    was committed, else why not."""
 
     attempt: int = 0
     refusal: Refusal | None = None
+    seq: int = 0
 
     @property
     def ok(self) -> bool:

@@ -36,6 +36,9 @@ class Backfill:
         if self.reservation is not None and self.reservation.job not in queued:
             self.reservation = None  # the gang was placed, cancelled or failed
 
+    def holds(self, job: str) -> bool:
+        return self.reservation is not None and self.reservation.job == job
+
     def exclude_for(self, req: Request, now_ms: float) -> tuple[str, int] | None:
         """The (model, row) `req` may not use: the held pool, unless it ends before the holder starts."""
         held = self.reservation

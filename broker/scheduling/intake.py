@@ -19,10 +19,12 @@ HELD = -2  # unfit "version" of a job held back by its tenant's limit: re-checke
 
 @dataclass
 class Batch:
-    """The jobs of one pass: those to match, those held back (job -> reason), and every job seen queued."""
+    """The jobs of one pass: those to match, those held back (job -> reason), those skipped as already
+    unfit at this view, and every job seen queued."""
 
     requests: list[Request] = field(default_factory=list)
     held: dict[str, str] = field(default_factory=dict)
+    unfit: set[str] = field(default_factory=set)
     queued: set[str] = field(default_factory=set)
 
 
@@ -48,6 +50,8 @@ class Intake:
                 batch.held[job_id] = f"tenant {tenant} holds {usage.get(tenant, 0)} devices, its limit is {limit}"
             elif self._unfit.get(job_id, (-1, ""))[0] != version:
                 ids.append(job_id)
+            else:
+                batch.unfit.add(job_id)
         batch.requests = await self._requests_for(ids[: self.batch])
         return batch
 

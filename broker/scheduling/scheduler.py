@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import orjson
@@ -39,19 +41,21 @@ def placement_of(job_id: str, decision: Decision) -> Placement:
                      arch=chosen.arch, decision=record.decode())  # fmt: skip
 
 
-def assignment_of(req: Request, decision: Decision, attempt: int) -> Assignment:
+def assignment_of(req: Request, decision: Decision, commit: Commit) -> Assignment:
     chosen = decision.chosen
-    return Assignment(job=req.job_id, attempt=attempt, action="run", model=chosen.model, count=chosen.devices,
-                      duration_hours=round(chosen.est_hours, 4), name=req.name, workload=req.workload,
-                      stack=chosen.stack, image=chosen.image)  # fmt: skip
+    return Assignment(job=req.job_id, attempt=commit.attempt, action="run", model=chosen.model,
+                      count=chosen.devices, duration_hours=round(chosen.est_hours, 4), name=req.name,
+                      workload=req.workload, stack=chosen.stack, image=chosen.image, seq=commit.seq)  # fmt: skip
 
 
 @dataclass
 class Plan:
-    """One pass's decisions: placements taken optimistically in the snapshot, and new waiting reasons."""
+    """One pass's decisions: placements taken optimistically in the snapshot, new waiting reasons, and the
+    jobs that fit nowhere now (parked out of their tenant's window until capacity may have grown)."""
 
     placements: list[tuple[Placement, Request, Decision]] = field(default_factory=list)
     reasons: dict[str, str] = field(default_factory=dict)
+    parked: set[str] = field(default_factory=set)
 
 
 class Scheduler:
@@ -78,9 +82,24 @@ class Scheduler:
         self.intake = Intake(store, batch)
         self.backfill = Backfill(store, reserve_after_s)
         self.placed = 0
+        # held by a pass from its refresh to the undo of its refused placements, and by every other
+        # refresh: a refresh between an optimistic take and its undo would count the take twice
+        self._view = asyncio.Lock()
 
     async def refresh(self) -> int:
-        """Apply every site change since the last refresh; returns how many sites changed."""
+        """Apply every site change since the last refresh (after any pass under way); returns how many
+        sites changed."""
+        async with self._view:
+            return await self._refresh()
+
+    @asynccontextmanager
+    async def view(self) -> AsyncIterator[Snapshot]:
+        """The snapshot, refreshed, with no pass's optimistic takes in it, for as long as the block runs."""
+        async with self._view:
+            await self._refresh()
+            yield self.snapshot
+
+    async def _refresh(self) -> int:
         changed = await self.store.changed_sites(self.snapshot.version)
         if not changed:
             return 0
@@ -92,21 +111,38 @@ class Scheduler:
 
     async def run_once(self) -> int:
         """One scheduling pass; returns the number of jobs placed."""
-        await self.refresh()
-        batch = await self.intake.next_batch(self.snapshot.version)
-        self.backfill.keep_if_queued(batch.queued)
-        await self.store.set_reasons(self.intake.hold(batch.held))
-        if not batch.requests:
-            return 0
-        plan = await self._plan(batch)
-        await self.store.set_reasons(plan.reasons)
-        commits = await self.store.allocate([p for p, _, _ in plan.placements], self.accept_timeout_ms)
-        by_site = self._bind(plan, commits)
+        async with self._view:
+            by_site = await self._pass()
         if by_site:
             await publish_runs(self.publish_assignments, by_site)
         placed = sum(len(items) for items in by_site.values())
         self.placed += placed
         return placed
+
+    async def _pass(self) -> dict[str, list[Assignment]]:
+        await self._refresh()
+        batch = await self.intake.next_batch(self.snapshot.version)
+        self.backfill.keep_if_queued(batch.queued)
+        held = self.intake.hold(batch.held)
+        # jobs already unfit at this view (woken by a change the view held already) go back to sleep too
+        asleep = {job for job in batch.unfit if not self.backfill.holds(job)}
+        if not batch.requests:
+            await self.store.set_reasons(held, asleep, seen=self.store.wake_seen)
+            return {}
+        plan = await self._plan(batch)
+        plan.reasons.update(held)
+        plan.parked |= asleep
+        await self.store.set_reasons(plan.reasons, plan.parked, seen=self.store.wake_seen)
+        commits = await self.store.allocate([p for p, _, _ in plan.placements], self.accept_timeout_ms)
+        by_site, refused = self._bind(plan, commits)
+        if refused:
+            await self._reload(refused)
+        return by_site
+
+    async def _reload(self, sites: set[str]) -> None:
+        """Load again the sites where a commit was refused: Redis holds the truth, the view is not guessed."""
+        for record in await self.store.load_sites(sorted(sites), self.snapshot.meta_versions()):
+            self.snapshot.apply(record)
 
     async def _plan(self, batch: Batch) -> Plan:
         """Match each job in turn; a placement takes its devices in the snapshot at once (the commit decides),
@@ -122,6 +158,8 @@ class Scheduler:
                     message += await self.backfill.reserve(req, self.snapshot, now)
                 if self.intake.unfit(req.job_id, version, message):
                     plan.reasons[req.job_id] = message
+                if not self.backfill.holds(req.job_id):  # the job a pool is held for stays in view
+                    plan.parked.add(req.job_id)
                 continue
             self._take(result, +1)
             plan.placements.append((placement_of(req.job_id, result), req, result))
@@ -131,29 +169,33 @@ class Scheduler:
         chosen = decision.chosen
         self.snapshot.tables[chosen.model].allocated[chosen.row] += sign * chosen.devices
 
-    def _bind(self, plan: Plan, commits: list[Commit]) -> dict[str, list[Assignment]]:
-        """Settle each placement by what Redis decided: assignments to send, per site, for those committed."""
+    def _bind(self, plan: Plan, commits: list[Commit]) -> tuple[dict[str, list[Assignment]], set[str]]:
+        """Settle each placement by what Redis decided: assignments to send, per site, for those committed,
+        and the sites whose view a refusal showed to be behind."""
         by_site: dict[str, list[Assignment]] = defaultdict(list)
+        behind: set[str] = set()
         for (placement, req, decision), commit in zip(plan.placements, commits, strict=True):
             if commit.refusal is not None:
-                self._take(decision, -1)  # undo the optimistic take; Redis holds the truth
+                self._take(decision, -1)  # undo the optimistic take
                 self._refused(req, commit.refusal)
+                if commit.refusal in (Refusal.STALE_VIEW, Refusal.SITE_NOT_ONLINE):
+                    behind.add(placement.site)
                 continue
             created = self.intake.placed(req.job_id)
             self.metrics.placements.labels(placement.hub, placement.arch).inc()
             if created:
                 self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
-            by_site[placement.site].append(assignment_of(req, decision, commit.attempt))
+            by_site[placement.site].append(assignment_of(req, decision, commit))
             log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
                      count=placement.count, attempt=commit.attempt)  # fmt: skip
-        return by_site
+        return by_site, behind
 
     def _refused(self, req: Request, refusal: Refusal) -> None:
         self.metrics.rejections.labels(refusal.value).inc()
         if refusal is Refusal.NOT_QUEUED:
             self.intake.forget(req.job_id)  # cancelled or placed by another replica
         elif refusal in (Refusal.STALE_VIEW, Refusal.SITE_NOT_ONLINE):
-            self.kick.set()  # our view was behind Redis; the next pass reloads the site
+            self.kick.set()  # the site is reloaded at the end of this pass; try the job again
         # TENANT_LIMIT: the next pass holds the tenant's jobs
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:

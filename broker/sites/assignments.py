@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
-import orjson
-
 from common import logs
 from common.protocol import Assignment, assignments_payload
 
@@ -21,27 +19,16 @@ class PublishAssignments(Protocol):
     async def __call__(self, site: str, payload: bytes, /) -> None: ...
 
 
-def run_of(job: str, record: Mapping[str, str | None]) -> Assignment | None:
-    """The run assignment of a job the broker holds at a site, rebuilt from its record (None if not held)."""
-    if record.get("state") not in ("assigned", "running") or not record.get("model"):
-        return None
-    chosen = orjson.loads(record.get("decision") or "{}").get("chosen", {})
-    spec = orjson.loads(record.get("spec") or "{}")
-    return Assignment(job=job, attempt=int(record.get("attempt") or 0), action="run", model=record["model"],
-                      count=int(record.get("count") or 0), duration_hours=round(float(chosen.get("est_hours", 0)), 4),
-                      name=record.get("name") or "", workload=spec.get("workload", ""), stack=chosen.get("stack"),
-                      image=chosen.get("image"))  # fmt: skip
-
-
 def cancel_payload(site: str, jobs: Iterable[tuple[str, int]]) -> bytes:
     """An assignments message telling `site` to stop these (job, attempt) pairs."""
     return assignments_payload(site, (Assignment(job=job, attempt=attempt, action="cancel") for job, attempt in jobs))
 
 
-def reconcile_payload(site: str, jobs: Iterable[tuple[str, int]]) -> bytes:
-    """Everything the broker still counts at `site`: the site stops any job it runs that is not on it."""
+def reconcile_payload(site: str, jobs: Iterable[tuple[str, int]], upto: int) -> bytes:
+    """Everything the broker counted at `site` when its assignment sequence was `upto`: the site stops any
+    job it runs that is not on it, unless its run's `seq` is higher (assigned after the list was read)."""
     items = (Assignment(job=job, attempt=attempt, action="run") for job, attempt in jobs)
-    return assignments_payload(site, items, reconcile=True)
+    return assignments_payload(site, items, reconcile=True, upto=upto)
 
 
 async def tell_site_to_cancel(publish: PublishAssignments, site: str, jobs: Sequence[tuple[str, int]]) -> None:

@@ -10,7 +10,7 @@ import asyncio
 from collections import Counter
 
 from broker.metrics import Metrics
-from broker.sites.assignments import PublishAssignments, publish_runs, reconcile_payload, run_of, tell_site_to_cancel
+from broker.sites.assignments import PublishAssignments, reconcile_payload, tell_site_to_cancel
 from broker.state.store import Store
 from common import logs
 
@@ -18,38 +18,19 @@ log = logs.get("suanwang.lifecycle")
 
 
 async def reconcile_site(store: Store, publish: PublishAssignments, site: str) -> int:
-    """Tell a site that came back which of its jobs the broker still counts there; it stops the rest."""
-    jobs = await store.jobs_at(site)
-    rows = await store.get_jobs(jobs, "attempt", "state") if jobs else []
-    items = [(job, int(attempt or 0)) for job, (attempt, state) in zip(jobs, rows, strict=True)
-             if state in ("assigned", "running")]  # fmt: skip
-    payload = reconcile_payload(site, items)
+    """Tell a site that came back which of its jobs the broker still counts there; it stops the rest.
+
+    The list is stamped with the site's assignment sequence as it was read (in the same step): a run
+    assigned after it carries a higher `seq`, and the site keeps it whether it arrives before or after the
+    list."""
+    upto, items = await store.reconcile_list(site)
     try:
-        await publish(site, payload)
+        await publish(site, reconcile_payload(site, items, upto))
     except Exception as exc:  # it reconciles on its next return instead
         log.warning("reconcile.publish_failed", site=site, error=str(exc))
         return len(items)
-    log.info("site.reconciled", site=site, jobs=len(items))
-    await resend_newer(store, publish, site, set(jobs))
+    log.info("site.reconciled", site=site, jobs=len(items), upto=upto)
     return len(items)
-
-
-async def resend_newer(store: Store, publish: PublishAssignments, site: str, listed: set[str]) -> None:
-    """Send again, after a reconcile list, the runs of jobs assigned to `site` since the list was read.
-
-    Their first run message may have reached the site before the list, which then stopped them; the site
-    does not count a job stopped by a reconcile as finished, so the run sent again (after the list, on the
-    same connection, so in order) starts it. A run the site already holds is ignored there."""
-    newer = [job for job in await store.jobs_at(site) if job not in listed]
-    if not newer:
-        return
-    fields = ("attempt", "state", "model", "count", "name", "decision", "spec")
-    runs = [run_of(job, dict(zip(fields, row, strict=True)))
-            for job, row in zip(newer, await store.get_jobs(newer, *fields), strict=True)]  # fmt: skip
-    items = [run for run in runs if run is not None]
-    if items:
-        await publish_runs(publish, {site: items})
-        log.info("site.runs_resent", site=site, jobs=len(items))
 
 
 async def requeue_site(store: Store, publish: PublishAssignments, site: str, reason: str) -> int:
@@ -95,6 +76,7 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
         if await store.set_site_status(site, "stale", expect="online"):
             log.warning("site.silent", site=site)
             moved["site_silent"] += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
+    await store.retire(now)  # archive finished jobs past the retention, a bounded batch; trim the usage log
     return moved
 
 

@@ -1,171 +1,395 @@
-"""`suanwang audit`: check the invariants of the live state in Redis and report every violation.
+"""`suanwang audit`: check the invariants of the live state in Redis and report what breaks them.
 
-Everything is read in one MULTI transaction, so the audit sees one consistent moment of a running
-system (jobs submitted between the key scan and the transaction are checked only for existence).
+The audit reads in pages: sites with ZSCAN (and each site's jobs with SSCAN), jobs with SCAN over their
+keys, tenants' counters with HSCAN and ZSCAN, the queue with ZSCAN and the event log backwards with
+XREVRANGE, each page in a pipelined round trip or two. A page of jobs is read by one short read-only script
+(lua/audit_jobs.lua: each job's record and whether it is in the queues and its site's set, at one moment).
+It never runs one transaction over every job, and holds a page at a time (plus a counter per tenant and,
+for the event log, the ids of the jobs its window names).
+
+A running system changes between two pages, so whatever spans pages and looks wrong (a site's counters
+against its jobs, a tenant's count, the log against a job) is read again consistently (under WATCH of the
+few keys every change of it writes, or in one MULTI) and reported only if it still is; what keeps changing
+too fast to be confirmed is a warning (`unconfirmed`).
+
+Findings are errors (the broker broke an invariant) or warnings (worth an operator's eye, but nothing the
+broker did wrong). A pool whose site now offers fewer devices than the broker has allocated there is one
+of each, told apart by `p:<model>` in the site's capacity hash where it is recorded: the usable devices
+(total - in use outside) the allocation script saw at the pool's last allocation. A correct broker never
+allocates past that, so `allocated <= p` means the site shrank after its allocations (a warning), and
+`allocated > p` that the broker gave out more than the site had (an error); with no record nothing shows
+the site shrank, and it stays an error.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from importlib import resources
+from typing import Any, TypeVar, cast
+
+from redis.exceptions import WatchError
 
 from broker.model.records import counted_models, pool_counts
-from broker.state.connection import text, translated
+from broker.state.connection import StreamEntries, text, translated
 from broker.state.store import Store
 
 HOLDING = ("assigned", "running")
+PAGE = 500
+RETRIES = 5  # consistent re-reads of a suspect before it is reported as unconfirmed
+Row = tuple[str, str, str, int, str]  # state, site, model, count, tenant
+Places = tuple[bool, bool, bool, bool]  # in the queue, its tenant's window, its tenant's parked set, its site's set
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Violation:
+    """One finding: `severity` is `error` (an invariant is broken) or `warning`."""
+
     kind: str
     subject: str
     detail: str
+    severity: str = "error"
 
     def as_dict(self) -> dict[str, str]:
-        return {"kind": self.kind, "subject": self.subject, "detail": self.detail}
+        return {"kind": self.kind, "subject": self.subject, "detail": self.detail, "severity": self.severity}
 
 
-async def _job_ids(store: Store) -> list[str]:
-    prefix = store.keys.job("")
-    ids = []
-    async with translated():
-        async for key in store.redis.scan_iter(match=f"{prefix}*", count=1000):
-            rest = text(key)[len(prefix) :]
-            if ":" not in rest:
-                ids.append(rest)
-    return ids
+@dataclass
+class Report:
+    """What an audit found: `violations` (errors) and `warnings`, each once."""
+
+    violations: list[Violation] = field(default_factory=list)
+    warnings: list[Violation] = field(default_factory=list)
+    _seen: set[Violation] = field(default_factory=set, repr=False)
+
+    def add(self, findings: Sequence[Violation]) -> None:
+        for finding in findings:
+            if finding not in self._seen:  # a SCAN may return a key twice
+                self._seen.add(finding)
+                (self.violations if finding.severity == "error" else self.warnings).append(finding)
 
 
-async def _tenants(store: Store) -> list[str]:
-    pattern = store.keys.tenant_jobs("*")
-    head, tail = pattern.split("*")
-    async with translated():
-        return [text(k)[len(head) : -len(tail)] async for k in store.redis.scan_iter(match=pattern, count=1000)]
+def _row(raw: Sequence[Any]) -> Row | None:
+    state, site, model, count, tenant = (text(v) for v in raw)
+    return (state, site, model, int(count or 0), tenant) if state else None
 
 
-async def audit(store: Store, event_window: int = 200_000) -> list[Violation]:
-    k = store.keys
-    job_ids, tenants = await _job_ids(store), await _tenants(store)
-    async with translated():
-        sites = [text(s) for s in await store.redis.zrange(k.sites, 0, -1)]
-        pipe = store.redis.pipeline(transaction=True)
-        for job in job_ids:
-            pipe.hmget(k.job(job), "state", "site", "model", "count", "tenant")
-        for site in sites:
-            pipe.hgetall(k.capacity(site))
-            pipe.smembers(k.site_jobs(site))
-        pipe.zrange(k.queue, 0, -1)
-        for tenant in tenants:
-            pipe.zrange(k.tenant_queue(tenant), 0, -1)
-        pipe.hgetall(k.tenant_usage)
-        pipe.zrange(k.queued_tenants, 0, -1, withscores=True)
-        pipe.xrevrange(k.events, count=event_window)
-        raw = await pipe.execute()
-    jobs = {job: [text(v) if v is not None else None for v in row] for job, row in zip(job_ids, raw, strict=False)}
-    at = len(job_ids)
-    caps, site_sets = {}, {}
-    for site in sites:
-        caps[site] = {text(f): int(v) for f, v in raw[at].items()}
-        site_sets[site] = {text(j) for j in raw[at + 1]}
-        at += 2
-    queue = [text(j) for j in raw[at]]
-    tenant_queues = {t: [text(j) for j in raw[at + 1 + i]] for i, t in enumerate(tenants)}
-    at += 1 + len(tenants)
-    usage = {text(t): int(v) for t, v in raw[at].items()}
-    queued_tenants = {text(t): int(score) for t, score in raw[at + 1]}
-    events = raw[at + 2]
+_PAGE_SCRIPT = (resources.files("broker.state") / "lua" / "audit_jobs.lua").read_text()
+
+
+def _capacity(raw: Mapping[Any, Any]) -> dict[str, int]:
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[text(key)] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def site_findings(site: str, cap: Mapping[str, int], rows: Mapping[str, Row | None]
+                  ) -> tuple[list[Violation], Counter[str]]:  # fmt: skip
+    """What is wrong at one site, from its capacity hash and the records of the jobs in its set (None: no
+    record); and the devices each tenant holds there."""
     out: list[Violation] = []
-    out += _check_capacity(jobs, caps, site_sets)
-    out += _check_placement(jobs, site_sets, queue)
-    out += _check_queues(jobs, queue, tenant_queues, queued_tenants)
-    out += _check_usage(jobs, usage)
-    out += _check_events(jobs, events)
-    unknown = {j for s in site_sets.values() for j in s} | set(queue)
-    missing = [j for j in unknown if j not in jobs]
-    if missing:  # submitted after the key scan, or really gone
-        rows = await store.get_jobs(missing, "state")
-        for job, (state,) in zip(missing, rows, strict=True):
-            if state is None:
-                out.append(Violation("unknown_job", job, "referenced but has no record"))
-    return out
-
-
-def _check_capacity(jobs: dict[str, list[Any]], caps: dict[str, dict[str, int]],
-                    site_sets: dict[str, set[str]]) -> list[Violation]:  # fmt: skip
-    out = []
-    for site, cap in caps.items():
-        held: Counter[str] = Counter()
-        for job in site_sets[site]:
-            row = jobs.get(job)
-            if row and row[0] in HOLDING and row[2]:
-                held[row[2]] += int(row[3] or 0)
-        for model in sorted(counted_models(cap) | set(held)):
-            total, external, allocated = pool_counts(cap, model)
-            subject = f"{site}/{model}"
-            if allocated < 0:
-                out.append(Violation("negative_allocation", subject, f"allocated {allocated}"))
-            if allocated != held[model]:
-                detail = f"allocated counter {allocated} but jobs held there hold {held[model]}"
-                out.append(Violation("allocation_mismatch", subject, detail))
-            if allocated > total - external:
-                out.append(Violation("over_allocated", subject,
-                                     f"allocated {allocated} > total {total} - external {external}"))  # fmt: skip
-    return out
-
-
-def _check_placement(jobs: dict[str, list[Any]], site_sets: dict[str, set[str]], queue: list[str]) -> list[Violation]:
-    out = []
-    holders: dict[str, list[str]] = defaultdict(list)
-    for site, members in site_sets.items():
-        for job in members:
-            holders[job].append(site)
-    queued = set(queue)
-    for job, (state, site, *_rest) in jobs.items():
-        if state in HOLDING:
-            if holders.get(job) != [site]:
-                out.append(Violation("placement", job, f"{state} at {site} but held by {holders.get(job, [])}"))
-            if job in queued:
-                out.append(Violation("placement", job, f"{state} yet in the queue"))
-        elif job in holders:
-            out.append(Violation("placement", job, f"{state} yet held by {holders[job]}"))
-    return out
-
-
-def _check_queues(jobs: dict[str, list[Any]], queue: list[str], tenant_queues: dict[str, list[str]],
-                  queued_tenants: dict[str, int]) -> list[Violation]:  # fmt: skip
-    out = []
-    queued = set(queue)
-    for job, (state, _site, _model, _count, tenant) in jobs.items():
-        in_tenant_queue = job in tenant_queues.get(tenant or "", [])
-        if state == "queued" and (job not in queued or not in_tenant_queue):
-            out.append(Violation("queue", job, "queued but missing from the queue or its tenant's queue"))
-        elif state != "queued" and (job in queued or in_tenant_queue):
-            out.append(Violation("queue", job, f"{state} but still in a queue"))
-    for tenant, members in tenant_queues.items():
-        if len(members) != queued_tenants.get(tenant, 0):
-            out.append(Violation("queue_count", tenant,
-                                 f"{len(members)} queued, counted {queued_tenants.get(tenant, 0)}"))  # fmt: skip
-    return out
-
-
-def _check_usage(jobs: dict[str, list[Any]], usage: dict[str, int]) -> list[Violation]:
     held: Counter[str] = Counter()
-    for state, _site, _model, count, tenant in jobs.values():
-        if state in HOLDING:
-            held[tenant or ""] += int(count or 0)
-    return [Violation("tenant_usage", tenant, f"counted {usage.get(tenant, 0)}, jobs hold {held[tenant]}")
-            for tenant in set(held) | set(usage) if usage.get(tenant, 0) != held[tenant]]  # fmt: skip
+    by_tenant: Counter[str] = Counter()
+    for job, row in rows.items():
+        if row is None:
+            out.append(Violation("unknown_job", job, f"held by {site} but has no record"))
+        elif row[0] not in HOLDING or row[1] != site:
+            where = f" at {row[1]}" if row[1] and row[0] in HOLDING else ""
+            out.append(Violation("placement", job, f"{row[0]}{where} yet held by {site}"))
+        else:
+            held[row[2]] += row[3]
+            by_tenant[row[4]] += row[3]
+    for model in sorted(counted_models(cap) | set(held)):
+        total, external, allocated = pool_counts(cap, model)
+        subject, usable = f"{site}/{model}", total - external
+        if allocated < 0:
+            out.append(Violation("negative_allocation", subject, f"allocated {allocated}"))
+        if allocated != held[model]:
+            out.append(Violation("allocation_mismatch", subject,
+                                 f"allocated counter {allocated} but jobs held there hold {held[model]}"))  # fmt: skip
+        if allocated > usable:
+            out.append(_over(subject, total, external, allocated, cap.get(f"p:{model}")))
+    return out, by_tenant
 
 
-def _check_events(jobs: dict[str, list[Any]], events: list[Any]) -> list[Violation]:
-    """The newest state change logged for each job agrees with the job's state."""
-    last: dict[str, str] = {}
-    for _id, fields in events:  # newest first
-        kind = text(fields.get(b"type"))
-        job = text(fields.get(b"job"))
-        if kind != "released" and job not in last:
-            last[job] = text(fields.get(b"state"))
-    return [Violation("event_log", job, f"state {row[0]} but last logged {last[job]}")
-            for job, row in jobs.items() if job in last and last[job] != row[0]]  # fmt: skip
+def _over(subject: str, total: int, external: int, allocated: int, basis: int | None) -> Violation:
+    """A pool with more allocated than it now offers: the site shrank, or the broker over-allocated."""
+    now = f"total {total} - external {external} = {total - external} < allocated {allocated}"
+    if basis is not None and allocated <= basis:
+        return Violation("site_shrank", subject, f"site shrank below its allocation: {now}; it had {basis} usable "
+                         "when the broker last allocated there", "warning")  # fmt: skip
+    known = f"only {basis} usable when the broker last allocated there" if basis is not None else (
+        "no record of what it had when the broker allocated there")  # fmt: skip
+    return Violation("over_allocated", subject, f"{now}; {known}")
+
+
+def job_findings(job: str, row: Row, in_queue: bool, in_window: bool, parked: bool, at_site: bool
+                 ) -> list[Violation]:  # fmt: skip
+    """What is wrong with one job, from its record and where it is: the queue, its tenant's queue (the
+    window a pass reads) or its tenant's parked set (a queued job is in exactly one of those two), and its
+    site's set."""
+    state, site = row[0], row[1]
+    out = []
+    if state in HOLDING:
+        if not at_site:
+            out.append(Violation("placement", job, f"{state} at {site} but not among that site's jobs"))
+        if in_queue or in_window or parked:
+            out.append(Violation("placement", job, f"{state} yet in the queue"))
+    if state == "queued" and not (in_queue and in_window != parked):
+        out.append(Violation("queue", job, "queued but missing from the queue, or not in exactly one of its "
+                             "tenant's queue and parked set"))  # fmt: skip
+    elif state != "queued" and (in_queue or in_window or parked):
+        out.append(Violation("queue", job, f"{state} but still in a queue"))
+    return out
+
+
+def _unconfirmed(subject: str, what: str) -> Violation:
+    return Violation("unconfirmed", subject, f"{what} looked wrong but kept changing while it was read again",
+                     "warning")  # fmt: skip
+
+
+class _Audit:
+    def __init__(self, store: Store, page: int, event_window: int) -> None:
+        self.store, self.redis, self.k = store, store.redis, store.keys
+        self._read_page = store.redis.register_script(_PAGE_SCRIPT)
+        self.page = page
+        self.event_window = event_window
+        self.report = Report()
+        self.held: Counter[str] = Counter()  # devices each tenant holds, summed over sites
+        self.tenants: set[str] = set()
+
+    async def run(self) -> Report:
+        async with translated():
+            await self._sites()
+            await self._jobs()
+            await self._tenants()
+            await self._queue()
+            await self._events()
+        return self.report
+
+    # --------------------------------------------------------------------------------------------- reading
+
+    async def _zscan(self, key: str) -> AsyncIterator[list[str]]:
+        cursor: int = 0
+        while True:
+            cursor, items = await self.redis.zscan(key, cursor, count=self.page)
+            if items:
+                yield [text(member) for member, _score in items]
+            if not cursor:
+                return
+
+    async def _watched(self, keys: Sequence[str], read: Callable[[], Awaitable[T]]) -> T | None:
+        """`read()` done while none of `keys` changed (None when they kept changing)."""
+        for _ in range(RETRIES):
+            async with self.redis.pipeline(transaction=True) as watch:
+                try:
+                    await watch.watch(*keys)
+                    value = await read()
+                    watch.multi()
+                    await watch.execute()  # refused if a watched key was written meanwhile
+                    return value
+                except WatchError:
+                    continue
+        return None
+
+    async def _jobs_read(self, jobs: Sequence[str]) -> dict[str, tuple[Row | None, Places]]:
+        """Each job's record (None: none) and places, read at one moment by one script call per page."""
+        out: dict[str, tuple[Row | None, Places]] = {}
+        for start in range(0, len(jobs), self.page):
+            ids = jobs[start : start + self.page]
+            raw = await self._read_page(keys=[self.k.prefix + ":", self.k.queue], args=list(ids))
+            for i, job in enumerate(ids):
+                values = raw[9 * i : 9 * i + 9]
+                out[job] = _row(values[:5]), (bool(values[5]), bool(values[6]), bool(values[7]), bool(values[8]))
+        return out
+
+    async def _rows(self, jobs: Sequence[str]) -> dict[str, Row | None]:
+        return {job: row for job, (row, _places) in (await self._jobs_read(jobs)).items()}
+
+    async def _site_state(self, sites: Sequence[str]) -> dict[str, tuple[dict[str, int], dict[str, Row | None]]]:
+        """Each site's capacity hash and the records of the jobs in its set."""
+        pipe = self.redis.pipeline(transaction=False)
+        for site in sites:
+            pipe.hgetall(self.k.capacity(site))
+            pipe.sscan(self.k.site_jobs(site), 0, count=self.page)
+        raw = await pipe.execute()
+        members: dict[str, set[str]] = {}
+        for i, site in enumerate(sites):
+            cursor, first = raw[2 * i + 1]
+            members[site] = {text(j) for j in first}
+            while cursor:  # a site holding more jobs than a page
+                cursor, more = await self.redis.sscan(self.k.site_jobs(site), cursor, count=self.page)
+                members[site].update(text(j) for j in more)
+        rows = await self._rows(sorted({j for m in members.values() for j in m}))
+        return {site: (_capacity(raw[2 * i]), {j: rows[j] for j in members[site]}) for i, site in enumerate(sites)}
+
+    # --------------------------------------------------------------------------------------------- checks
+
+    async def _sites(self) -> None:
+        """Capacity counters against the jobs each site holds; devices held per tenant."""
+        async for sites in self._zscan(self.k.sites):
+            for site, (cap, rows) in (await self._site_state(sites)).items():
+                found, by_tenant = site_findings(site, cap, rows)
+                if found:
+                    keys = [self.k.capacity(site), self.k.site_jobs(site)]  # every change there writes both
+                    state = await self._watched(keys, partial(self._site_state, [site]))
+                    if state is None:
+                        self.report.add([_unconfirmed(site, "its capacity")])
+                        continue
+                    found, by_tenant = site_findings(site, *state[site])
+                self.report.add(found)
+                self.held.update(by_tenant)
+
+    async def _jobs(self) -> None:
+        """Every job against the queues and its site's set."""
+        prefix = self.k.job("")
+        cursor: int = 0
+        while True:
+            cursor, keys = await self.redis.scan(cursor, match=f"{prefix}*", count=self.page)
+            ids = [rest for rest in (text(key)[len(prefix) :] for key in keys) if ":" not in rest]
+            if ids:
+                await self._job_page(ids)
+            if not cursor:
+                return
+
+    async def _job_page(self, ids: Sequence[str]) -> None:
+        for job, (row, places) in (await self._jobs_read(ids)).items():
+            if row is not None:  # None: archived since the scan
+                self.tenants.add(row[4])
+                self.report.add(job_findings(job, row, *places))  # read at one moment: nothing to confirm
+
+    async def _tenants(self) -> None:
+        """Devices counted per tenant against what its jobs hold; queued counts against its queue."""
+        usage: dict[str, int] = {}
+        cursor: int = 0
+        while True:
+            cursor, fields = await self.redis.hscan(self.k.tenant_usage, cursor, count=self.page)
+            usage.update({text(t): int(v) for t, v in cast(dict[bytes, bytes], fields).items()})
+            if not cursor:
+                break
+        self.tenants.update(usage)
+        async for tenants in self._zscan(self.k.queued_tenants):
+            self.tenants.update(tenants)
+        for tenant in sorted(set(usage) | set(self.held)):
+            if usage.get(tenant, 0) != self.held[tenant]:
+                self.report.add(await self._confirm_usage(tenant))
+        tenants = sorted(self.tenants)
+        for start in range(0, len(tenants), self.page):
+            pipe = self.redis.pipeline(transaction=True)  # each count and its queue in one moment
+            for tenant in tenants[start : start + self.page]:
+                pipe.zcard(self.k.tenant_queue(tenant))
+                pipe.zcard(self.k.tenant_parked(tenant))
+                pipe.zscore(self.k.queued_tenants, tenant)
+            raw = await pipe.execute()
+            for i, tenant in enumerate(tenants[start : start + self.page]):
+                queued, counted = int(raw[3 * i]) + int(raw[3 * i + 1]), int(raw[3 * i + 2] or 0)
+                if queued != counted:
+                    self.report.add([Violation("queue_count", tenant, f"{queued} queued, counted {counted}")])
+            for tenant in tenants[start : start + self.page]:
+                await self._members_exist(self.k.tenant_queue(tenant))
+                await self._members_exist(self.k.tenant_parked(tenant))
+
+    async def _confirm_usage(self, tenant: str) -> list[Violation]:
+        async def read() -> tuple[int, int]:
+            counted = int(await self.redis.hget(self.k.tenant_usage, tenant) or 0)
+            holding: dict[str, int] = {}  # only the jobs holding devices: a ZSCAN may repeat a member
+            async for jobs in self._zscan(self.k.tenant_jobs(tenant)):
+                for job, row in (await self._rows(jobs)).items():
+                    if row is not None and row[0] in HOLDING:
+                        holding[job] = row[3]
+            return counted, sum(holding.values())
+
+        # every allocation and release of the tenant writes its usage counter
+        result = await self._watched([self.k.tenant_usage], read)
+        if result is None:
+            return [_unconfirmed(tenant, "its device count")]
+        counted, held = result
+        return [] if counted == held else [Violation("tenant_usage", tenant, f"counted {counted}, jobs hold {held}")]
+
+    async def _queue(self) -> None:
+        await self._members_exist(self.k.queue)
+
+    async def _members_exist(self, key: str) -> None:
+        """Every member of the queue `key` has a job record."""
+        async for jobs in self._zscan(key):
+            if await self.redis.exists(*(self.k.job(job) for job in jobs)) == len(jobs):
+                continue  # the usual case: one command for the page
+            pipe = self.redis.pipeline(transaction=False)
+            for job in jobs:
+                pipe.exists(self.k.job(job))
+            for job, exists in zip(jobs, await pipe.execute(), strict=True):
+                if exists:
+                    continue
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.zscore(key, job)
+                pipe.exists(self.k.job(job))
+                still, exists_now = await pipe.execute()
+                if still is not None and not exists_now:
+                    self.report.add([Violation("unknown_job", job, f"in {key} but has no record")])
+
+    async def _events(self) -> None:
+        """The newest state change logged for each job agrees with the job's state."""
+        seen: set[str] = set()
+        suspects: dict[str, str] = {}  # job -> state last logged
+        top, upper, read = "", "+", 0
+        while read < self.event_window:
+            count = min(self.page, self.event_window - read)
+            entries = cast(StreamEntries, await self.redis.xrevrange(self.k.events, upper, "-", count=count))
+            if not entries:
+                break
+            top = top or text(entries[0][0])
+            read += len(entries)
+            upper = "(" + text(entries[-1][0])
+            logged: dict[str, str] = {}
+            for _id, fields in entries:  # newest first
+                job = text(fields.get(b"job"))
+                if text(fields.get(b"type")) != "released" and job not in seen and job not in logged:
+                    logged[job] = text(fields.get(b"state"))
+            seen.update(logged)
+            for job, row in (await self._rows(list(logged))).items():
+                if row is not None and row[0] != logged[job]:  # no record: archived, nothing to compare
+                    suspects[job] = logged[job]
+        if suspects:
+            self.report.add(await self._confirm_events(top, suspects))
+
+    async def _confirm_events(self, top: str, suspects: dict[str, str]) -> list[Violation]:
+        """The suspects' states and the log's newest id read in one MULTI, then the entries logged after `top`
+        up to that id: what each job's newest logged state was at the moment its state was read."""
+        jobs = list(suspects)
+        pipe = self.redis.pipeline(transaction=True)
+        for job in jobs:
+            pipe.hget(self.k.job(job), "state")
+        pipe.xrevrange(self.k.events, "+", "-", count=1)
+        *states, newest = await pipe.execute()
+        until = text(newest[0][0]) if newest else top
+        logged = dict(suspects)
+        after = "(" + top
+        while True:
+            entries = cast(StreamEntries, await self.redis.xrange(self.k.events, after, until, count=self.page))
+            for _id, fields in entries:
+                job = text(fields.get(b"job"))
+                if job in logged and text(fields.get(b"type")) != "released":
+                    logged[job] = text(fields.get(b"state"))
+            if len(entries) < self.page:
+                break
+            after = "(" + text(entries[-1][0])
+        return [Violation("event_log", job, f"state {text(state)} but last logged {logged[job]}")
+                for job, state in zip(jobs, states, strict=True)
+                if state is not None and text(state) != logged[job]]  # fmt: skip
+
+
+async def audit_report(store: Store, page: int = PAGE, event_window: int = 200_000) -> Report:
+    """Every finding: errors and warnings."""
+    return await _Audit(store, page, event_window).run()
+
+
+async def audit(store: Store, page: int = PAGE, event_window: int = 200_000) -> list[Violation]:
+    """The errors: invariants the broker broke (warnings, such as a site that shrank, are left out)."""
+    return (await audit_report(store, page, event_window)).violations

@@ -9,7 +9,7 @@ from redis.commands.core import AsyncScript
 
 from broker.state.keys import Keys
 
-SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit")
+SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting")
 
 
 class StoreBase:
@@ -30,5 +30,9 @@ class StoreBase:
         self._allocate: AsyncScript = scripts["allocate"]
         self._transition: AsyncScript = scripts["transition"]
         self._submit: AsyncScript = scripts["submit"]
+        self._reconcile: AsyncScript = scripts["reconcile"]
+        self._waiting: AsyncScript = scripts["waiting"]
+        self._archive: AsyncScript = scripts["archive"]
+        self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()

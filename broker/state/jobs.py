@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +10,7 @@ import orjson
 
 from broker.model.job import JobSpec, JobState
 from broker.model.records import Commit, Placement, Refusal
+from broker.state.archive import read_archived
 from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
 from common.errors import Conflict, TooManyRequests
@@ -30,8 +31,10 @@ def queue_score(priority: str, created_ms: int) -> int:
 _REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT}
 
 
-def _commit(code: int) -> Commit:
-    return Commit(attempt=code) if code > 0 else Commit(refusal=_REFUSALS[code])
+def _commit(result: int | list[int]) -> Commit:
+    if isinstance(result, list):
+        return Commit(attempt=int(result[0]), seq=int(result[1]))
+    return Commit(refusal=_REFUSALS[int(result)])
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,11 @@ class JobQueue(StoreBase):
         already queued, raises TooManyRequests; all of it in one round trip.
         """
         k = self.keys
-        created = at_ms or now_ms()
-        qscore = queue_score(spec.priority.value, created)
+        # by Redis's clock unless the caller says when (the script then computes the queue score)
+        created: int | str = at_ms if at_ms is not None else ""
+        qscore: int | str = (
+            queue_score(spec.priority.value, at_ms) if at_ms is not None else PRIORITY_HANDICAP_MS[spec.priority.value]
+        )
         deadline = str(int(spec.deadline.timestamp() * 1000)) if spec.deadline else ""
         fields = {
             "id": job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
@@ -74,7 +80,8 @@ class JobQueue(StoreBase):
         idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
         bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
         keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
-                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth, bucket]  # fmt: skip
+                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth, bucket,
+                k.tenant_state(spec.tenant, JobState.QUEUED.value)]  # fmt: skip
         args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
                            IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen,
                            rate_limit.per_s if rate_limit else "", rate_limit.burst if rate_limit else "",
@@ -82,9 +89,11 @@ class JobQueue(StoreBase):
         for name, value in fields.items():
             args += [name, value]
         async with translated():
-            existing, created_flag = await self._submit(keys=keys, args=args)
+            existing, created_flag, *stamped = await self._submit(keys=keys, args=args)
         existing = text(existing)
         if int(created_flag) == 1:
+            fields["created"] = fields["updated"] = text(stamped[0])
+            fields["qscore"] = text(stamped[1])
             return fields, True
         if int(created_flag) == -2 and rate_limit is not None:
             raise TooManyRequests(f"too many submissions: at most {rate_limit.per_s:g}/s in bursts of "
@@ -103,6 +112,15 @@ class JobQueue(StoreBase):
         async with translated():
             return [text(j) for j in await self.redis.smembers(self.keys.site_jobs(site))]
 
+    async def reconcile_list(self, site: str) -> tuple[int, list[tuple[str, int]]]:
+        """The (job, attempt) pairs the broker counts at `site` and the site's assignment sequence number,
+        read together in one step: the stamp a reconcile list carries."""
+        k = self.keys
+        async with translated():
+            raw = await self._reconcile(keys=[k.site_jobs(site), k.site(site), k.prefix + ":"], args=[site])
+        upto, rest = int(raw[0]), raw[1:]
+        return upto, [(text(rest[i]), int(rest[i + 1])) for i in range(0, len(rest), 2)]
+
     async def holdings_ends(self, site: str, model: str) -> list[tuple[int, int]]:
         """(expected end ms, devices) of the broker's jobs holding `model` at `site`: two round trips."""
         jobs = await self.jobs_at(site)
@@ -120,34 +138,48 @@ class JobQueue(StoreBase):
         return out
 
     async def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's transitions, oldest first, from the hot set or else the archive."""
         async with translated():
-            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.job_history(job_id), 0, -1)]
+            items = await self.redis.lrange(self.keys.job_history(job_id), 0, -1)
+        if items:
+            return [orjson.loads(item) for item in items]
+        archived = await read_archived(self.redis, self.keys, job_id)
+        return archived.history if archived is not None else []
 
     async def queue_heads(self, batch: int, max_tenants: int = 1000) -> list[tuple[str, int, float, str]]:
         """The head of every tenant's queue as (job, position in its tenant's queue, queue score, tenant).
 
-        Each tenant gets an equal share of `batch` (at least 4). Also refreshes `usage` and `limits`. Two
+        Each tenant gets an equal share of `batch` (at least 4) of its window, and as many again of its
+        parked jobs that capacity may have grown for since they were parked (those come after the window,
+        with the generation they were parked at as their score). Also refreshes `usage` and `limits`. Two
         round trips whatever the number of tenants.
         """
         k = self.keys
         async with translated():
-            tenants = [text(t) for t in await self.redis.zrange(k.queued_tenants, 0, max_tenants - 1)]
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrange(k.queued_tenants, 0, max_tenants - 1)
+            pipe.get(k.wake)
+            raw_tenants, raw_wake = await pipe.execute()
+            tenants = [text(t) for t in raw_tenants]
             if not tenants:
                 return []
+            wake = int(raw_wake or 0)
             per_tenant = max(4, batch // len(tenants))
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(k.tenant_usage)
             pipe.hgetall(k.tenant_limits)
             for tenant in tenants:
                 pipe.zrange(k.tenant_queue(tenant), 0, per_tenant - 1, withscores=True)
+                pipe.zrangebyscore(k.tenant_parked(tenant), "-inf", f"({wake}", 0, per_tenant, withscores=True)
             usage, limits, *heads = await pipe.execute()
         self.usage = {text(t): int(v) for t, v in usage.items()}
         self.limits = {text(t): int(v) for t, v in limits.items()}
-        return [
-            (text(job), position, float(score), tenant)
-            for tenant, head in zip(tenants, heads, strict=True)
-            for position, (job, score) in enumerate(head)
-        ]
+        out: list[tuple[str, int, float, str]] = []
+        for i, tenant in enumerate(tenants):
+            window, woken = heads[2 * i], heads[2 * i + 1]
+            out += [(text(job), position, float(score), tenant) for position, (job, score) in enumerate(window)]
+            out += [(text(job), per_tenant + n, float(gen), tenant) for n, (job, gen) in enumerate(woken)]
+        return out
 
     async def queue_depths(self) -> dict[str, int]:
         """Queued jobs per priority."""
@@ -169,9 +201,13 @@ class JobQueue(StoreBase):
             return [text(j) for j in await self.redis.zrangebyscore(self.keys.deadlines, "-inf", at_ms)]
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
+        """The job from the hot set or else the archive (a finished job past the retention); None if neither."""
         async with translated():
             raw = await self.redis.hgetall(self.keys.job(job_id))
-        return decode_hash(raw) if raw else None
+        if raw:
+            return decode_hash(raw)
+        archived = await read_archived(self.redis, self.keys, job_id)
+        return archived.job if archived is not None else None
 
     async def get_jobs(self, ids: Sequence[str], *fields: str) -> list[list[str | None]]:
         async with translated():
@@ -182,23 +218,20 @@ class JobQueue(StoreBase):
         return [[v.decode() if v is not None else None for v in row] for row in rows]
 
     async def list_jobs(self, tenant: str, limit: int, state: str | None = None) -> list[dict[str, str]]:
-        """Newest first; with a state filter, pages through the tenant's jobs until `limit` match."""
-        jobs: list[dict[str, str]] = []
-        start, page = 0, max(limit, 100)
+        """The tenant's jobs in the hot set, newest first, at most `limit`; with a state, read through the
+        tenant's index of jobs in that state, so only jobs in it are read. Two round trips."""
+        index = self.keys.tenant_state(tenant, state) if state else self.keys.tenant_jobs(tenant)
         async with translated():
-            while len(jobs) < limit:
-                ids = await self.redis.zrevrange(self.keys.tenant_jobs(tenant), start, start + page - 1)
-                if not ids:
-                    break
-                pipe = self.redis.pipeline(transaction=False)
-                for job_id in ids:
-                    pipe.hgetall(self.keys.job(text(job_id)))
-                for raw in await pipe.execute():
-                    job = decode_hash(raw)
-                    if job and (state is None or job.get("state") == state):
-                        jobs.append(job)
-                start += page
-        return jobs[:limit]
+            ids = await self.redis.zrevrange(index, 0, limit - 1)
+            if not ids:
+                return []
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(text(job_id)))
+            rows = await pipe.execute()
+        jobs = [decode_hash(raw) for raw in rows if raw]
+        # a job that moved on between the two reads is left out rather than listed in a state it has left
+        return [job for job in jobs if state is None or job.get("state") == state]
 
     async def queued(self, start: int, count: int) -> list[str]:
         async with translated():
@@ -213,7 +246,6 @@ class JobQueue(StoreBase):
         if not placements:
             return []
         k = self.keys
-        now = now_ms()
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             for p in placements:
@@ -221,11 +253,11 @@ class JobQueue(StoreBase):
                     keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
                           k.sites, k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits,
                           k.job_history(p.job), k.prefix + ":", k.queue_depth],
-                    args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, now, now + accept_timeout_ms,
+                    args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms,
                           self.events_maxlen, p.hub, p.arch, p.decision],
                     client=pipe,
                 )  # fmt: skip
-            return [_commit(int(r)) for r in await pipe.execute()]
+            return [_commit(r) for r in await pipe.execute()]
 
     async def transition(
         self, job_id: str, action: str, site: str = "", attempt: int | str = "", reason: str = ""
@@ -235,7 +267,6 @@ class JobQueue(StoreBase):
 
     async def transitions(self, actions: Iterable[tuple[str, str, str, int | str, str]]) -> list[str]:
         k = self.keys
-        now = now_ms()
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             count = 0
@@ -256,7 +287,7 @@ class JobQueue(StoreBase):
                         k.queue_depth,
                         k.usage,
                     ],
-                    args=[job_id, action, site, str(attempt), reason, now, self.events_maxlen, self.max_attempts],
+                    args=[job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts],
                     client=pipe,
                 )
                 count += 1
@@ -268,12 +299,15 @@ class JobQueue(StoreBase):
         async with translated():
             return [text(j) for j in await self.redis.zrangebyscore(self.keys.assigned, "-inf", at_ms)]
 
-    async def set_reasons(self, reasons: dict[str, str]) -> None:
-        """Record why queued jobs are still waiting (only jobs still queued are touched)."""
-        if not reasons:
-            return
+    async def set_reasons(self, reasons: Mapping[str, str], park: Collection[str] = (), seen: int = 0) -> int:
+        """Record why queued jobs are still waiting, and park those in `park` (out of their tenant's window
+        until capacity may have grown past the `wake` generation `seen`, read before the view that found
+        them unplaceable); jobs no longer queued are left alone. One round trip."""
+        jobs = {*reasons, *park}
+        if not jobs:
+            return 0
+        args: list[str] = [str(seen)]
+        for job_id in jobs:
+            args += [job_id, reasons.get(job_id, ""), "1" if job_id in park else "0"]
         async with translated():
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id, reason in reasons.items():
-                pipe.hset(self.keys.job(job_id), "reason", reason)
-            await pipe.execute()
+            return int(await self._waiting(keys=[self.keys.prefix + ":"], args=args))

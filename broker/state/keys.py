@@ -62,9 +62,42 @@ class Keys:
     def tenant_jobs(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:jobs"
 
+    def tenant_state(self, tenant: str, state: str) -> str:
+        """Sorted set: the tenant's jobs in one state, by submission time (ms); every script that changes a
+        job's state moves it between these, so listing by state reads only the jobs it returns."""
+        return f"{self.prefix}:tenant:{tenant}:state:{state}"
+
+    def tenant_usage_log(self, tenant: str) -> str:
+        """Stream of one tenant's usage records (the fields of `usage`), kept untrimmed: the tenant's bill,
+        read by time range without touching other tenants' records."""
+        return f"{self.prefix}:tenant:{tenant}:usage"
+
+    @property
+    def finished(self) -> str:
+        """Sorted set: job that reached a final state -> when (ms); the sweeper archives the ones older than
+        the retention."""
+        return f"{self.prefix}:finished"
+
+    def archived_job(self, job: str) -> str:
+        """String: JSON {"job": the job hash, "history": its transitions, "archived": ms} of a finished job
+        moved out of the hot set."""
+        return f"{self.prefix}:archive:{job}"
+
     def tenant_queue(self, tenant: str) -> str:
-        """Sorted set of one tenant's queued jobs, in the same order as the global queue."""
+        """Sorted set of one tenant's queued jobs a pass may look at, in the same order as the global queue
+        (a queued job is here or in the tenant's parked set)."""
         return f"{self.prefix}:tenant:{tenant}:queue"
+
+    def tenant_parked(self, tenant: str) -> str:
+        """Sorted set: the tenant's queued jobs found unplaceable -> the `wake` generation when they were;
+        out of the tenant's window until `wake` passes it."""
+        return f"{self.prefix}:tenant:{tenant}:parked"
+
+    @property
+    def wake(self) -> str:
+        """Counter bumped whenever capacity may have grown (a release, a site's new or larger capacity, a
+        site back online): parked jobs older than it are looked at again."""
+        return f"{self.prefix}:wake"
 
     @property
     def queue_depth(self) -> str:
@@ -106,7 +139,8 @@ class Keys:
 
     @property
     def usage(self) -> str:
-        """Stream of usage records, one per job that ended holding devices; entry ids are end times (ms)."""
+        """Stream of usage records, one per job that ended holding devices; entry ids are end times (ms).
+        Trimmed to the usage retention (the tenant's own stream, `tenant_usage_log`, is not)."""
         return f"{self.prefix}:usage"
 
     # identities --------------------------------------------------------------------------------
@@ -123,6 +157,10 @@ class Keys:
     def submit_bucket(self, token_id: str) -> str:
         """Hash: the token bucket (tokens, ts) that rate-limits one API token's submissions."""
         return f"{self.prefix}:bucket:{token_id}"
+
+    def rate_bucket(self, scope: str, subject: str) -> str:
+        """Hash: a token bucket (tokens, ts) of `scope` (e.g. quotes) for one subject (e.g. an API token id)."""
+        return f"{self.prefix}:bucket:{scope}:{subject}"
 
     @property
     def site_registry(self) -> str:

@@ -1,8 +1,9 @@
 """Read-only views over the whole network's state for operators: a sample of the queue, one job's entries in
 the event log, and usage records by time range.
 
-Usage records are written by transition.lua when a job that held devices ends; their stream entry ids are
-the end times, so a time range is one XRANGE (paged).
+Usage records are written by transition.lua when a job that held devices ends, to the global usage stream
+(trimmed to the usage retention) and to the tenant's own stream; their stream entry ids are the end times,
+so a time range is one XRANGE (paged) of the tenant's stream, or of the global one for every tenant.
 """
 
 from __future__ import annotations
@@ -96,20 +97,19 @@ class Queries:
     async def usage_records(self, start_ms: int | None, end_ms: int | None, tenant: str | None
                             ) -> list[dict[str, Any]]:  # fmt: skip
         """Records of jobs that ended in [start_ms, end_ms] (open ends when None), oldest first, for one
-        tenant or (None) all; at most MAX_USAGE_RECORDS."""
+        tenant (its own stream: the work is the size of the answer) or (None) all tenants (the global stream,
+        which reaches back as far as the usage retention); at most MAX_USAGE_RECORDS."""
         store = self.store
+        stream = store.keys.usage if tenant is None else store.keys.tenant_usage_log(tenant)
         out: list[dict[str, Any]] = []
         after = str(start_ms) if start_ms is not None else "-"
         until = str(end_ms) if end_ms is not None else "+"
         async with translated():
             while len(out) < MAX_USAGE_RECORDS:
-                page = cast(StreamEntries, await store.redis.xrange(store.keys.usage, after, until, count=USAGE_PAGE))
-                if not page:
+                count = min(USAGE_PAGE, MAX_USAGE_RECORDS - len(out))
+                page = cast(StreamEntries, await store.redis.xrange(stream, after, until, count=count))
+                out += [usage_record(fields) for _entry_id, fields in page]
+                if len(page) < count:
                     break
-                for _entry_id, fields in page:
-                    record = usage_record(fields)
-                    if tenant is None or record.get("tenant") == tenant:
-                        out.append(record)
                 after = "(" + text(page[-1][0])
         return out
-

@@ -9,7 +9,7 @@ import orjson
 
 from broker.model.records import Applied, SiteRecord
 from broker.state.base import StoreBase
-from broker.state.connection import now_ms, text, translated
+from broker.state.connection import text, translated
 from common.protocol import Capacity
 
 
@@ -31,21 +31,27 @@ class SiteState(StoreBase):
             args += [pool.model, pool.total, pool.in_use_external]
         args.append(cap.boot or "")
         keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock, k.site_status_log(cap.site),
-                k.site_registry]  # fmt: skip
+                k.site_registry, k.wake]  # fmt: skip
         async with translated():
             return Applied(int(await self._capacity(keys=keys, args=args)))
 
     async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
         k = self.keys
         async with translated():
-            return bool(await self._status(keys=[k.site(site), k.sites, k.clock, k.site_status_log(site)],
-                                           args=[site, status, expect, now_ms()]))  # fmt: skip
+            return bool(await self._status(keys=[k.site(site), k.sites, k.clock, k.site_status_log(site), k.wake],
+                                           args=[site, status, expect, ""]))  # fmt: skip
 
     async def changed_sites(self, since: int) -> list[tuple[str, int]]:
-        """Sites changed after version `since`, with their versions, oldest first."""
+        """Sites changed after version `since`, with their versions, oldest first. Also reads the `wake`
+        generation first (into `wake_seen`): a job found unplaceable on the view this loads is parked at it,
+        so any capacity change after this read wakes the job again."""
         async with translated():
-            rows = cast(list[tuple[bytes, float]],
-                        await self.redis.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True))
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.get(self.keys.wake)
+            pipe.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True)
+            wake, raw = await pipe.execute()
+        self.wake_seen = int(wake or 0)
+        rows = cast(list[tuple[bytes, float]], raw)
         return [(text(site), int(version)) for site, version in rows]
 
     async def all_site_ids(self) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+from broker.state.archive import JobArchive, Retention
 from broker.state.connection import translated
 from broker.state.jobs import (
     IDEMPOTENCY_TTL_S,
@@ -25,15 +26,19 @@ from common.errors import StoreUnavailable
 __all__ = ["IDEMPOTENCY_TTL_S", "PRIORITY_HANDICAP_MS", "PRIORITY_RANK", "Store", "SubmitRate", "queue_score"]
 
 
-class Store(SiteState, JobQueue):
+class Store(SiteState, JobQueue, JobArchive):
     @classmethod
-    def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64) -> Store:
+    def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64,
+                 retention: Retention | None = None) -> Store:  # fmt: skip
         """A store on a blocking pool: a burst of callers waits for a connection instead of failing."""
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=10, socket_timeout=5, socket_connect_timeout=2,
             health_check_interval=15,
         )  # fmt: skip
-        return cls(aioredis.Redis(connection_pool=pool), Keys(namespace))
+        store = cls(aioredis.Redis(connection_pool=pool), Keys(namespace))
+        if retention is not None:
+            store.retention = retention
+        return store
 
     async def clock_ms(self) -> int:
         """Redis's clock (TIME), the one every replica compares deadlines and heartbeats against."""

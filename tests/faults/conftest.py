@@ -3,13 +3,19 @@
 Each test starts two `suanwang serve` replicas (site TTL 3 s, accept timeout 3 s) and one simulated-site
 process per hub, drives a load of jobs over HTTP as careful users would, breaks something, and then
 checks, once the system has settled, that Redis agrees with what users were told (`assert_recovered`).
+When the test ends and its processes have stopped, the audit and the history checker read what it left in
+Redis and fail the test at teardown on any violation (`final_problems`).
+
+The suite's `own_redis` takes its `appendfsync` from the `appendfsync` fixture (everysec), so a test can
+run on a Redis that writes every change to disk before it answers:
+`@pytest.mark.parametrize("appendfsync", ["always"])`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ import pytest
 from broker.state.store import Store
 from suanwang.servers import MosquittoServer, RedisServer
 from suanwang.soak import Cluster, Wire
+from tests.faults.helpers import final_problems
 
 MakeCluster = Callable[..., Awaitable[Cluster]]
 
@@ -29,6 +36,19 @@ def _log_tails(workdir: Path) -> str:
         if "Traceback" in text or "error" in text.lower():
             out.append(f"--- {log.name} ---\n{text[-3000:]}")
     return "\n".join(out)
+
+
+@pytest.fixture
+def appendfsync() -> str:
+    return "everysec"
+
+
+@pytest.fixture
+def own_redis(appendfsync: str) -> Iterator[RedisServer]:
+    server = RedisServer(appendonly=True, appendfsync=appendfsync)
+    server.start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture
@@ -49,6 +69,11 @@ async def make_cluster(own_redis: RedisServer, own_mosquitto: MosquittoServer, t
     tails = _log_tails(tmp_path)
     if tails:
         print(tails)  # shown by pytest when the test failed
+    if own_redis.proc is None or own_redis.proc.poll() is not None:
+        pytest.fail("Redis was left down: the audit and the history check could not run")
+    for cluster in clusters:
+        problems = await final_problems(own_redis.url, cluster.namespace)
+        assert not problems, f"{len(problems)} problems left in Redis:\n" + "\n".join(problems[:40])
 
 
 @pytest.fixture

@@ -1,10 +1,13 @@
-"""Helpers of the fault suite: the load every scenario drives, and the checks after it settles."""
+"""Helpers of the fault suite: the load every scenario drives, and the checks after it settles and after it
+ends."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
+from broker.state.audit import audit
+from broker.state.history import check_history
 from broker.state.store import Store
 from suanwang.soak import Client, Findings, Wire, examine, job_body, settle
 
@@ -52,3 +55,18 @@ async def assert_recovered(store: Store, client: Client, may_lose: set[str] | No
     found = await settled_findings(store, client, timeout)
     assert_clean(found, may_lose, wire)
     return found
+
+
+async def final_problems(redis_url: str, namespace: str) -> list[str]:
+    """What the audit of the state and the check of the event log as every job's history find in a
+    namespace; the fault suite runs this once the cluster of each test has stopped."""
+    store = Store.from_url(redis_url, namespace)
+    try:
+        problems = [f"audit {v.kind} {v.subject}: {v.detail}" for v in await audit(store)]
+        report = await check_history(store)
+    finally:
+        await store.close()
+    problems += [f"history {v.kind} {v.job}: {v.detail}" for v in report.violations]
+    if report.events == 0:
+        problems.append("history: the event log is empty")
+    return problems

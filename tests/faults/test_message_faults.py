@@ -38,6 +38,7 @@ class FlakySite:
         self.late_s = late_s
         self.rng = random.Random(seed)
         self.seen: set[tuple[str, int]] = set()
+        self.seqs: dict[tuple[str, int], int] = {}
         self.dropped: set[tuple[str, int]] = set()
         self.tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
 
@@ -48,8 +49,11 @@ class FlakySite:
     def on_assignments(self, batch: Assignments) -> None:
         if batch.reconcile:
             ours = {(a.job, a.attempt) for a in batch.assignments}
-            for key in [k for k in self.tasks if k not in ours and k not in self.dropped]:
+            upto = batch.upto if batch.upto is not None else float("inf")
+            for key in [k for k in self.tasks if k not in ours and k not in self.dropped
+                        and self.seqs.get(k, 0) <= upto]:  # fmt: skip
                 self.tasks.pop(key).cancel()
+            return
         for item in batch.assignments:
             key = (item.job, item.attempt)
             if item.action == "cancel":
@@ -59,6 +63,7 @@ class FlakySite:
             if key in self.seen:
                 continue
             self.seen.add(key)
+            self.seqs[key] = item.seq or 0
             if self.rng.random() < DROP_ACCEPTED:
                 self.dropped.add(key)
                 self.tasks[key] = asyncio.create_task(self._run(key, item.duration_hours, delay=self.late_s))

@@ -1,4 +1,5 @@
-"""The servers under the broker fail mid-load: redis-server killed (AOF, everysec) and Mosquitto restarted."""
+"""The servers under the broker fail mid-load: redis-server killed (AOF, everysec and always) and Mosquitto
+restarted."""
 
 from __future__ import annotations
 
@@ -20,13 +21,11 @@ pytestmark = pytest.mark.timeout(150)
 EVERYSEC_WINDOW_S = 1.0  # `appendfsync everysec`: what was acknowledged in the last second may be lost
 
 
-async def test_redis_killed_mid_load_keeps_every_job_acknowledged_before_the_last_second(
-    cluster: Cluster, store: Store, own_redis: RedisServer, wire: Wire
-) -> None:
-    """kill -9 of redis-server: after its AOF is replayed, every job acknowledged more than a second before the
-    crash is there, clients' retries with the same Idempotency-Key create nothing twice, and work resumes."""
+async def _kill_redis_mid_load(cluster: Cluster, own_redis: RedisServer, jobs: int) -> tuple[Client, float]:
+    """Submit `jobs` at LOAD_RATE, kill -9 redis-server 3 s in and start it again 2 s later (it replays its
+    AOF); returns the client once the load is done and the cluster is healthy, and the time of the kill."""
     client = Client(cluster.urls)
-    load = asyncio.create_task(client.load(bodies(), LOAD_RATE))
+    load = asyncio.create_task(client.load(bodies(jobs), LOAD_RATE))
     await asyncio.sleep(3)
     killed = time.time()
     own_redis.kill()
@@ -34,14 +33,38 @@ async def test_redis_killed_mid_load_keeps_every_job_acknowledged_before_the_las
     own_redis.start()
     await load
     await cluster.ready()
+    assert sum(1 for ack in client.acks.values() if ack.at < killed) >= 40, "the crash came before any load"
+    assert client.retries, "no submission met the outage"
+    return client, killed
+
+
+async def test_redis_killed_mid_load_keeps_every_job_acknowledged_before_the_last_second(
+    cluster: Cluster, store: Store, own_redis: RedisServer, wire: Wire
+) -> None:
+    """kill -9 of redis-server: after its AOF is replayed, every job acknowledged more than a second before the
+    crash is there, clients' retries with the same Idempotency-Key create nothing twice, and work resumes."""
+    client, killed = await _kill_redis_mid_load(cluster, own_redis, jobs=200)
     recent = {ack.job for ack in client.acks.values() if ack.at > killed - EVERYSEC_WINDOW_S}
     found = await settled_findings(store, client)
     lost = set(found.lost)
     print(f"lost {len(lost)} of {len(recent)} acknowledged in the last {EVERYSEC_WINDOW_S}s before the crash")
     assert lost <= recent, f"lost jobs acknowledged before the everysec window: {sorted(lost - recent)}"
-    assert sum(1 for ack in client.acks.values() if ack.at < killed) >= 40, "the crash came before any load"
-    assert client.retries, "no submission met the outage"
     assert_clean(found, may_lose=recent, wire=wire)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("appendfsync", ["always"])
+async def test_redis_killed_mid_load_with_appendfsync_always_loses_no_acknowledged_job(
+    cluster: Cluster, store: Store, own_redis: RedisServer, wire: Wire
+) -> None:
+    """With `appendfsync always` a write is on disk before Redis answers: after kill -9 and the AOF's replay,
+    every job whose submission was answered 202 (or 200 for a retry) is there, and completes or is queued."""
+    assert await store.redis.config_get("appendfsync") == {"appendfsync": "always"}
+    client, _killed = await _kill_redis_mid_load(cluster, own_redis, jobs=150)
+    found = await settled_findings(store, client, timeout=25)
+    assert not found.lost, f"lost {len(found.lost)} acknowledged jobs: {found.lost[:10]}"
+    assert found.jobs == len(client.jobs) >= 100
+    assert_clean(found, wire=wire)
 
 
 async def test_mosquitto_restarted_mid_load_loses_nothing(

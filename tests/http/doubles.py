@@ -119,6 +119,9 @@ class MemoryTokens:
     async def lookup(self, token: str) -> Identity | None:
         return self.by_token.get(token)
 
+    def cached(self, token: str) -> Identity | None:
+        return self.by_token.get(token)
+
     async def create(self, role: str, tenant: str, name: str = "") -> tuple[str, Identity]:
         token = self.add(role, tenant)
         return token, self.by_token[token]

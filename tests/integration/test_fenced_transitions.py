@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
+from adapters.ledger import Ledger
+from adapters.site import SiteLink
 from broker.model.job import JobSpec
 from broker.model.records import Placement
-from broker.sites.lifecycle import requeue_site
+from broker.sites.lifecycle import reconcile_site, requeue_site
 from broker.state.keys import Keys
 from broker.state.store import Store
-from common.protocol import Capacity
+from common.config import MqttTarget
+from common.protocol import Assignment, Assignments, Capacity, SiteEvent, assignments_payload
 from tests.http.conftest import start  # noqa: F401  (the API app fixture)
 from tests.http.doubles import RecordingPublisher
 from tests.http.harness import Start
@@ -116,3 +119,68 @@ async def test_requeueing_a_lost_site_leaves_a_newer_attempt_alone(racing: Moves
     assert job is not None and (job["state"], job["site"], job["attempt"]) == ("assigned", A, "2")
     assert published.sent == []
     assert await allocated(racing, A) == 8
+
+
+async def test_a_run_assigned_after_the_reconcile_list_was_read_is_never_stopped_by_it(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    """A returning site's reconcile list is read; before it reaches the site, another job is placed there
+    and its run arrives first. The list must not stop that run (it is stamped older than the run)."""
+    store = Store(redis_client, Keys(namespace))
+    await store.apply_capacity(capacity(A))
+    spec = JobSpec.model_validate({"name": "finetune", "resources": {"arch": "GPU", "models": [MODEL], "count": 8},
+                                   "origin": "shanghai", "duration_hours": 1})  # fmt: skip
+    for job in ("old", "new"):
+        await store.submit(job, spec)
+    link = SiteLink(MqttTarget.from_url("mqtt://127.0.0.1:1"), A, "guizhou", capacity(A).pools, cluster="guian")
+    ledger = Ledger(link)
+
+    async def place(job: str) -> None:
+        (commit,) = await store.allocate([Placement(job, A, "guizhou", MODEL, 8, 12.5, 24.0)], 60_000)
+        assert commit.ok, commit
+        run = Assignment(job=job, attempt=commit.attempt, model=MODEL, count=8, duration_hours=1, seq=commit.seq)
+        ledger.on_assignments(Assignments.model_validate_json(assignments_payload(A, [run])))
+
+    await place("old")
+    delivered: list[Assignments] = []
+
+    async def publish(site: str, payload: bytes) -> None:
+        await place("new")  # placed after the list was read; its run overtakes the list
+        started = ledger.held[("new", 1)].task
+        delivered.append(Assignments.model_validate_json(payload))
+        ledger.on_assignments(delivered[-1])
+        assert ledger.held.get(("new", 1)) is not None and ledger.held[("new", 1)].task is started
+        assert started is not None and not started.cancelled()
+
+    try:
+        assert await reconcile_site(store, publish, A) == 1
+        assert [(a.job, a.attempt) for a in delivered[0].assignments] == [("old", 1)]
+        assert set(ledger.held) == {("old", 1), ("new", 1)}
+        assert set(await store.jobs_at(A)) == {"old", "new"}
+    finally:
+        await ledger.close()
+
+
+async def test_reconcile_reports_work_the_site_lost_so_it_is_queued_again(
+    redis_client: aioredis.Redis, namespace: str
+) -> None:
+    """An adapter that restarted holds nothing; the broker's list names a running job: the site reports it
+    lost, and the job goes back to the queue instead of counting as running there forever."""
+    store = Store(redis_client, Keys(namespace))
+    await store.apply_capacity(capacity(A))
+    spec = JobSpec.model_validate({"name": "finetune", "resources": {"arch": "GPU", "models": [MODEL], "count": 8},
+                                   "origin": "shanghai", "duration_hours": 1})  # fmt: skip
+    await store.submit("lost", spec)
+    (commit,) = await store.allocate([Placement("lost", A, "guizhou", MODEL, 8, 12.5, 24.0)], 60_000)
+    assert await store.transition("lost", "running", A, commit.attempt) == "running"
+    link = SiteLink(MqttTarget.from_url("mqtt://127.0.0.1:1"), A, "guizhou", capacity(A).pools, cluster="guian")
+    ledger = Ledger(link)  # a fresh process: it holds nothing
+
+    async def publish(site: str, payload: bytes) -> None:
+        ledger.on_assignments(Assignments.model_validate_json(payload))
+
+    await reconcile_site(store, publish, A)
+    events = [SiteEvent.model_validate_json(m) for m in link.undelivered()]
+    assert [(e.job, e.attempt, e.event.value) for e in events] == [("lost", 1, "lost")]
+    assert await store.transition("lost", "lost", A, 1, events[0].reason or "") == "queued"
+    assert await allocated(store, A) == 0

@@ -22,10 +22,11 @@ from adapters.site import SiteLink
 from broker.matching import BALANCED_SENSITIVE, BALANCED_TOLERANT
 from broker.model.stacks import parse_requirement
 from broker.service import Broker
+from broker.state.tokens import Tokens
 from common.config import MqttTarget
 from common.protocol import Assignments
-from suanwang.servers import MosquittoServer
-from tests.support import eventually
+from suanwang.servers import MosquittoServer, RedisServer
+from tests.support import eventually, running_broker
 
 WAIT = 20.0
 T = TypeVar("T")
@@ -289,3 +290,105 @@ async def test_bad_new_fields_are_400_naming_the_field(http: aiohttp.ClientSessi
     # pydantic names a bad dict key "weights.speedy.[key]": the prefix is what a client can rely on
     assert body["error"]["field"] == field or body["error"]["field"].startswith(field + "."), body
     assert body["error"]["code"]
+
+
+# --------------------------------------------------------------------------- bounds, rate limits, what a user sees
+
+
+@asynccontextmanager
+async def with_tokens(redis_server: RedisServer, mqtt: MosquittoServer, namespace: str, replicas: int = 1,
+                      **overrides: Any) -> AsyncIterator[tuple[list[Broker], Tokens]]:  # fmt: skip
+    """`replicas` brokers on one namespace with API tokens required, and the token store."""
+    async with contextlib.AsyncExitStack() as stack:
+        brokers = [await stack.enter_async_context(running_broker(redis_server, mqtt, namespace, auth="required",
+                                                                  **overrides)) for _ in range(replicas)]  # fmt: skip
+        yield brokers, Tokens(brokers[0].store.redis, brokers[0].store.keys)
+
+
+async def call_as(broker: Broker, token: str, method: str, path: str, body: Any = None
+                  ) -> tuple[int, Any, dict[str, str]]:  # fmt: skip
+    async with aiohttp.ClientSession(base_url=broker.url, headers={"Authorization": f"Bearer {token}"}) as http, \
+            http.request(method, path, json=body) as response:  # fmt: skip
+        return response.status, orjson.loads(await response.read()), dict(response.headers)
+
+
+async def test_quotes_are_rate_limited_per_token_across_replicas(
+    redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str
+) -> None:
+    """A token's quotes come from one bucket in Redis whichever replica answers: past its burst a 429 with
+    Retry-After on the other replica too; another token has its own bucket."""
+    async with with_tokens(redis_server, own_mosquitto, namespace, replicas=2, quote_rate=0.2,
+                           quote_burst=2) as ((first, second), tokens):  # fmt: skip
+        alice, _ = await tokens.create("user", "acme")
+        bob, _ = await tokens.create("user", "acme")
+        for replica in (first, second):
+            status, body, _ = await call_as(replica, alice, "POST", "/v1/quote", job_body())
+            assert status == 200, body
+        status, body, headers = await call_as(first, alice, "POST", "/v1/quote", job_body())
+        assert status == 429 and body["error"]["code"] == "quote_rate_limited", body
+        assert 1 <= int(headers["Retry-After"]) <= 5
+        status, body, headers = await call_as(second, alice, "POST", "/v1/quote", job_body())
+        assert status == 429 and "Retry-After" in headers
+        status, body, _ = await call_as(second, bob, "POST", "/v1/quote", job_body())
+        assert status == 200, body
+
+
+async def test_quote_candidates_are_capped_by_limit(
+    broker: Broker, http: aiohttp.ClientSession, own_mosquitto: MosquittoServer
+) -> None:
+    """`?limit=` asks for fewer candidates, best first; out of range it is a 400 naming `limit`."""
+    async with sites(own_mosquitto, THREE_SITES):
+        await all_online(http, {s[0] for s in THREE_SITES})
+        status, quoted = await call(http, "POST", "/v1/quote?limit=2", job_body(policy="cheapest"))
+        assert status == 200, quoted
+        assert [o["site"] for o in quoted["candidates"]] == ["guian-q1", "guian-q2"]
+        assert quoted["feasible_sites"] == 3
+        for bad in ("0", "11", "x"):
+            status, body = await call(http, "POST", f"/v1/quote?limit={bad}", job_body())
+            assert status == 400 and body["error"]["field"] == "limit", body
+
+
+async def test_a_user_sees_free_devices_and_prices_but_not_other_tenants(
+    redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str
+) -> None:
+    """Another tenant's placed job shows to a user only as fewer free devices in quotes and runners-up: its
+    id, name and tenant appear nowhere the user can read, and reading it is a 404."""
+    async with with_tokens(redis_server, own_mosquitto, namespace, quote_burst=1000) as ((replica,), tokens), \
+            sites(own_mosquitto, THREE_SITES):  # fmt: skip
+        acme, _ = await tokens.create("user", "acme")
+        initech, _ = await tokens.create("user", "initech")
+
+        async def online() -> bool:
+            status, body, _ = await call_as(replica, acme, "POST", "/v1/quote", job_body())
+            return status == 200 and body["feasible_sites"] == 3
+
+        await eventually(online, "three sites in quotes")
+        status, theirs, _ = await call_as(replica, initech, "POST", "/v1/jobs",
+                                          job_body(name="initech-secret-run", policy="cheapest"))  # fmt: skip
+        assert status == 202, theirs
+
+        async def placed() -> dict[str, Any] | None:
+            _, view, _ = await call_as(replica, initech, "GET", f"/v1/jobs/{theirs['id']}")
+            return view if view["allocation"] is not None else None
+
+        allocation = (await eventually(placed, "the other tenant's job placed"))["allocation"]
+        status, quoted, _ = await call_as(replica, acme, "POST", "/v1/quote", job_body())
+        assert status == 200, quoted
+        free = {(o["site"], o["model"]): o["free"] for o in quoted["candidates"]}
+        assert free[(allocation["site"], allocation["model"])] == 64 - 8  # the market: fewer devices free
+        status, mine, _ = await call_as(replica, acme, "POST", "/v1/jobs", job_body())
+        assert status == 202, mine
+
+        async def mine_placed() -> dict[str, Any] | None:
+            _, view, _ = await call_as(replica, acme, "GET", f"/v1/jobs/{mine['id']}")
+            return view if view["allocation"] is not None else None
+
+        view = await eventually(mine_placed, "the user's job placed")
+        _, listed, _ = await call_as(replica, acme, "GET", "/v1/jobs")
+        _, usage, _ = await call_as(replica, acme, "GET", "/v1/usage")
+        seen = orjson.dumps([quoted, view, listed, usage]).decode()
+        for secret in (theirs["id"], "initech-secret-run", "initech"):
+            assert secret not in seen
+        assert view["allocation"]["runners_up"] and all("free" in r for r in view["allocation"]["runners_up"])
+        status, _, _ = await call_as(replica, acme, "GET", f"/v1/jobs/{theirs['id']}")
+        assert status == 404

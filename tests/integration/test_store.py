@@ -80,7 +80,7 @@ async def site_with_job(store: Store, job: str = "j1", total: int = 100, count: 
     assert await store.apply_capacity(capacity(1, {MODEL: (total, 0)}))
     await store.submit(job, spec(count=count), at_ms=T0)
     (commit,) = await store.allocate([placement(job, count)], accept_timeout_ms=60_000)
-    assert commit == Commit(attempt=1)
+    assert commit.ok and commit.attempt == 1 and commit.seq >= 1
     return commit.attempt
 
 

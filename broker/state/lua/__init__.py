@@ -1,1 +1,2 @@
-"""Lua scripts, one per state change, loaded by broker.state.store."""
+"""Lua scripts, one per state change, loaded by broker.state.store; bucket.lua (a token bucket timed by
+Redis's clock) by broker.state.buckets."""

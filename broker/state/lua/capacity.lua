@@ -2,7 +2,8 @@
 -- newer than the last one applied (seq orders content within one boot of the adapter; a new boot id
 -- starts the order again). A site's place is not its own to say: a registered site's hub and cluster are
 -- the registry's, an unregistered one keeps the hub it first reported.
--- KEYS: site, capacity, sites, seen, clock, status_log, site_registry
+-- KEYS: site, capacity, sites, seen, clock, status_log, site_registry, wake (bumped when the site's offer
+--       changed or it came back: jobs parked as unplaceable are looked at again)
 -- ARGV: site_id, seq, now_ms ('' for Redis's clock), hub, cluster, meta_json, n, model_1, total_1, external_1, ..., then boot
 --       (after the pools; '' when the adapter sends none)
 -- Returns 1 when applied, 2 when it brought a stale site back online (applied or not), 0 when the content
@@ -48,6 +49,7 @@ if tonumber(ARGV[2]) <= current then
   if revived then
     redis.call('HSET', KEYS[1], 'status', 'online')
     redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+    redis.call('INCR', KEYS[8])
     redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(now), status = 'online'}))
     redis.call('LTRIM', KEYS[6], -100, -1)
     return 2
@@ -97,6 +99,7 @@ for _, field in ipairs(fields) do
 end
 if changed then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
+  redis.call('INCR', KEYS[8])
 end
 if revived or new_site then
   -- a new site, or a stale one speaking again: the status log records it

@@ -1,15 +1,24 @@
 -- Move a job from one state to the next, releasing its capacity when it leaves a site.
 -- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; keys that depend on the job's site
 --       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history, queue_depth, usage
--- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms, events_maxlen, max_attempts
--- action: accepted | running | completed | failed | rejected | requeue | expire | cancel | deadline
+-- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms ('' for Redis's clock),
+--       events_maxlen, max_attempts
+-- action: accepted | running | completed | failed | rejected | lost | requeue | expire | cancel | deadline
+--   lost: the holder site says it does not hold the job (it lost it in a restart): back to the queue
 --   expire: back to the queue only if still unaccepted past its deadline in the assigned set
 --   deadline: fail a job still queued past the time it had to start by
 -- A job that would go back to the queue after `max_attempts` attempts fails instead.
 -- A job that ends while holding devices (completed, failed, cancelled) gets a usage record, priced at the
 -- price fixed when it was allocated; work a lost site could not finish is not billed.
 -- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job).
+-- Derived from the prefix as well: the tenant's index of jobs by state (every change of state moves the job
+-- between them), the `finished` set (a final state lists the job by finish time, for the archive sweep)
+-- and the tenant's own usage stream (a copy of each usage record).
 local job_id, action, site, attempt, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+if now == '' then
+  local t = redis.call('TIME')  -- one clock for every replica, the one deadlines were set by
+  now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
 local prefix = KEYS[7]
 local j = redis.call('HMGET', KEYS[1], 'state', 'site', 'attempt', 'model', 'count', 'hub', 'tenant', 'qscore',
   'priority', 'price', 'assigned_at', 'started_at', 'arch')
@@ -25,6 +34,7 @@ if attempt ~= '' and j[3] ~= attempt then
 end
 local holding = state == 'assigned' or state == 'running'
 local tenant_queue = prefix .. 'tenant:' .. (tenant or '') .. ':queue'
+local tenant_parked = prefix .. 'tenant:' .. (tenant or '') .. ':parked'
 
 local function event(kind, new_state, why)
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', kind, 'job', job_id, 'state', new_state,
@@ -45,6 +55,9 @@ local function bill(final)
     'arch', j[13] or '', 'model', j[4], 'devices', j[5], 'start', tostring(since), 'end', now,
     'device_hours', string.format('%.6f', device_hours), 'price', j[10] or '0',
     'cost', string.format('%.4f', device_hours * price), 'state', final)
+  -- the same record in the tenant's own stream, which the tenant's usage reads range over
+  local record = redis.call('XREVRANGE', KEYS[13], '+', '-', 'COUNT', 1)[1]
+  redis.call('XADD', prefix .. 'tenant:' .. (tenant or '') .. ':usage', '*', unpack(record[2]))
 end
 
 local function release()
@@ -53,6 +66,7 @@ local function release()
   redis.call('SREM', prefix .. 'site:' .. holder .. ':jobs', job_id)
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
+  redis.call('INCR', prefix .. 'wake')  -- devices came free: parked jobs are looked at again
   event('released', state, reason)
 end
 
@@ -61,13 +75,22 @@ local function unqueue()
     redis.call('HINCRBY', KEYS[12], j[9], -1)
   end
   redis.call('ZREM', KEYS[10], job_id)
-  if redis.call('ZREM', tenant_queue, job_id) == 1 and tonumber(redis.call('ZINCRBY', KEYS[8], -1, tenant)) <= 0 then
+  local removed = redis.call('ZREM', tenant_queue, job_id) + redis.call('ZREM', tenant_parked, job_id)
+  if removed > 0 and tonumber(redis.call('ZINCRBY', KEYS[8], -1, tenant)) <= 0 then
     redis.call('ZREM', KEYS[8], tenant)
   end
 end
 
+local function reindex(new_state)
+  local by_state = prefix .. 'tenant:' .. (tenant or '') .. ':state:'
+  redis.call('ZREM', by_state .. state, job_id)
+  redis.call('ZADD', by_state .. new_state, redis.call('HGET', KEYS[1], 'created') or now, job_id)
+end
+
 local function finish(final, why)
   redis.call('HSET', KEYS[1], 'state', final, 'finished_at', now, 'updated', now, 'reason', why)
+  reindex(final)
+  redis.call('ZADD', prefix .. 'finished', now, job_id)
   event(final, final, why)
   return final
 end
@@ -83,6 +106,7 @@ elseif action == 'running' then
   if state ~= 'assigned' then return '' end
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'updated', now)
+  reindex('running')
   event('running', 'running', '')
   return 'running'
 elseif action == 'completed' or action == 'failed' then
@@ -90,8 +114,9 @@ elseif action == 'completed' or action == 'failed' then
   release()
   bill(action)
   return finish(action, reason)
-elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
-  if not holding or (action ~= 'requeue' and state ~= 'assigned') then return '' end
+elseif action == 'rejected' or action == 'requeue' or action == 'expire' or action == 'lost' then
+  -- requeue (a lost site) and lost (the site says it does not hold it) apply to running work too
+  if not holding or (action ~= 'requeue' and action ~= 'lost' and state ~= 'assigned') then return '' end
   if action == 'expire' then
     local due = redis.call('ZSCORE', KEYS[3], job_id)
     if not due or tonumber(due) > tonumber(now) then return '' end
@@ -101,6 +126,7 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' then
     return finish('failed', 'gave up after ' .. j[3] .. ' attempts; last: ' .. reason)
   end
   redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
+  reindex('queued')
   redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
     'accepted_at', 'started_at', 'decision')
   if redis.call('ZADD', KEYS[2], j[8], job_id) == 1 then
