@@ -7,7 +7,7 @@ Every model forbids unknown fields so that a typo is an error naming the field, 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,13 +44,21 @@ def _field_of(error: ValidationError) -> tuple[str, str | None]:
     return message, loc
 
 
-def parse(model: type[T], payload: bytes | str | dict) -> T:
+def json_object(payload: bytes | str) -> dict[str, Any]:
+    """`payload` decoded as a JSON object, or InvalidInput saying why it is not one."""
+    try:
+        decoded = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body is not valid JSON: {exc}", None, code="malformed_json") from None
+    if not isinstance(decoded, dict):
+        raise InvalidInput("body must be a JSON object", None)
+    return decoded
+
+
+def parse(model: type[T], payload: bytes | str | dict[str, Any]) -> T:
     """Validate `payload` (JSON bytes or a decoded dict) as `model`, raising InvalidInput naming the field."""
     if isinstance(payload, bytes | str):
-        try:
-            payload = orjson.loads(payload)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"body is not valid JSON: {exc}", None, code="malformed_json") from None
+        payload = json_object(payload)
     if not isinstance(payload, dict):
         raise InvalidInput("body must be a JSON object", None)
     try:

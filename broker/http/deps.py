@@ -18,9 +18,10 @@ from broker.model.job import JobSpec
 from broker.model.records import SiteRecord
 from broker.sites.assignments import PublishAssignments
 from broker.state.events import Subscription
-from broker.state.jobs import SubmitRate
+from broker.state.jobs import Submission, SubmitRate
 from broker.state.queries import JobEvents, QueueSample
 from broker.state.registry import RegisteredSite
+from common.errors import SuanwangError
 from regions import Geography
 
 __all__ = ["DEPS", "Deps", "EventSource", "Limits", "MqttUp", "PublishAssignments", "Quoter", "RateBuckets",
@@ -34,6 +35,10 @@ class StateStore(Protocol):
                      rate_limit: SubmitRate | None, max_queued: int | None
                      ) -> tuple[dict[str, str], bool]:  # fmt: skip
         """Store and queue a job; (the job, True), or (the job an idempotency key made before, False)."""
+
+    async def submit_many(self, items: Sequence[Submission], *, rate_limit: SubmitRate | None = None,
+                          max_queued: int | None = None) -> list[tuple[dict[str, str], bool] | SuanwangError]:
+        """Store and queue each job on its own, in one round trip; per job its outcome or its error."""
 
     async def get_job(self, job_id: str) -> dict[str, str] | None: ...
 

@@ -6,20 +6,22 @@ import hashlib
 import math
 import secrets
 import time
+from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from broker.http import auth
 from broker.http.deps import DEPS
-from broker.http.responses import json_body, json_response
+from broker.http.responses import error_body, json_body, json_response, status_of
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
 from broker.http.views import MAX_CANDIDATES, job_view, quote_view
 from broker.model.job import JobSpec, JobState
 from broker.sites.assignments import tell_site_to_cancel
-from broker.state.jobs import SubmitRate
+from broker.state.jobs import Submission, SubmitRate
 from common import logs
-from common.errors import Conflict, InvalidInput, NotFound, TooManyRequests
-from common.validation import parse
+from common.errors import Conflict, InvalidInput, NotFound, SuanwangError, TooManyRequests
+from common.validation import Strict, json_object, parse
 from regions import Geography, load_devices
 
 log = logs.get("suanwang.api")
@@ -51,11 +53,26 @@ def check_against_network(spec: JobSpec, geo: Geography) -> None:
 
 
 async def _read_spec(request: web.Request) -> JobSpec:
-    raw = parse(JobSpec, await json_body(request, "send the job as application/json"))  # syntax and types first
+    return _spec_of(request, await json_body(request, "send the job as application/json"))
+
+
+def _spec_of(request: web.Request, payload: bytes | dict[str, Any]) -> JobSpec:
+    raw = parse(JobSpec, payload)  # syntax and types first
     tenant = auth.acting_tenant(request, raw.tenant if "tenant" in raw.model_fields_set else None)
     spec = raw if raw.tenant == tenant else raw.model_copy(update={"tenant": tenant})
     check_against_network(spec, request.app[DEPS].geography)  # then what only the broker knows
     return spec
+
+
+def _idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not (0 < len(key) <= 128 and key.isprintable() and " " not in key):
+        raise InvalidInput("Idempotency-Key must be 1-128 printable characters without spaces", IDEMPOTENCY_HEADER)
+    return key
+
+
+def _body_hash(spec: JobSpec) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
 
 
 async def _visible_job(request: web.Request) -> dict[str, str]:
@@ -71,10 +88,8 @@ async def submit_job(request: web.Request) -> web.Response:
     """Queue a job. With an Idempotency-Key, a retry returns the job the first request created."""
     deps = request.app[DEPS]
     spec = await _read_spec(request)
-    key = request.headers.get(IDEMPOTENCY_HEADER)
-    if key is not None and not (0 < len(key) <= 128 and key.isprintable() and " " not in key):
-        raise InvalidInput("Idempotency-Key must be 1-128 printable characters without spaces", IDEMPOTENCY_HEADER)
-    body_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
+    key = _idempotency_key(request)
+    body_hash = _body_hash(spec)
     limits, caller = deps.limits, auth.identity_of(request)
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
     stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash=body_hash,
@@ -88,6 +103,61 @@ async def submit_job(request: web.Request) -> web.Response:
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+MAX_BATCH = 1000  # jobs in one batch submit
+MAX_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class JobBatch(Strict):
+    """Up to 1,000 jobs, each validated, accepted or refused on its own (an invalid job is a 400 in its
+    place in the answer, not a refusal of the batch)."""
+
+    jobs: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH,
+                                       description="Each a job as POST /v1/jobs takes it")  # fmt: skip
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    """Queue many jobs in one request and one round trip to Redis. Each job is validated, rate limited and
+    accepted or refused on its own; the answer lists, in order, each job's status (202 queued, 200 an
+    idempotent replay, or its error's status) with the job or the error. With an Idempotency-Key, job i
+    of the batch has the key `<key>#<i>`, so a retry of the whole batch returns the same jobs."""
+    deps = request.app[DEPS]
+    body = json_object(await json_body(request, "send the jobs as application/json", MAX_BATCH_BYTES))
+    items = body.get("jobs")
+    if set(body) != {"jobs"} or not isinstance(items, list):
+        raise InvalidInput('send {"jobs": [job, ...]}', "jobs")
+    if not 1 <= len(items) <= MAX_BATCH:
+        raise InvalidInput(f"a batch holds 1 to {MAX_BATCH} jobs, not {len(items)}", "jobs")
+    key = _idempotency_key(request)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    submissions: list[tuple[int, Submission]] = []
+    for i, item in enumerate(items):
+        try:
+            spec = _spec_of(request, item)
+        except SuanwangError as exc:
+            inner = getattr(exc, "field", None)
+            field = f"jobs[{i}]" + (f".{inner}" if inner else "")
+            results[i] = {"status": status_of(exc), "error": {**error_body(exc), "field": field}}
+            continue
+        submissions.append((i, Submission(new_job_id(), spec, f"{key}#{i}" if key else None, _body_hash(spec))))
+    limits, caller = deps.limits, auth.identity_of(request)
+    rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
+    outcomes = await deps.store.submit_many([s for _, s in submissions], rate_limit=rate,
+                                            max_queued=limits.max_queued_per_tenant)  # fmt: skip
+    created = 0
+    for (i, _), outcome in zip(submissions, outcomes, strict=True):
+        if isinstance(outcome, SuanwangError):
+            results[i] = {"status": status_of(outcome), "error": error_body(outcome)}
+            continue
+        stored, new = outcome
+        created += new
+        results[i] = {"status": 202 if new else 200, "job": job_view(stored)}
+    if created:
+        deps.kick.set()
+        log.info("jobs.submitted", jobs=created, refused=len(items) - sum(r is not None and r["status"] < 300
+                                                                           for r in results))  # fmt: skip
+    return json_response({"jobs": results})
 
 
 def _query_int(request: web.Request, name: str, default: int, least: int, most: int) -> int:
@@ -183,6 +253,9 @@ _CANDIDATES_PARAM = param("limit", "query", {"type": "integer", "minimum": 1, "m
 ROUTES = (
     Route("POST", "/v1/jobs", submit_job, "Submit a job", role="user", ok=(202, "Job"), also_ok={200: "Job"},
           errors=(400, 409, 413, 415, 429), params=(TENANT_HEADER_PARAM, _KEY_PARAM), body=JobSpec),
+    Route("POST", "/v1/jobs:batch", submit_batch, "Submit up to 1,000 jobs, each accepted or refused on its own",
+          role="user", ok=(200, "JobBatchResult"), errors=(400, 413, 415), params=(TENANT_HEADER_PARAM, _KEY_PARAM),
+          body=JobBatch),
     Route("POST", "/v1/quote", quote_job, "Where a job would go now, taking no capacity", role="user",
           ok=(200, "Quote"), errors=(400, 413, 415, 429), params=(TENANT_HEADER_PARAM, _CANDIDATES_PARAM),
           body=JobSpec),

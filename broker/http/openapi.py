@@ -43,6 +43,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         history={"type": "array", "items": OBJ},
     ),
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": ref("Job")}),
+    "JobBatchResult": _obj(["jobs"], jobs={"type": "array", "items": _obj(
+        ["status"], status=INT, job=ref("Job"),
+        error=_obj(["code", "message", "field"], code=STR, message=STR, field=NULLABLE_STR))}),
     "Site": _obj(["id", "hub", "status", "pools"], id=STR, hub=STR, cluster=NULLABLE_STR, status=STR,
                  last_seen=NULLABLE_STR, pools={"type": "array", "items": OBJ}),
     "SiteList": _obj(["sites"], sites={"type": "array", "items": ref("Site")}),

@@ -13,7 +13,7 @@ from broker.model.records import Commit, Placement, Refusal
 from broker.state.archive import read_archived
 from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
-from common.errors import Conflict, TooManyRequests
+from common.errors import Conflict, StoreUnavailable, SuanwangError, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
 # one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
@@ -35,6 +35,17 @@ def _commit(result: int | list[int]) -> Commit:
     if isinstance(result, list):
         return Commit(attempt=int(result[0]), seq=int(result[1]))
     return Commit(refusal=_REFUSALS[int(result)])
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One job to submit: its id, spec, Idempotency-Key and body hash, and (for tests) its time."""
+
+    job_id: str
+    spec: JobSpec
+    idempotency_key: str | None = None
+    body_hash: str = ""
+    at_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,45 @@ class JobQueue(StoreBase):
         key with another body raises Conflict. Over `rate_limit`, or with `max_queued` jobs of the tenant
         already queued, raises TooManyRequests; all of it in one round trip.
         """
-        k = self.keys
+        (outcome,) = await self.submit_many([Submission(job_id, spec, idempotency_key, body_hash, at_ms)],
+                                            rate_limit=rate_limit, max_queued=max_queued)  # fmt: skip
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def submit_many(
+        self, items: Sequence[Submission], *, rate_limit: SubmitRate | None = None, max_queued: int | None = None
+    ) -> list[tuple[dict[str, str], bool] | SuanwangError]:
+        """Submit each job on its own (each atomically, as `submit`), all in one round trip (two when some
+        were idempotent replays); per job, (record, created) or the error that refused it."""
+        calls = [self._submission(item, rate_limit, max_queued) for item in items]
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args, _ in calls:
+                await self._submit(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        outcomes: list[tuple[dict[str, str], bool] | SuanwangError] = []
+        replayed: dict[int, str] = {}  # position -> the job an idempotent replay returns
+        for i, (item, (_, _, fields), reply) in enumerate(zip(items, calls, replies, strict=True)):
+            if isinstance(reply, Exception):
+                outcomes.append(StoreUnavailable(f"Redis error: {reply}"))
+                continue
+            existing, flag, *stamped = reply
+            outcome = self._submitted(item, fields, text(existing), int(flag), stamped, rate_limit, max_queued)
+            if outcome is None:
+                replayed[i] = text(existing)
+                # until it is read; kept if it no longer exists (a Redis restart without persistence)
+                outcome = Conflict(f"Idempotency-Key {item.idempotency_key!r} refers to a job that no longer exists")
+            outcomes.append(outcome)
+        if replayed:
+            for i, job in zip(replayed, await self.get_whole_jobs(list(replayed.values())), strict=True):
+                if job is not None:
+                    outcomes[i] = (job, False)
+        return outcomes
+
+    def _submission(self, item: Submission, rate_limit: SubmitRate | None, max_queued: int | None
+                    ) -> tuple[list[str], list[Any], dict[str, str]]:  # fmt: skip
+        k, spec, at_ms = self.keys, item.spec, item.at_ms
         # by Redis's clock unless the caller says when (the script then computes the queue score)
         created: int | str = at_ms if at_ms is not None else ""
         qscore: int | str = (
@@ -72,41 +121,43 @@ class JobQueue(StoreBase):
         )
         deadline = str(int(spec.deadline.timestamp() * 1000)) if spec.deadline else ""
         fields = {
-            "id": job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
+            "id": item.job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
             "name": spec.name, "origin": spec.origin, "priority": spec.priority.value,
             "created": str(created), "updated": str(created), "attempt": "0", "qscore": str(qscore),
             "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
         }  # fmt: skip
-        idem_key = k.idempotency(spec.tenant, idempotency_key) if idempotency_key else k.idempotency("-", "-")
+        key = item.idempotency_key
+        idem_key = k.idempotency(spec.tenant, key) if key else k.idempotency("-", "-")
         bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
-        keys = [k.job(job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
-                k.events, k.deadlines, idem_key, k.job_history(job_id), k.queue_depth, bucket,
+        keys = [k.job(item.job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
+                k.events, k.deadlines, idem_key, k.job_history(item.job_id), k.queue_depth, bucket,
                 k.tenant_state(spec.tenant, JobState.QUEUED.value)]  # fmt: skip
-        args: list[Any] = [job_id, qscore, created, spec.tenant, deadline,
-                           IDEMPOTENCY_TTL_S if idempotency_key else "", body_hash, self.events_maxlen,
-                           rate_limit.per_s if rate_limit else "", rate_limit.burst if rate_limit else "",
+        args: list[Any] = [item.job_id, qscore, created, spec.tenant, deadline, IDEMPOTENCY_TTL_S if key else "",
+                           item.body_hash, self.events_maxlen, rate_limit.per_s if rate_limit else "",
+                           rate_limit.burst if rate_limit else "",
                            max_queued if max_queued is not None else ""]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
-        async with translated():
-            existing, created_flag, *stamped = await self._submit(keys=keys, args=args)
-        existing = text(existing)
-        if int(created_flag) == 1:
+        return keys, args, fields
+
+    @staticmethod
+    def _submitted(item: Submission, fields: dict[str, str], existing: str, flag: int, stamped: list[Any],
+                   rate_limit: SubmitRate | None, max_queued: int | None
+                   ) -> tuple[dict[str, str], bool] | SuanwangError | None:  # fmt: skip
+        """What submit.lua's reply means; None for an idempotent replay (the job is read next)."""
+        if flag == 1:
             fields["created"] = fields["updated"] = text(stamped[0])
             fields["qscore"] = text(stamped[1])
             return fields, True
-        if int(created_flag) == -2 and rate_limit is not None:
-            raise TooManyRequests(f"too many submissions: at most {rate_limit.per_s:g}/s in bursts of "
-                                  f"{rate_limit.burst}", retry_after_s=max(1, -(-int(existing) // 1000)))  # fmt: skip
-        if int(created_flag) == -3:
-            raise TooManyRequests(f"tenant {spec.tenant} already has {existing} queued jobs, the most allowed "
-                                  f"(max_queued_per_tenant {max_queued})", code="tenant_queue_full")  # fmt: skip
-        if int(created_flag) < 0:
-            raise Conflict(f"Idempotency-Key {idempotency_key!r} was used for a different job ({existing})")
-        job = await self.get_job(existing)
-        if job is None:  # the key outlived its job (a Redis restart without persistence): treat as new
-            raise Conflict(f"Idempotency-Key {idempotency_key!r} refers to a job that no longer exists")
-        return job, False
+        if flag == -2 and rate_limit is not None:
+            return TooManyRequests(f"too many submissions: at most {rate_limit.per_s:g}/s in bursts of "
+                                   f"{rate_limit.burst}", retry_after_s=max(1, -(-int(existing) // 1000)))  # fmt: skip
+        if flag == -3:
+            return TooManyRequests(f"tenant {item.spec.tenant} already has {existing} queued jobs, the most allowed "
+                                   f"(max_queued_per_tenant {max_queued})", code="tenant_queue_full")  # fmt: skip
+        if flag < 0:
+            return Conflict(f"Idempotency-Key {item.idempotency_key!r} was used for a different job ({existing})")
+        return None
 
     async def jobs_at(self, site: str) -> list[str]:
         async with translated():
@@ -208,6 +259,15 @@ class JobQueue(StoreBase):
             return decode_hash(raw)
         archived = await read_archived(self.redis, self.keys, job_id)
         return archived.job if archived is not None else None
+
+    async def get_whole_jobs(self, ids: Sequence[str]) -> list[dict[str, str] | None]:
+        """Whole job records in one round trip (archived ones read after); None where there is none."""
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self.keys.job(job_id))
+            raws = await pipe.execute()
+        return [decode_hash(raw) if raw else await self.get_job(job_id) for job_id, raw in zip(ids, raws, strict=True)]
 
     async def get_jobs(self, ids: Sequence[str], *fields: str) -> list[list[str | None]]:
         async with translated():
