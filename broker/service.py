@@ -100,7 +100,7 @@ async def start_broker(settings: Settings) -> Broker:
                     max_message_bytes=settings.max_message_bytes)  # fmt: skip
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
                           accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics,
-                          reserve_after_s=settings.reserve_after_s)  # fmt: skip
+                          reserve_after_s=settings.reserve_after_s, replica=settings.replica)  # fmt: skip
     feed = EventFeed(store)
 
     broker = Broker(settings, store, scheduler, ingest, mqtt, feed, stop)

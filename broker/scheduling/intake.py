@@ -6,6 +6,8 @@ current snapshot version are skipped until something changes.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -29,9 +31,10 @@ class Batch:
 
 
 class Intake:
-    def __init__(self, store: Store, batch: int) -> None:
+    def __init__(self, store: Store, batch: int, replica: str = "") -> None:
         self.store = store
         self.batch = batch
+        self.replica = replica or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"
         self._requests: OrderedDict[str, Request | None] = OrderedDict()
         self.created: dict[str, int] = {}  # job -> submission time (ms), for latency and backfill
         self._unfit: dict[str, tuple[int, str]] = {}  # job -> (snapshot version, reason written)
@@ -40,7 +43,7 @@ class Intake:
         """Every tenant's first job comes before any tenant's second (so 10,000 jobs from one tenant do not
         block one job from another), priority decides within a round, and a tenant at its device limit
         waits. Jobs already found unfit at this snapshot `version` are skipped."""
-        heads = await self.store.queue_heads(self.batch)
+        heads = await self.store.queue_heads(self.batch, claimer=self.replica)
         usage, limits = self.store.usage, self.store.limits
         batch = Batch(queued={h[0] for h in heads})
         ids: list[str] = []

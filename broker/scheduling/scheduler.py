@@ -71,6 +71,7 @@ class Scheduler:
         kick: asyncio.Event | None = None,
         metrics: Metrics | None = None,
         reserve_after_s: float = 30.0,
+        replica: str = "",
     ) -> None:
         self.metrics = metrics or Metrics()
         self.store = store
@@ -79,7 +80,7 @@ class Scheduler:
         self.accept_timeout_ms = int(accept_timeout_s * 1000)
         self.idle_poll_s = idle_poll_s
         self.kick = kick or asyncio.Event()
-        self.intake = Intake(store, batch)
+        self.intake = Intake(store, batch, replica)
         self.backfill = Backfill(store, reserve_after_s)
         self.placed = 0
         # held by a pass from its refresh to the undo of its refused placements, and by every other

@@ -9,7 +9,7 @@ from redis.commands.core import AsyncScript
 
 from broker.state.keys import Keys
 
-SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting")
+SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads")
 
 
 class StoreBase:
@@ -32,6 +32,7 @@ class StoreBase:
         self._submit: AsyncScript = scripts["submit"]
         self._reconcile: AsyncScript = scripts["reconcile"]
         self._waiting: AsyncScript = scripts["waiting"]
+        self._heads: AsyncScript = scripts["heads"]
         self._archive: AsyncScript = scripts["archive"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()

@@ -20,6 +20,7 @@ from common.errors import Conflict, StoreUnavailable, SuanwangError, TooManyRequ
 PRIORITY_HANDICAP_MS = {"high": 0, "normal": 5 * 60_000, "low": 30 * 60_000}
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 IDEMPOTENCY_TTL_S = 24 * 3600
+CLAIM_MS = 5_000  # how long a pass's claim on the jobs it read keeps other replicas off them
 
 
 def queue_score(priority: str, created_ms: int) -> int:
@@ -197,40 +198,27 @@ class JobQueue(StoreBase):
         archived = await read_archived(self.redis, self.keys, job_id)
         return archived.history if archived is not None else []
 
-    async def queue_heads(self, batch: int, max_tenants: int = 1000) -> list[tuple[str, int, float, str]]:
-        """The head of every tenant's queue as (job, position in its tenant's queue, queue score, tenant).
+    async def queue_heads(self, batch: int, max_tenants: int = 1000, *, claimer: str = "",
+                          claim_ms: int = CLAIM_MS) -> list[tuple[str, int, float, str]]:  # fmt: skip
+        """The head of every tenant's queue as (job, position in its tenant's queue, queue score, tenant),
+        claimed for `claimer` for `claim_ms` so another replica's pass passes them over (heads.lua).
 
         Each tenant gets an equal share of `batch` (at least 4) of its window, and as many again of its
         parked jobs that capacity may have grown for since they were parked (those come after the window,
-        with the generation they were parked at as their score). Also refreshes `usage` and `limits`. Two
-        round trips whatever the number of tenants.
+        with the generation they were parked at as their score). Also refreshes `usage` and `limits`. One
+        round trip whatever the number of tenants.
         """
         k = self.keys
         async with translated():
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zrange(k.queued_tenants, 0, max_tenants - 1)
-            pipe.get(k.wake)
-            raw_tenants, raw_wake = await pipe.execute()
-            tenants = [text(t) for t in raw_tenants]
-            if not tenants:
-                return []
-            wake = int(raw_wake or 0)
-            per_tenant = max(4, batch // len(tenants))
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(k.tenant_usage)
-            pipe.hgetall(k.tenant_limits)
-            for tenant in tenants:
-                pipe.zrange(k.tenant_queue(tenant), 0, per_tenant - 1, withscores=True)
-                pipe.zrangebyscore(k.tenant_parked(tenant), "-inf", f"({wake}", 0, per_tenant, withscores=True)
-            usage, limits, *heads = await pipe.execute()
-        self.usage = {text(t): int(v) for t, v in usage.items()}
-        self.limits = {text(t): int(v) for t, v in limits.items()}
-        out: list[tuple[str, int, float, str]] = []
-        for i, tenant in enumerate(tenants):
-            window, woken = heads[2 * i], heads[2 * i + 1]
-            out += [(text(job), position, float(score), tenant) for position, (job, score) in enumerate(window)]
-            out += [(text(job), per_tenant + n, float(gen), tenant) for n, (job, gen) in enumerate(woken)]
-        return out
+            usage, limits, flat = await self._heads(
+                keys=[k.prefix + ":", k.queued_tenants, k.tenant_usage, k.tenant_limits, k.wake],
+                args=[claimer or "-", batch, max_tenants, claim_ms],
+            )
+        self.usage = {text(usage[i]): int(usage[i + 1]) for i in range(0, len(usage), 2)}
+        self.limits = {text(limits[i]): int(limits[i + 1]) for i in range(0, len(limits), 2)}
+        return [
+            (text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3])) for i in range(0, len(flat), 4)
+        ]
 
     async def queue_depths(self) -> dict[str, int]:
         """Queued jobs per priority."""
