@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import time
@@ -71,10 +70,6 @@ def _idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def _body_hash(spec: JobSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:24]
-
-
 async def _visible_job(request: web.Request) -> dict[str, str]:
     """The job named in the path; a user asking for another tenant's job learns only that there is none."""
     job_id = request.match_info["id"]
@@ -89,10 +84,9 @@ async def submit_job(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
     spec = await _read_spec(request)
     key = _idempotency_key(request)
-    body_hash = _body_hash(spec)
     limits, caller = deps.limits, auth.identity_of(request)
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
-    stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash=body_hash,
+    stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash="",
                                               rate_limit=rate, max_queued=limits.max_queued_per_tenant)  # fmt: skip
     if created:
         deps.kick.set()
@@ -140,7 +134,7 @@ async def submit_batch(request: web.Request) -> web.Response:
             field = f"jobs[{i}]" + (f".{inner}" if inner else "")
             results[i] = {"status": status_of(exc), "error": {**error_body(exc), "field": field}}
             continue
-        submissions.append((i, Submission(new_job_id(), spec, f"{key}#{i}" if key else None, _body_hash(spec))))
+        submissions.append((i, Submission(new_job_id(), spec, f"{key}#{i}" if key else None)))
     limits, caller = deps.limits, auth.identity_of(request)
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
     outcomes = await deps.store.submit_many([s for _, s in submissions], rate_limit=rate,

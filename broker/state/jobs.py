@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,8 @@ def _commit(result: int | list[int]) -> Commit:
 
 @dataclass(frozen=True)
 class Submission:
-    """One job to submit: its id, spec, Idempotency-Key and body hash, and (for tests) its time."""
+    """One job to submit: its id, spec, Idempotency-Key, and (for tests) its time. The body hash that tells a
+    replay from a different job under the same key is the spec's, computed when empty."""
 
     job_id: str
     spec: JobSpec
@@ -121,20 +123,22 @@ class JobQueue(StoreBase):
             queue_score(spec.priority.value, at_ms) if at_ms is not None else PRIORITY_HANDICAP_MS[spec.priority.value]
         )
         deadline = str(int(spec.deadline.timestamp() * 1000)) if spec.deadline else ""
+        spec_json = spec.model_dump_json()  # encoded once: stored, and hashed for an idempotency key
+        key = item.idempotency_key
+        body_hash = item.body_hash or (hashlib.sha256(spec_json.encode()).hexdigest()[:24] if key else "")
         fields = {
-            "id": item.job_id, "state": JobState.QUEUED.value, "spec": spec.model_dump_json(), "tenant": spec.tenant,
+            "id": item.job_id, "state": JobState.QUEUED.value, "spec": spec_json, "tenant": spec.tenant,
             "name": spec.name, "origin": spec.origin, "priority": spec.priority.value,
             "created": str(created), "updated": str(created), "attempt": "0", "qscore": str(qscore),
             "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
         }  # fmt: skip
-        key = item.idempotency_key
         idem_key = k.idempotency(spec.tenant, key) if key else k.idempotency("-", "-")
         bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
         keys = [k.job(item.job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
                 k.events, k.deadlines, idem_key, k.job_history(item.job_id), k.queue_depth, bucket,
                 k.tenant_state(spec.tenant, JobState.QUEUED.value)]  # fmt: skip
         args: list[Any] = [item.job_id, qscore, created, spec.tenant, deadline, IDEMPOTENCY_TTL_S if key else "",
-                           item.body_hash, self.events_maxlen, rate_limit.per_s if rate_limit else "",
+                           body_hash, self.events_maxlen, rate_limit.per_s if rate_limit else "",
                            rate_limit.burst if rate_limit else "",
                            max_queued if max_queued is not None else ""]  # fmt: skip
         for name, value in fields.items():

@@ -15,10 +15,10 @@ from broker.model.identity import Identity
 from broker.model.job import JobSpec
 from broker.model.records import SiteRecord
 from broker.state.events import Subscription, id_after
-from broker.state.jobs import SubmitRate
+from broker.state.jobs import Submission, SubmitRate
 from broker.state.queries import JobEvents, QueueSample
 from broker.state.registry import RegisteredSite
-from common.errors import Conflict, NotFound
+from common.errors import Conflict, NotFound, SuanwangError
 from regions import Geography
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -43,6 +43,7 @@ class MemoryStore:
     async def submit(self, job_id: str, spec: JobSpec, *, idempotency_key: str | None, body_hash: str,
                      rate_limit: SubmitRate | None, max_queued: int | None) -> tuple[dict[str, str], bool]:  # fmt: skip
         self.submit_rates.append(rate_limit)
+        body_hash = body_hash or spec.model_dump_json()  # as the store does: the spec's own, when not given
         if idempotency_key is not None:
             seen = self.idempotency.get((spec.tenant, idempotency_key))
             if seen is not None:
@@ -58,6 +59,19 @@ class MemoryStore:
         }  # fmt: skip
         self.histories[job_id] = [{"ts": int(created), "state": "queued"}]
         return self.jobs[job_id], True
+
+    async def submit_many(
+        self, items: Sequence[Submission], *, rate_limit: SubmitRate | None = None, max_queued: int | None = None
+    ) -> list[tuple[dict[str, str], bool] | SuanwangError]:
+        out: list[tuple[dict[str, str], bool] | SuanwangError] = []
+        for item in items:
+            try:
+                out.append(await self.submit(item.job_id, item.spec, idempotency_key=item.idempotency_key,
+                                             body_hash=item.body_hash, rate_limit=rate_limit,
+                                             max_queued=max_queued))  # fmt: skip
+            except SuanwangError as exc:
+                out.append(exc)
+        return out
 
     def place(self, job_id: str, site: str, hub: str, attempt: int = 1, state: str = "running") -> None:
         """Put a job on a site as the matcher and the site's events would have."""

@@ -12,7 +12,8 @@ from tests.http.harness import Api, Start
 EXPECTED_ROLES = {
     ("GET", "/healthz"): "public", ("GET", "/openapi.json"): "public", ("GET", "/"): "public",
     ("GET", "/static"): "public",
-    ("POST", "/v1/jobs"): "user", ("POST", "/v1/quote"): "user", ("GET", "/v1/jobs"): "user",
+    ("POST", "/v1/jobs"): "user", ("POST", "/v1/jobs:batch"): "user", ("POST", "/v1/quote"): "user",
+    ("GET", "/v1/jobs"): "user",
     ("GET", "/v1/jobs/{id}"): "user", ("DELETE", "/v1/jobs/{id}"): "user", ("GET", "/v1/hubs"): "user",
     ("GET", "/v1/usage"): "user",
     ("GET", "/v1/sites"): "operator", ("GET", "/v1/sites/{id}"): "operator",
