@@ -12,9 +12,11 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -63,14 +65,44 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+_LOGS = Path(tempfile.gettempdir()) / "suanwang-bench"
+
+
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    """A child process whose output goes to its own log file, so a failed start can say why."""
+    _LOGS.mkdir(exist_ok=True)
+    path = _LOGS / f"{args[0]}-{uuid.uuid4().hex[:6]}.log"
+    with path.open("wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    _LOG_OF[proc.pid] = path
+    return proc
+
+
+_LOG_OF: dict[int, Path] = {}
+
+
+def _tail(proc: subprocess.Popen[bytes], lines: int = 8) -> str:
+    path = _LOG_OF.get(proc.pid)
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+async def _wait_healthy(url: str, timeout: float) -> str | None:
+    """None once the broker answers /healthz with 200; otherwise what it last said."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return None
+                    last = f"{response.status} {(await response.text())[:200]}"
+            except aiohttp.ClientError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            await asyncio.sleep(0.2)
+    return last
 
 
 async def _wait_sites(url: str, n: int, timeout: float) -> int:
@@ -185,11 +217,20 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
                     )
                 )
         started = time.monotonic()
+        for url, proc in zip(urls, procs, strict=False):
+            problem = await _wait_healthy(url, 60)
+            if problem is not None:
+                exited = f"exited with {proc.poll()}" if proc.poll() is not None else "still running"
+                raise BenchError(f"the broker at {url} did not come up ({exited}); last answer: {problem}\n"
+                                 f"{_tail(proc)}")  # fmt: skip
         sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
         startup_s = time.monotonic() - started
-        dead = [" ".join(map(str, cast(list[str], p.args)[2:4])) for p in procs if p.poll() is not None]
-        if dead or sites_seen == 0:
-            raise BenchError(f"the system did not come up: {sites_seen} sites seen; exited: {dead or 'none'}")
+        dead = [p for p in procs if p.poll() is not None]
+        if dead or sites_seen < options.sites:
+            said = "\n".join(f"{' '.join(map(str, cast(list[str], p.args)[2:4]))} exited with {p.poll()}:\n{_tail(p)}"
+                             for p in dead)  # fmt: skip
+            raise BenchError(f"the system did not come up: {sites_seen} of {options.sites} sites seen after "
+                             f"{startup_s:.0f} s; {said or 'no process exited'} (logs in {_LOGS})")  # fmt: skip
         rng = random.Random(options.seed)
         jobs = [orjson.dumps(sample_job(rng, tenant="bench")) for _ in range(options.jobs)]
         run = _Run()
