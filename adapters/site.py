@@ -30,6 +30,10 @@ log = logs.get("adapters.site")
 AssignmentHandler = Callable[[Assignments], Awaitable[None] | None]
 
 
+REPEATS = 4  # times a final event is sent again (1, 3, 9 and 27 heartbeat intervals after it)
+FINAL = frozenset({SiteEventKind.COMPLETED, SiteEventKind.FAILED, SiteEventKind.REJECTED, SiteEventKind.LOST})
+
+
 class SiteLink:
     """Keeps one site connected: status, capacity heartbeats, assignments in, events out.
 
@@ -71,8 +75,8 @@ class SiteLink:
         self._changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._outbox: deque[bytes] = deque()
-        self._finals: dict[tuple[str, int], tuple[float, bytes]] = {}  # recent outcomes, repeated on heartbeats
-        self.repeat_window = max(60.0, 6 * interval)
+        # recent outcomes, repeated on heartbeats: (when it was first sent, how often repeated, the message)
+        self._finals: dict[tuple[str, int], tuple[float, int, bytes]] = {}
         self._outbox_ready = asyncio.Event()
         self.connected = asyncio.Event()
         self.set_capacity(pools, energy)
@@ -113,22 +117,25 @@ class SiteLink:
         payload = orjson.dumps(message.model_dump(mode="json", by_alias=True))
         self._outbox.append(payload)
         self._outbox_ready.set()
-        if message.event in (SiteEventKind.COMPLETED, SiteEventKind.FAILED):
-            self._finals[(job, attempt)] = (time.monotonic(), payload)
+        if message.event in FINAL:
+            self._finals[(job, attempt)] = (time.monotonic(), 0, payload)
         log.debug("event queued", site=self.site, job=job, attempt=attempt, kind=str(event))
 
     def _repeat_finals(self) -> None:
-        """Queue again every final event of the last `repeat_window` seconds.
+        """Queue again the final events due for a repeat: each is repeated REPEATS times, 1, 3, 9 and 27
+        heartbeat intervals after it was first sent, then forgotten.
 
         An MQTT broker that restarts (or a broker replica killed at the wrong moment) can lose an event the
-        site already had acknowledged; repeating the outcome with each heartbeat closes that gap, and the
-        broker ignores what it has already applied (events name the job's attempt).
+        site already had acknowledged; repeating the outcome closes that gap, and the broker ignores what it
+        has already applied (events name the job's attempt). Backing off keeps the repeats a small share of
+        the traffic (at most REPEATS per outcome) however busy the site is.
         """
-        horizon = time.monotonic() - self.repeat_window
-        for key, (at, payload) in list(self._finals.items()):
-            if at < horizon:
+        now = time.monotonic()
+        for key, (at, repeated, payload) in list(self._finals.items()):
+            if repeated >= REPEATS:
                 del self._finals[key]
-            else:
+            elif now - at >= self.interval * 3**repeated:
+                self._finals[key] = (at, repeated + 1, payload)
                 self._outbox.append(payload)
         if self._outbox:
             self._outbox_ready.set()

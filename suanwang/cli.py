@@ -330,8 +330,9 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
     help="Matching only, no I/O: time per decision at these site counts, e.g. 1000,10000,100000",
 )
 @click.option("--soak", "soak_s", type=float, default=None, metavar="SECONDS",
-              help="Soak: 20 jobs/s with site churn and a broker kill for SECONDS (at least 2 brokers), "
-                   "then report lost jobs, double allocations and recovery times (JSON)")  # fmt: skip
+              help="Soak: 20 jobs/s for SECONDS (at least 2 brokers) with site churn and kills of a broker and "
+                   "of its own redis-server and Mosquitto, then report lost jobs, double allocations, history "
+                   "violations and recovery times (JSON); exit code 1 on any problem")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
           matching_sizes: str | None, soak_s: float | None, as_json: bool) -> None:  # fmt: skip
@@ -356,6 +357,8 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
     if report is not None:
         _print_json(report) if as_json else print_report(console, report)
+        if report.get("clean") is False:
+            sys.exit(1)
 
 
 _register_security(main, _run, _print_json)

@@ -3,10 +3,18 @@
 Every part runs as its own process (broker replicas, one simulated-site process per hub, and, unless
 URLs are given, redis-server with AOF and mosquitto), so any part can be killed with SIGKILL and
 started again. `Client` plays careful users: every job carries an Idempotency-Key and a submission
-that meets a connection error or a 5xx is retried with the same key. `Wire` listens to the sites'
-MQTT traffic as an operator would. After the faults, `settle` waits until the system is quiet and
-`examine` compares what Redis holds with what users were told, and reads the event log back as a history
-(broker.state.history).
+that meets a connection error, a 5xx or a 429 (after its Retry-After) is retried with the same key.
+`Wire` listens to the sites' MQTT traffic as an operator would. After the faults, `settle` waits until the
+system is quiet and `examine` compares what Redis holds with what users were told, and reads the event log
+back as a history (broker.state.history).
+
+`run_soak` keeps a steady load while it kills a site process every few seconds and, at moments spread over
+the run (`fault_plan`), one broker replica, redis-server (restarted on its port from its AOF, written with
+`appendfsync always`, so no acknowledged job may be missing) and Mosquitto (restarted on its port), the two
+servers only when the soak started them. After each kill it times the recovery (every replica answering 2xx,
+the next placement, the whole cluster healthy); at the end it reports lost jobs, double allocations, the audit
+and the history check, any 5xx but a 503 while Redis was down, and attempts a site accepted (seen on MQTT)
+that the broker then expired as never accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import random
 import signal
@@ -24,9 +33,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import aiomqtt
@@ -34,13 +44,13 @@ import orjson
 
 from adapters.fleet import sites_for_hub
 from broker.state.audit import audit
-from broker.state.connection import translated
+from broker.state.connection import StreamEntries, text, translated
 from broker.state.history import HistoryReport, check_history
 from broker.state.store import Store
 from common import topics
 from common.config import MqttTarget
 from common.errors import StoreUnavailable
-from suanwang.servers import MosquittoServer, RedisServer, free_port
+from suanwang.servers import MosquittoServer, RedisServer, ServerError, free_port
 
 HUBS = ("guizhou", "gansu", "ningxia")
 MODEL = "Ascend-910B"  # in the first three seeded sites of each of HUBS
@@ -192,10 +202,11 @@ class Servers:
     mqtt: MosquittoServer | None = None
 
     @classmethod
-    def start(cls, redis_url: str | None, mqtt_url: str | None) -> tuple[Servers, str, str]:
+    def start(cls, redis_url: str | None, mqtt_url: str | None, appendfsync: str = "everysec"
+              ) -> tuple[Servers, str, str]:  # fmt: skip
         own = cls()
         if not redis_url:
-            own.redis = RedisServer(appendonly=True)
+            own.redis = RedisServer(appendonly=True, appendfsync=appendfsync)
             own.redis.start()
             redis_url = own.redis.url
         if not mqtt_url:
@@ -230,6 +241,8 @@ class Client:
         self.retries: Counter[str] = Counter()  # by cause
         self.refused: dict[str, str] = {}  # key -> the 4xx answer (a bug in the test or the API)
         self.unanswered: list[str] = []
+        self.unavailable: list[tuple[float, str]] = []  # 503 answers (expected while Redis is down): time, body
+        self.server_errors: list[tuple[float, int, str]] = []  # any other 5xx: (wall time, status, body)
         self._turn = 0
 
     async def submit(self, session: aiohttp.ClientSession, key: str, body: dict[str, Any]) -> Ack | None:
@@ -239,20 +252,28 @@ class Client:
         while time.monotonic() < deadline:
             self._turn += 1
             url = self.urls[self._turn % len(self.urls)]
+            wait = pause
             try:
                 async with session.post(f"{url}/v1/jobs", data=payload, headers=headers) as response:
-                    answer = await response.read()
-                    if response.status in (200, 202):
-                        ack = Ack(orjson.loads(answer)["id"], response.status, time.time())
-                        self.acks[key] = ack
-                        return ack
-                    if response.status < 500:
-                        self.refused[key] = f"{response.status} {answer[:300]!r}"
-                        return None
-                    self.retries[f"http_{response.status}"] += 1
+                    status, answer = response.status, await response.read()
+                    retry_after = response.headers.get("Retry-After", "")
+                if status in (200, 202):
+                    ack = Ack(orjson.loads(answer)["id"], status, time.time())
+                    self.acks[key] = ack
+                    return ack
+                if status == 429:  # a rate or queue limit: a careful user waits as told, then tries again
+                    wait = min(float(retry_after), 5.0) if retry_after.isdigit() else 1.0
+                elif status < 500:
+                    self.refused[key] = f"{status} {answer[:300]!r}"
+                    return None
+                elif status == 503:
+                    self.unavailable.append((time.time(), answer[:300].decode(errors="replace")))
+                else:
+                    self.server_errors.append((time.time(), status, answer[:300].decode(errors="replace")))
+                self.retries[f"http_{status}"] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.retries[type(exc).__name__] += 1
-            await asyncio.sleep(pause)
+            await asyncio.sleep(wait)
             pause = min(pause * 2, 1.0)
         self.unanswered.append(key)
         return None
@@ -276,8 +297,9 @@ class Client:
 class Wire:
     """The sites' MQTT traffic as an operator sees it: events and reconcile messages, with arrival times."""
 
-    def __init__(self, mqtt_url: str) -> None:
+    def __init__(self, mqtt_url: str, assignments: bool = True) -> None:
         self.target = MqttTarget.from_url(mqtt_url)
+        self.assignments = assignments  # also listen to what sites are told (for reconcile messages)
         self.events: list[tuple[float, dict[str, Any]]] = []
         self.reconciles: list[tuple[float, str, list[dict[str, Any]]]] = []
         self.connected = asyncio.Event()
@@ -288,7 +310,8 @@ class Wire:
                 async with aiomqtt.Client(self.target.host, self.target.port,
                                           identifier=f"wire-{uuid.uuid4().hex[:6]}") as client:  # fmt: skip
                     await client.subscribe(f"{topics.ROOT}/sites/+/events", qos=1)
-                    await client.subscribe(f"{topics.ROOT}/sites/+/assignments", qos=1)
+                    if self.assignments:
+                        await client.subscribe(f"{topics.ROOT}/sites/+/assignments", qos=1)
                     self.connected.set()
                     async for message in client.messages:
                         body = orjson.loads(message.payload)  # type: ignore[arg-type]
@@ -408,6 +431,10 @@ async def examine(store: Store, jobs: list[str]) -> Findings:
 
 # ------------------------------------------------------------------------------------------ soak
 
+SERVER_FAULTS = ("redis_kill", "broker_kill", "mosquitto_kill")  # taken in turn by `fault_plan`
+GRACE_503_S = 1.0  # a 503 this long after every replica answered again still counts as the outage's
+EXPIRED = "did not accept the assignment in time"  # the reason the broker gives when an accept timeout passes
+
 
 @dataclass
 class SoakOptions:
@@ -418,9 +445,87 @@ class SoakOptions:
     brokers: int = 2
     sites_per_hub: int = 3
     churn_s: tuple[float, float] = (3.0, 6.0)  # pause between site kills
-    down_s: tuple[float, float] = (1.0, 3.0)  # how long a killed site process stays down
+    down_s: tuple[float, float] = (1.0, 3.0)  # how long a killed site or broker process stays down
     broker_kill: bool = True
+    # SIGKILLs of the soak's own redis-server (restarted on its port from its AOF, written with `appendfsync
+    # always`) and of its own Mosquitto (restarted on its port); None: once in a run shorter than two minutes,
+    # else twice. Servers given by URL are never killed.
+    redis_kills: int | None = None
+    mosquitto_kills: int | None = None
+    server_down_s: tuple[float, float] = (1.0, 3.0)  # how long a killed server stays down
+    recovery_timeout_s: float = 45.0
     seed: int = 7
+
+    def kills(self, redis_ours: bool, mosquitto_ours: bool) -> dict[str, int]:
+        """How many times each server or broker fault comes in this run."""
+        default = 1 if self.seconds < 120 else 2
+        redis = default if self.redis_kills is None else self.redis_kills
+        mosquitto = default if self.mosquitto_kills is None else self.mosquitto_kills
+        return {"redis_kill": redis if redis_ours else 0, "broker_kill": int(self.broker_kill),
+                "mosquitto_kill": mosquitto if mosquitto_ours else 0}  # fmt: skip
+
+
+def fault_plan(seconds: float, kills: Mapping[str, int], rng: random.Random) -> list[tuple[float, str]]:
+    """When each server or broker fault comes (seconds into the run), kinds taken in turn: the middle 80% of
+    the run is cut into one slot per fault, and each fault comes within a tenth of a slot of its slot's middle,
+    so faults are spread out and each has time to recover before the next."""
+    left = Counter({kind: kills.get(kind, 0) for kind in SERVER_FAULTS})
+    kinds: list[str] = []
+    while +left:
+        for kind in SERVER_FAULTS:
+            if left[kind] > 0:
+                kinds.append(kind)
+                left[kind] -= 1
+    slot = 0.8 * seconds / max(len(kinds), 1)
+    return [(0.1 * seconds + (i + 0.5 + rng.uniform(-0.1, 0.1)) * slot, kind) for i, kind in enumerate(kinds)]
+
+
+@dataclass
+class Outage:
+    """One SIGKILL of Redis, Mosquitto or a broker replica, and how long the system took to recover."""
+
+    fault: str
+    at_s: float  # into the run
+    killed: float  # wall time of the kill
+    target: str = ""
+    down_s: float = 0.0  # until it was started again
+    api_2xx_s: float | None = None  # from the kill until every replica answered 2xx
+    next_placement_s: float | None = None  # from the kill until the first allocation once it was back
+    healthy_s: float | None = None  # from the kill until every broker is healthy and every site online
+    error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"fault": self.fault, "target": self.target, "at_s": self.at_s, "down_s": self.down_s,
+                "api_2xx_s": self.api_2xx_s, "next_placement_s": self.next_placement_s,
+                "healthy_s": self.healthy_s, **({"error": self.error} if self.error else {})}  # fmt: skip
+
+
+@dataclass
+class FaultLog:
+    """Every fault injected, when, and what recovered how fast."""
+
+    started: float = field(default_factory=time.time)
+    counts: Counter[str] = field(default_factory=Counter)
+    recovery: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    outages: list[Outage] = field(default_factory=list)
+    timeline: list[tuple[float, str]] = field(default_factory=list)  # wall time, which fault
+    http_errors: list[str] = field(default_factory=list)  # 5xx other than 503, seen by the recovery probe
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def add(self, outage: Outage) -> None:
+        self.outages.append(outage)
+        self.counts[outage.fault] += 1
+        for what in ("api_2xx_s", "next_placement_s", "healthy_s"):
+            value = getattr(outage, what)
+            if value is not None:
+                self.recovery[f"{outage.fault}_to_{what}"].append(value)
+        if outage.fault == "broker_kill" and outage.healthy_s is not None:
+            self.recovery["broker_restart_to_healthy_s"].append(round(outage.healthy_s - outage.down_s, 3))
+
+    def before(self, wall: float) -> str | None:
+        """The last fault injected before `wall`, and how long before."""
+        earlier = [(at, what) for at, what in self.timeline if at <= wall]
+        return f"{earlier[-1][1]} {wall - earlier[-1][0]:.2f}s before" if earlier else None
 
 
 def _history_summary(report: HistoryReport | None) -> dict[str, Any] | None:
@@ -432,10 +537,14 @@ def _history_summary(report: HistoryReport | None) -> dict[str, Any] | None:
             "first_violations": [v.as_dict() for v in report.violations[:20]]}  # fmt: skip
 
 
-def _summary(values: list[float]) -> dict[str, float] | None:
+def _summary(values: list[float], digits: int = 2) -> dict[str, float] | None:
+    """Count, median and maximum (and the 99th percentile of 100 values or more)."""
     if not values:
         return None
-    return {"n": len(values), "p50": round(statistics.median(values), 2), "max": round(max(values), 2)}
+    out = {"n": len(values), "p50": round(statistics.median(values), digits)}
+    if len(values) >= 100:
+        out["p99"] = round(sorted(values)[int(len(values) * 0.99)], digits)
+    return out | {"max": round(max(values), digits)}
 
 
 async def _site_recovery(store: Store, held: list[tuple[str, int]], sites: set[str], timeout: float = 30.0
@@ -457,108 +566,323 @@ async def _site_recovery(store: Store, held: list[tuple[str, int]], sites: set[s
     return requeued, None
 
 
-async def _placement_resumed(store: Store, after_ms: int, timeout: float = 30.0) -> float | None:
-    """Seconds from `after_ms` until an allocation is logged after it."""
+async def _placement_resumed(store: Store, after_ms: int, since_ms: int, timeout: float = 30.0) -> float | None:
+    """Seconds from `since_ms` to the first allocation logged after `after_ms` (by the time Redis gave it)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         with contextlib.suppress(StoreUnavailable):
             async with translated():
-                entries = await store.redis.xrevrange(store.keys.events, count=200) or []
-            for _id, raw in entries:
-                fields = raw or {}
-                if fields.get(b"type") == b"allocated" and int(fields.get(b"ts", 0)) > after_ms:
-                    return round((time.time() * 1000 - after_ms) / 1000, 3)
+                entries = cast(StreamEntries, await store.redis.xrevrange(store.keys.events, count=500))
+            times = [int(raw.get(b"ts", 0)) for _id, raw in entries if raw.get(b"type") == b"allocated"]
+            later = [ts for ts in times if ts > after_ms]
+            if later:
+                return round((min(later) - since_ms) / 1000, 3)
         await asyncio.sleep(0.05)
     return None
 
 
-async def _churn(cluster: Cluster, store: Store, options: SoakOptions, rng: random.Random, until: float,
-                 faults: Counter[str], recovery: dict[str, list[float]]) -> None:  # fmt: skip
-    """Kill a random hub's site process every few seconds and start it again; kill one broker once."""
-    checks: list[asyncio.Task[None]] = []
-    broker_at = time.monotonic() + (until - time.monotonic()) * 0.4 if options.broker_kill else float("inf")
+async def _api_answers(urls: list[str], since: float, timeout: float, errors: list[str]) -> float | None:
+    """Seconds from `since` (wall time) until every replica has answered 2xx to a read of the jobs list;
+    a 5xx other than 503 on the way is a finding, kept in `errors`."""
+    waiting = set(urls)
+    headers = {"X-Suanwang-Tenant": TENANT}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while waiting and time.time() - since < timeout:
+            for url in sorted(waiting):
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(f"{url}/v1/jobs?limit=1", headers=headers) as response:
+                        body = await response.read()
+                    if 200 <= response.status < 300:
+                        waiting.discard(url)
+                    elif response.status >= 500 and response.status != 503:
+                        errors.append(f"GET {url}/v1/jobs {response.status} at {time.time() - since:.2f}s after "
+                                      f"the kill: {body[:200].decode(errors='replace')}")  # fmt: skip
+            if waiting:
+                await asyncio.sleep(0.05)
+    return None if waiting else round(time.time() - since, 3)
 
-    async def watch_sites(held: list[tuple[str, int]], sites: set[str]) -> None:
+
+async def _healthy(cluster: Cluster, since: float, timeout: float) -> float | None:
+    try:
+        await cluster.ready(timeout)
+    except TimeoutError:
+        return None
+    return round(time.time() - since, 3)
+
+
+async def _outage(fault: str, cluster: Cluster, servers: Servers, store: Store, options: SoakOptions,
+                  rng: random.Random, log: FaultLog) -> Outage:  # fmt: skip
+    """SIGKILL Redis, Mosquitto or one broker replica, start it again on its port a moment later (Redis
+    replays its AOF), and time the recovery: the API answering 2xx, the next placement, the cluster healthy."""
+    server = servers.redis if fault == "redis_kill" else servers.mqtt if fault == "mosquitto_kill" else None
+    broker = rng.choice(cluster.broker_names) if fault == "broker_kill" else ""
+    killed = time.time()
+    if server is not None:
+        server.kill()
+    else:
+        cluster.procs[broker].kill()
+    target = broker if server is None else f"{fault.removesuffix('_kill')} :{server.port}"
+    outage = Outage(fault, round(killed - log.started, 2), killed, target=target)
+    log.timeline.append((killed, f"{fault} {outage.target}"))
+    timeout = options.recovery_timeout_s
+    api = asyncio.create_task(_api_answers(cluster.urls, killed, timeout, log.http_errors))  # from the kill on
+    await asyncio.sleep(rng.uniform(*(options.down_s if broker else options.server_down_s)))
+    back = time.time()
+    outage.down_s = round(back - killed, 2)
+    try:
+        if server is not None:
+            await asyncio.to_thread(server.start, 30.0)  # waits for its port: off the event loop
+        else:
+            cluster.procs[broker].start()
+    except ServerError as exc:
+        outage.error = str(exc)
+        api.cancel()
+        return outage
+    # A surviving replica places work while a broker is down; nothing is placed while Redis or MQTT is.
+    after_ms = int((killed if broker else back) * 1000)
+    outage.api_2xx_s, outage.next_placement_s, outage.healthy_s = await asyncio.gather(
+        api, _placement_resumed(store, after_ms, int(killed * 1000), timeout), _healthy(cluster, killed, timeout)
+    )
+    return outage
+
+
+async def _site_kill(cluster: Cluster, store: Store, options: SoakOptions, rng: random.Random, log: FaultLog
+                     ) -> asyncio.Task[None] | None:  # fmt: skip
+    """Kill one hub's site process, start it again a moment later; returns the watch on its jobs' recovery."""
+    hub = rng.choice(cluster.hubs)
+    sites = set(cluster.sites(hub))
+    try:  # just before the kill: what it loses
+        jobs = [j for s in sites for j in await store.jobs_at(s)]
+        held = [(j, int(a or 0)) for j, (a,) in zip(jobs, await store.get_jobs(jobs, "attempt"), strict=True)]
+    except StoreUnavailable:
+        held = []
+    log.timeline.append((cluster.procs[f"sim-{hub}"].kill(), f"site_process_kill sim-{hub}"))
+    log.counts["site_process_kill"] += 1
+    log.counts["jobs_held_by_killed_sites"] += len(held)
+    await asyncio.sleep(rng.uniform(*options.down_s))
+    cluster.procs[f"sim-{hub}"].start()
+    if not held:
+        return None
+
+    async def watch() -> None:
         requeued, replaced = await _site_recovery(store, held, sites)
         if requeued is not None:
-            recovery["site_kill_to_requeued_s"].append(requeued)
+            log.recovery["site_kill_to_requeued_s"].append(requeued)
         if replaced is not None:
-            recovery["site_kill_to_replaced_s"].append(replaced)
+            log.recovery["site_kill_to_replaced_s"].append(replaced)
 
-    async def watch_broker(killed_ms: int) -> None:
-        resumed = await _placement_resumed(store, killed_ms)
-        if resumed is not None:
-            recovery["broker_kill_to_next_placement_s"].append(resumed)
+    return asyncio.create_task(watch())
 
-    async def watch_restart(started: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await cluster.ready(timeout=30)
-            recovery["broker_restart_to_healthy_s"].append(round(time.monotonic() - started, 3))
 
+async def _faults(cluster: Cluster, servers: Servers, store: Store, options: SoakOptions, rng: random.Random,
+                  until: float, log: FaultLog) -> None:  # fmt: skip
+    """Kill a random hub's site process every few seconds and start it again; kill Redis, Mosquitto and one
+    broker at the moments `fault_plan` gives, pausing the site kills until the system has recovered."""
+    kills = options.kills(servers.redis is not None, servers.mqtt is not None)
+    start = time.monotonic()
+    plan = [(start + at, kind) for at, kind in fault_plan(options.seconds, kills, rng)]
+    checks: list[asyncio.Task[None]] = []
     while time.monotonic() < until:
-        await asyncio.sleep(rng.uniform(*options.churn_s))
+        next_site = time.monotonic() + rng.uniform(*options.churn_s)
+        if plan and plan[0][0] <= next_site:
+            at, fault = plan.pop(0)
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            log.add(await _outage(fault, cluster, servers, store, options, rng, log))
+            continue
+        await asyncio.sleep(max(0.0, next_site - time.monotonic()))
         if time.monotonic() >= until:
             break
-        if time.monotonic() >= broker_at:
-            broker_at = float("inf")
-            name = rng.choice(cluster.broker_names)
-            killed = cluster.procs[name].kill()
-            faults["broker_kill"] += 1
-            checks.append(asyncio.create_task(watch_broker(int(killed * 1000))))
-            await asyncio.sleep(rng.uniform(*options.down_s))
-            cluster.procs[name].start()
-            checks.append(asyncio.create_task(watch_restart(time.monotonic())))
-            continue
-        hub = rng.choice(cluster.hubs)
-        sites = set(cluster.sites(hub))
-        jobs = [j for s in sites for j in await store.jobs_at(s)]  # just before the kill: what it loses
-        held = [(j, int(a or 0)) for j, (a,) in zip(jobs, await store.get_jobs(jobs, "attempt"), strict=True)]
-        cluster.procs[f"sim-{hub}"].kill()
-        faults["site_process_kill"] += 1
-        faults["jobs_held_by_killed_sites"] += len(held)
-        if held:
-            checks.append(asyncio.create_task(watch_sites(held, sites)))
-        await asyncio.sleep(rng.uniform(*options.down_s))
-        cluster.procs[f"sim-{hub}"].start()
+        check = await _site_kill(cluster, store, options, rng, log)
+        if check is not None:
+            checks.append(check)
+    for _at, fault in plan:
+        log.skipped[fault] = "the run ended before its moment came"
     await asyncio.gather(*checks)
 
 
+Stream = list[tuple[str, dict[str, str]]]  # the event log: (entry id, fields), oldest first
+
+
+async def read_stream(store: Store) -> Stream:
+    """The whole event stream, a page at a time."""
+    out: Stream = []
+    after = "-"
+    while True:
+        async with translated():
+            entries = cast(StreamEntries, await store.redis.xrange(store.keys.events, after, "+", count=5000))
+        out += [(text(event_id), {text(k): text(v) for k, v in raw.items()}) for event_id, raw in entries]
+        if len(entries) < 5000:
+            return out
+        after = "(" + text(entries[-1][0])
+
+
+def _ms(event_id: str) -> float:
+    return int(event_id.split("-")[0]) / 1000
+
+
+@dataclass
+class Accepts:
+    """The sites' `accepted` events as an extra MQTT subscriber saw them, against what the log made of them."""
+
+    lags: list[float]  # seconds from the wire to the log, for every accept the log applied
+    expired: list[dict[str, Any]]  # accepted on the wire before the broker expired them as not accepted
+    during_recovery: int  # of those, while the system recovered from a Redis, Mosquitto or broker kill
+
+
+def accepts(stream: Stream, wire: Wire, log: FaultLog) -> Accepts:
+    """Compare each accept the sites sent with the log: when it was applied, or whether the attempt was
+    expired as never accepted although the accept was already on its way."""
+    seen: dict[tuple[str, int], float] = {}
+    for at, body in wire.events:
+        if body.get("event") == "accepted":
+            seen.setdefault((str(body.get("job")), int(body.get("attempt") or 0)), at)
+    windows = [(o.killed, o.killed + (o.healthy_s if o.healthy_s is not None else math.inf)) for o in log.outages]
+    lags, expired, during = [], [], 0
+    for event_id, fields in stream:
+        key = (fields.get("job", ""), int(fields.get("attempt") or 0))
+        sent, at = seen.get(key), _ms(event_id)
+        if sent is None:
+            continue
+        if fields.get("type") == "accepted":
+            lags.append(at - sent)
+        elif fields.get("type") in ("requeued", "failed") and EXPIRED in fields.get("reason", "") and sent < at:
+            if any(a <= at and sent <= b for a, b in windows):
+                during += 1
+            else:
+                expired.append({"job": key[0], "attempt": key[1], "site": fields.get("site", ""),
+                                "accepted_on_wire_s": round(sent - log.started, 2),
+                                "expired_s": round(at - log.started, 2)})  # fmt: skip
+    return Accepts(lags, expired, during)
+
+
+def _repeats(wire: Wire) -> int:
+    """Site events the wire saw more than once (the same job, attempt, kind and site time)."""
+    seen = Counter((e.get("job"), e.get("attempt"), e.get("event"), e.get("ts")) for _, e in wire.events)
+    return sum(n - 1 for n in seen.values())
+
+
+async def _evidence(store: Store, stream: Stream, found: Findings, client: Client, log: FaultLog,
+                    accepted: Accepts, limit: int = 5) -> dict[str, Any]:  # fmt: skip
+    """For a few jobs of each kind of problem: the job's events from the stream and the fault before it."""
+    acks = client.jobs
+    gave_up = [job for job, reason in await _failed_jobs(store, list(acks)) if reason.startswith(RETRY_LIMIT)]
+    groups = {"lost": found.lost[:limit], "unfinished": list(found.unfinished)[:limit], "gave_up": gave_up[:limit],
+              "history": [v["job"] for v in found.history_violations][:limit],
+              "accepted_but_expired": list(dict.fromkeys(e["job"] for e in accepted.expired))[:limit]}  # fmt: skip
+    wanted = {job for jobs in groups.values() for job in jobs}
+    shown = ("type", "attempt", "site", "reason")
+    events: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for event_id, fields in stream:
+        if fields.get("job") in wanted:
+            events[fields["job"]].append({"id": event_id, **{k: v for k, v in fields.items() if k in shown and v}})
+    out: dict[str, Any] = {}
+    for group, jobs in groups.items():
+        for job in jobs:
+            # the fault before the first sign of trouble (a requeue or failure), else before the job's first event
+            trouble = [e["id"] for e in events.get(job, []) if e.get("type") in ("requeued", "failed")]
+            first = next(iter(trouble or [e["id"] for e in events.get(job, [])]), "")
+            at = _ms(first) if first else acks[job].at if job in acks else None
+            out.setdefault(group, []).append({
+                "job": job, "acknowledged": acks[job].status if job in acks else None,
+                "fault_before": log.before(at) if at is not None else None, "events": events.get(job, []),
+            })  # fmt: skip
+    return out
+
+
+async def _failed_jobs(store: Store, jobs: list[str]) -> list[tuple[str, str]]:
+    rows = await store.get_jobs(jobs, "state", "reason")
+    return [(job, reason or "") for job, (state, reason) in zip(jobs, rows, strict=True) if state == "failed"]
+
+
+def unexpected_503(client: Client, log: FaultLog) -> list[tuple[float, str]]:
+    """503 answers to submissions outside every Redis outage (from its kill until every replica answered 2xx
+    again, and a moment more)."""
+    windows = [(o.killed, o.killed + (o.api_2xx_s if o.api_2xx_s is not None else math.inf) + GRACE_503_S)
+               for o in log.outages if o.fault == "redis_kill"]  # fmt: skip
+    return [(at, body) for at, body in client.unavailable if not any(a <= at <= b for a, b in windows)]
+
+
+async def _appendfsync(store: Store) -> str | None:
+    try:
+        async with translated():
+            return str((await store.redis.config_get("appendfsync"))["appendfsync"])
+    except (StoreUnavailable, KeyError):  # CONFIG may be renamed or refused on a managed Redis
+        return None
+
+
 async def run_soak(options: SoakOptions) -> dict[str, Any]:
-    """Sustained submissions with site churn for `options.seconds`, then settle and report."""
-    servers, redis_url, mqtt_url = Servers.start(options.redis_url, options.mqtt_url)
+    """Sustained submissions with site churn and kills of Redis, Mosquitto and a broker for `options.seconds`,
+    then settle and report."""
+    servers, redis_url, mqtt_url = Servers.start(options.redis_url, options.mqtt_url, appendfsync="always")
     workdir = Path(tempfile.mkdtemp(prefix="suanwang-soak-"))
     cluster = Cluster(redis_url, mqtt_url, workdir, brokers=options.brokers, sites_per_hub=options.sites_per_hub)
     store = Store.from_url(redis_url, cluster.namespace)
     rng = random.Random(options.seed)
-    faults: Counter[str] = Counter()
-    recovery: dict[str, list[float]] = defaultdict(list)  # seconds, by what recovered after which fault
+    log = FaultLog()
+    if servers.redis is None:
+        log.skipped["redis_kill"] = "Redis was given by URL: the soak kills only a redis-server it started"
+    if servers.mqtt is None:
+        log.skipped["mosquitto_kill"] = "MQTT was given by URL: the soak kills only a Mosquitto it started"
+    wire = Wire(mqtt_url, assignments=False)  # what the sites said, to tell a slow site from a slow broker
+    listening = asyncio.create_task(wire.run())
     try:
         await cluster.start()
+        appendfsync = await _appendfsync(store)
         client = Client(cluster.urls)
         bodies = [job_body(rng) for _ in range(int(options.seconds * options.rate))]
         until = time.monotonic() + options.seconds
+        log.started = time.time()
         await asyncio.gather(client.load(bodies, options.rate),
-                             _churn(cluster, store, options, rng, until, faults, recovery))  # fmt: skip
+                             _faults(cluster, servers, store, options, rng, until, log))  # fmt: skip
+        for server in (servers.redis, servers.mqtt):
+            if server is not None:
+                await asyncio.to_thread(server.start, 30.0)  # anything still down comes back before settling
         for proc in cluster.procs.values():
-            proc.start()  # anything still down comes back before the system settles
+            proc.start()
         jobs = list(client.jobs)
         settle_s = await settle(store, jobs, timeout=90.0)
         found = await examine(store, jobs)
+        stream = await read_stream(store)
+        accepted = accepts(stream, wire, log)
+        evidence = await _evidence(store, stream, found, client, log, accepted)
     finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
         await store.close()
         cluster.close()
         servers.cleanup()
+    odd = [f"{at - log.started:.2f}s: {body}" for at, body in unexpected_503(client, log)]
+    other = [f"{at - log.started:.2f}s: {status} {body}" for at, status, body in client.server_errors]
+    other += log.http_errors
+    http = {"503_while_redis_down": len(client.unavailable) - len(odd), "503_with_redis_up": odd[:10],
+            "other_5xx": other[:10]}  # fmt: skip
+    problems = found.problems() + [f"503 with Redis up at {s}" for s in odd] + [f"5xx at {s}" for s in other]
+    problems += [f"{o.fault}: {o.error}" for o in log.outages if o.error]
+    problems += [f"{len(client.unanswered)} submissions never acknowledged"] if client.unanswered else []
+    problems += [f"refused {key}: {why}" for key, why in list(client.refused.items())[:10]]
+    if accepted.expired:
+        first = accepted.expired[0]
+        problems.append(f"{len(accepted.expired)} attempts accepted by their site (seen on MQTT) and then expired by "
+                        f"the broker as not accepted, with no server or broker kill under way; the first: "
+                        f"{first['job']} attempt {first['attempt']} at {first['site']}, accepted at "
+                        f"{first['accepted_on_wire_s']}s, expired at {first['expired_s']}s")  # fmt: skip
     return {
         "seconds": options.seconds, "rate_per_s": options.rate, "brokers": options.brokers,
-        "sites": len(cluster.sites()), "jobs_submitted": len(client.acks),
+        "sites": len(cluster.sites()), "redis_appendfsync": appendfsync, "jobs_submitted": len(client.acks),
         "jobs_not_acknowledged": len(client.unanswered) + len(client.refused),
-        "submit_retries": dict(client.retries),
+        "submit_retries": dict(client.retries), "http_5xx": http,
         "jobs": {s: found.states.get(s, 0) for s in ("completed", "failed", "queued", "assigned", "running")},
         "jobs_placed_more_than_once": found.retried, "failed_reasons": dict(found.failed_reasons),
-        "lost_jobs": len(found.lost), "double_allocations": found.double_allocations,
-        "audit_violations": found.violations[:20], "unfinished": dict(list(found.unfinished.items())[:20]),
-        "history": _history_summary(found.history),
-        "faults": dict(faults),
-        "recovery": {name: _summary(values) for name, values in recovery.items()},
-        "settle_s": round(settle_s, 2),
+        "lost_jobs": len(found.lost), "lost_job_ids": found.lost[:20], "double_allocations": found.double_allocations,
+        "audit_violations": found.violations[:20], "history_violations": len(found.history_violations),
+        "unfinished": dict(list(found.unfinished.items())[:20]), "history": _history_summary(found.history),
+        "site_accepts": {"events_on_wire": len(wire.events), "repeats_on_wire": _repeats(wire),
+                         "accept_to_applied_s": _summary(accepted.lags, 3),
+                         "accepted_then_expired": len(accepted.expired),
+                         "accepted_then_expired_during_recovery": accepted.during_recovery},
+        "faults": dict(log.counts), "faults_skipped": log.skipped, "fault_log": [o.as_dict() for o in log.outages],
+        "recovery": {name: _summary(values) for name, values in log.recovery.items()},
+        "settle_s": round(settle_s, 2), "problems": problems[:40], "clean": not problems,
+        "evidence": evidence, "logs": str(workdir),
     }  # fmt: skip
