@@ -3,6 +3,10 @@
 A snapshot of N synthetic sites (the demo fleet's sites cloned with jittered sizes and prices, about
 a quarter of their capacity already taken) is matched against the same set of sample jobs at every
 size, so the figures compare like with like.
+
+Per size: one decision at a time (`match`, nothing taken), then a pass's batch as the scheduler plans
+it: the loop (`match`, take the devices, next job) and `match_batch` on batches of 64 and 512 jobs,
+in microseconds per job; every batch starts from the same snapshot (its takes are put back after).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import time
 from typing import Any, cast
 
 from adapters.fleet import all_sites
-from broker.matching import Decision, Request, match
+from broker.matching import Decision, Request, match, match_batch
 from broker.matching.snapshot import Snapshot
 from broker.model.job import JobSpec
 from broker.model.records import PoolCounts, SiteRecord, counter_fields
@@ -60,9 +64,45 @@ def _requests(n_jobs: int, seed: int) -> list[Request]:
     return [Request.of(f"bench-{i}", JobSpec.model_validate(body)) for i, body in enumerate(bodies)]
 
 
+BATCHES = (64, 512)
+BATCH_JOBS = 1024  # jobs matched per batch size: 16 batches of 64, 2 of 512
+
+
+def _loop(batch: list[Request], snap: Snapshot) -> list[Decision | Any]:
+    """The scheduler's loop before batching: match, take the devices, the next job."""
+    out = []
+    for req in batch:
+        result = match(req, snap)
+        if isinstance(result, Decision):
+            snap.tables[result.chosen.model].allocated[result.chosen.row] += result.chosen.devices
+        out.append(result)
+    return out
+
+
+def _per_job_us(snap: Snapshot, requests: list[Request], size: int, batched: bool, rounds: int = 3) -> float:
+    """Microseconds per job matching `requests` in batches of `size` (the median of `rounds` passes)."""
+    before = {model: table.allocated.copy() for model, table in snap.tables.items()}
+    passes = []
+    for _ in range(rounds):
+        spent = 0.0
+        for start in range(0, len(requests), size):
+            batch = requests[start : start + size]
+            t0 = time.perf_counter()
+            match_batch(batch, snap) if batched else _loop(batch, snap)
+            spent += time.perf_counter() - t0
+            for model, table in snap.tables.items():
+                table.allocated[:] = before[model]
+        passes.append(spent * 1e6 / len(requests))
+    return round(statistics.median(passes), 1)
+
+
 def measure(sizes: list[int], n_jobs: int = 400, seed: int = 5) -> dict[str, Any]:
-    """Per size: mean and p50/p99 microseconds per decision, and how many of the jobs were placed."""
+    """Per size: mean and p50/p99 microseconds per decision, how many of the jobs were placed, and the
+    cost per job of a batch: the loop and `match_batch`, at each batch size."""
     requests = _requests(n_jobs, seed)
+    batch_requests = _requests(BATCH_JOBS, seed + 1)
+    random.Random(seed).shuffle(batch_requests)  # the compute-equivalent jobs mixed in, not all at the end
+    batch_requests = batch_requests[:BATCH_JOBS]
     rows = []
     for size in sizes:
         started = time.perf_counter()
@@ -78,11 +118,15 @@ def measure(sizes: list[int], n_jobs: int = 400, seed: int = 5) -> dict[str, Any
             placed += isinstance(result, Decision)
         pools = sum(t.size for t in snap.tables.values())
         timings.sort()
-        rows.append({
+        row: dict[str, Any] = {
             "sites": size, "pools": pools, "decisions": len(requests), "placed": placed,
             "mean_us": round(statistics.fmean(timings), 1), "p50_us": round(timings[len(timings) // 2], 1),
             "p99_us": round(timings[int(len(timings) * 0.99) - 1], 1), "snapshot_build_s": round(build_s, 2),
-        })  # fmt: skip
+        }  # fmt: skip
+        for batch in BATCHES:
+            row[f"loop{batch}_us"] = _per_job_us(snap, batch_requests, batch, batched=False, rounds=1)
+            row[f"batch{batch}_us"] = _per_job_us(snap, batch_requests, batch, batched=True)
+        rows.append(row)
     base = rows[0]["mean_us"]
     for row in rows:
         row["vs_smallest"] = round(row["mean_us"] / base, 2)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from broker.matching import Decision, NoFit, Request, match
+from broker.matching import Decision, NoFit, Request, match_in_turn
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.model.records import Commit, Placement, Refusal
@@ -146,13 +146,15 @@ class Scheduler:
             self.snapshot.apply(record)
 
     async def _plan(self, batch: Batch) -> Plan:
-        """Match each job in turn; a placement takes its devices in the snapshot at once (the commit decides),
-        so later jobs of the batch see them gone."""
+        """Match the batch's jobs in turn (jobs asking the same thing share their filtering, `match_in_turn`);
+        a placement takes its devices in the snapshot at once (the commit decides), so later jobs of the
+        batch see them gone."""
         plan = Plan()
         now = time.time() * 1000
         version = self.snapshot.version
-        for req in batch.requests:
-            result = match(req, self.snapshot, exclude=self.backfill.exclude_for(req, now))
+        results = match_in_turn(batch.requests, self.snapshot,
+                                exclude_for=lambda req: self.backfill.exclude_for(req, now))  # fmt: skip
+        for req, result in zip(batch.requests, results, strict=True):
             if isinstance(result, NoFit):
                 message = result.message
                 if self.backfill.may_reserve(req, self.intake.created.get(req.job_id), now):
@@ -162,7 +164,6 @@ class Scheduler:
                 if not self.backfill.holds(req.job_id):  # the job a pool is held for stays in view
                     plan.parked.add(req.job_id)
                 continue
-            self._take(result, +1)
             plan.placements.append((placement_of(req.job_id, result), req, result))
         return plan
 
