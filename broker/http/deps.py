@@ -36,8 +36,9 @@ class StateStore(Protocol):
                      ) -> tuple[dict[str, str], bool]:  # fmt: skip
         """Store and queue a job; (the job, True), or (the job an idempotency key made before, False)."""
 
-    async def submit_many(self, items: Sequence[Submission], *, rate_limit: SubmitRate | None = None,
-                          max_queued: int | None = None) -> list[tuple[dict[str, str], bool] | SuanwangError]:
+    async def submit_many(
+        self, items: Sequence[Submission], *, rate_limit: SubmitRate | None = None, max_queued: int | None = None
+    ) -> list[tuple[dict[str, str], bool] | SuanwangError]:
         """Store and queue each job on its own, in one round trip; per job its outcome or its error."""
 
     async def get_job(self, job_id: str) -> dict[str, str] | None: ...

@@ -123,6 +123,9 @@ async def submit_batch(request: web.Request) -> web.Response:
         raise InvalidInput('send {"jobs": [job, ...]}', "jobs")
     if not 1 <= len(items) <= MAX_BATCH:
         raise InvalidInput(f"a batch holds 1 to {MAX_BATCH} jobs, not {len(items)}", "jobs")
+    not_object = next((i for i, item in enumerate(items) if not isinstance(item, dict)), None)
+    if not_object is not None:  # the batch's own shape: each job a JSON object (its content is checked per job)
+        raise InvalidInput("each job of a batch must be a JSON object", f"jobs[{not_object}]")
     key = _idempotency_key(request)
     results: list[dict[str, Any] | None] = [None] * len(items)
     submissions: list[tuple[int, Submission]] = []

@@ -24,8 +24,15 @@ from broker.state.keys import Keys
 from broker.state.sites import SiteState
 from common.errors import StoreUnavailable
 
-__all__ = ["IDEMPOTENCY_TTL_S", "PRIORITY_HANDICAP_MS", "PRIORITY_RANK", "Store", "Submission", "SubmitRate",
-           "queue_score"]
+__all__ = [
+    "IDEMPOTENCY_TTL_S",
+    "PRIORITY_HANDICAP_MS",
+    "PRIORITY_RANK",
+    "Store",
+    "Submission",
+    "SubmitRate",
+    "queue_score",
+]
 
 
 class Store(SiteState, JobQueue, JobArchive):

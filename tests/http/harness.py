@@ -50,7 +50,6 @@ class Api:
             return Reply(response.status, decoded, response.headers)
 
 
-
 Start = Callable[..., Awaitable[Api]]  # the `start` fixture: serve an app with some Deps replaced
 
 

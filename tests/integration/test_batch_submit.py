@@ -78,6 +78,8 @@ async def test_a_bad_batch_is_a_400_naming_the_field(
         for body in ({"jobs": []}, {"jobs": "x"}, {"job": [job(0)]}, {"jobs": [job(i) for i in range(1001)]}):
             status, answer = await post(http, body)
             assert status == 400 and answer["error"]["field"] == "jobs", (body.keys(), answer)
+        status, answer = await post(http, {"jobs": [job(0), "a job", 3]})
+        assert status == 400 and answer["error"]["field"] == "jobs[1]"
         async with http.post("/v1/jobs:batch", data=b"{not json", headers=JSON) as response:
             assert response.status == 400
         async with http.post("/v1/jobs:batch", data=b"x" * (5 * 1024 * 1024), headers=JSON) as response:

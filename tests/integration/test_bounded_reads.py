@@ -249,7 +249,9 @@ async def test_listing_by_state_reads_only_the_matching_jobs(store):
     assert [j["id"] for j in listed] == list(reversed(queued))
     assert await calls(store.redis, "hgetall") == 2
     newest = await store.list_jobs("acme", 5, "completed")
-    assert [j["id"] for j in newest] == list(reversed(done))[:5]
+    created = {job: int(c or 0) for job, (c,) in zip(done, await store.get_jobs(done, "created"), strict=True)}
+    # newest first by submission time (Redis's, in ms; jobs of one millisecond by id, as the index orders them)
+    assert [j["id"] for j in newest] == sorted(done, key=lambda job: (created[job], job), reverse=True)[:5]
 
 
 # --------------------------------------------------------------------------- retention and the archive
