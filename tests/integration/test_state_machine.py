@@ -1,0 +1,933 @@
+"""Two broker replicas and four sites, driven step by step by hypothesis against a real Redis.
+
+Each replica has its own store, snapshot, scheduler and ingest over one key namespace. The sites are
+plain models of an adapter's ledger (adapters/ledger.py): what (job, attempt) each holds, what it has
+finished, and the events it has yet to send. Every assignments message a replica publishes is queued
+per (site, replica), as MQTT keeps the order of one connection only, and a step delivers the next one of
+a channel, so delivery is delayed and interleaved. Other steps submit, schedule, report site events,
+cancel, take a site away and bring it back, send capacity (fresh, replayed, after a restart with a new
+boot id) and sweep.
+
+After every step the state in Redis is checked against itself (pools, queue, site job sets, tenant
+usage), against the capacity the sites reported, and against the sites: once every message on its way
+is delivered, a connected site holds exactly what the broker counts there, and no job is live at two
+sites. At the end every site comes back, everything is delivered and the same holds without simulation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import copy
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from broker.http.jobs import CANCEL_TRIES
+from broker.matching.snapshot import Snapshot
+from broker.metrics import Metrics
+from broker.model.job import JobSpec, JobState
+from broker.scheduling.scheduler import Scheduler
+from broker.sites.assignments import tell_site_to_cancel
+from broker.sites.ingest import Ingest
+from broker.sites.lifecycle import reconcile_site, sweep
+from broker.state.keys import Keys
+from broker.state.store import Store
+from common import topics
+from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignments
+from common.validation import parse
+from regions import load_geography
+from suanwang.servers import RedisServer
+
+T = TypeVar("T")
+Key = tuple[str, int]  # (job, attempt)
+
+GEO = load_geography()
+REPLICAS = ("a", "b")
+# a's assignments expire at the first sweep unless accepted; b's never do within a run
+ACCEPT_TIMEOUT_S = {"a": 0.001, "b": 3600.0}
+HOLDING = ("assigned", "running")
+ENDED_BY_SITE = ("completed", "failed", "rejected", "lost")
+TENANTS = ("t1", "t2", "t3")
+MODEL_CHOICES = (("A100-80G",), ("H800",), ("A100-80G", "H800"))
+RESIDENCIES = ((), ("guizhou",), ("neimenggu", "yangtze"))
+JOBS = st.tuples(st.sampled_from(TENANTS), st.sampled_from(MODEL_CHOICES), st.sampled_from([2, 4, 8, 16]),
+                 st.sampled_from(RESIDENCIES), st.sampled_from(["high", "normal", "low"]))  # fmt: skip
+# Heartbeats this far apart by Redis's clock (no two in one millisecond), so that a sweep finds silent
+# exactly the sites heard from last at or before a given one, whatever the timing of the run.
+HEARTBEAT_GAP_MS = 1
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    id: str
+    hub: str
+    cluster: str
+    price: float
+    pools: dict[str, int]  # model -> total devices
+
+
+PLANS = (
+    SitePlan("guian-1", "guizhou", "guian", 10.0, {"A100-80G": 16, "H800": 8}),
+    SitePlan("guian-2", "guizhou", "guian", 9.0, {"A100-80G": 8}),
+    SitePlan("horinger-1", "neimenggu", "horinger", 8.0, {"A100-80G": 8, "H800": 16}),
+    SitePlan("wuhu-1", "yangtze", "wuhu", 12.0, {"H800": 8}),
+)
+SITE_IDS = tuple(p.id for p in PLANS)
+
+
+# --------------------------------------------------------------------------- the sites
+
+
+@dataclass
+class Held:
+    model: str
+    count: int
+    seq: int | None  # the run's place in the site's assignment sequence, when the broker sent one
+    said: set[str] = field(default_factory=set)  # what the site has reported of it
+
+
+def newer(held: Held, upto: int | None) -> bool:
+    """As the ledger: a run assigned after a reconcile list stamped `upto` was read is kept."""
+    return upto is not None and held.seq is not None and held.seq > upto
+
+
+@dataclass
+class SiteModel:
+    """One adapter as its ledger behaves: holds runs that fit, ignores what it has handled, stops what it is
+    told to. Local decisions (a rejection, a job it does not hold) wait in `outbox` until a step sends them."""
+
+    plan: SitePlan
+    external: dict[str, int]
+    boot: str = "boot-1"
+    boots: int = 1
+    seq: int = 0
+    connected: bool = True
+    held: dict[Key, Held] = field(default_factory=dict)
+    finished: set[Key] = field(default_factory=set)
+    outbox: deque[tuple[Key, str, str]] = field(default_factory=deque)
+    capacity_sent: list[tuple[str, int, dict[str, int], bytes]] = field(default_factory=list)  # boot, seq, x
+    delivered: list[Assignments] = field(default_factory=list)  # on this connection: QoS 1 may repeat them
+    events_sent: list[tuple[Key, str, str]] = field(default_factory=list)  # by this boot: it repeats outcomes
+
+    def free(self, model: str) -> int | None:
+        total = self.plan.pools.get(model)
+        if total is None:
+            return None
+        return total - self.external[model] - sum(h.count for h in self.held.values() if h.model == model)
+
+    def on_assignments(self, batch: Assignments) -> None:
+        """adapters/ledger.py `Ledger.on_assignments`, step for step."""
+        if batch.reconcile:
+            upto = getattr(batch, "upto", None)
+            listed = {(a.job, a.attempt) for a in batch.assignments}
+            for key in [k for k, h in self.held.items() if k not in listed and not newer(h, upto)]:
+                self._cancel(key)
+            for key in sorted(listed):
+                if key not in self.held and key not in self.finished:
+                    self.finished.add(key)
+                    self.outbox.append((key, "lost", "not held here"))
+            return
+        for item in batch.assignments:
+            key = (item.job, item.attempt)
+            if item.action == "cancel":
+                self._cancel(key)
+                continue
+            if key in self.held or key in self.finished:
+                continue  # a redelivery, or a run for work already stopped
+            free = self.free(item.model or "")
+            if free is None or item.count < 1 or item.count > free:
+                self.finished.add(key)
+                self.outbox.append((key, "rejected", f"{free} free"))
+                continue
+            self.held[key] = Held(item.model or "", item.count, getattr(item, "seq", None))
+
+    def _cancel(self, key: Key) -> None:
+        """A cancel for attempt N also ends the job's older attempts; the attempt is remembered as handled."""
+        for k in [k for k in self.held if k[0] == key[0] and k[1] <= key[1]]:
+            del self.held[k]
+            self.finished.add(k)
+        self.finished.add(key)
+
+    def restart(self) -> None:
+        """The adapter process starts again: it holds nothing, remembers nothing, counts seq from a new boot."""
+        self.held.clear()
+        self.finished.clear()
+        self.outbox.clear()
+        self.events_sent.clear()
+        self.boots += 1
+        self.boot = f"boot-{self.boots}"
+        self.seq = 0
+
+    def capacity(self) -> bytes:
+        """The next capacity message (seq + 1 within this boot), remembered for later replays."""
+        self.seq += 1
+        message = {
+            "schema": CAPACITY_SCHEMA, "site": self.plan.id, "hub": self.plan.hub, "cluster": self.plan.cluster,
+            "seq": self.seq, "boot": self.boot,
+            "pools": [{"arch": "GPU", "model": model, "memory_gb": 80, "total": total,
+                       "in_use_external": self.external[model], "per_node": 8,
+                       "price_cny_per_hour": self.plan.price} for model, total in self.plan.pools.items()],
+        }  # fmt: skip
+        payload = orjson.dumps(message)
+        self.capacity_sent.append((self.boot, self.seq, dict(self.external), payload))
+        return payload
+
+
+# --------------------------------------------------------------------------- the broker side
+
+
+@dataclass(frozen=True)
+class Sent:
+    # (step, site, replica, content): the messages of a channel in the order of the steps that sent them.
+    # Within a step, by site, replica and content: the order of what one step sends (a cancel per expired
+    # assignment, in deadline order) can hang on the clock's millisecond ticks, and must not steer the run.
+    index: tuple[int, str, str, str]
+    replica: str
+    batch: Assignments
+
+
+class Recorder:
+    """A replica's PublishAssignments: the message is decoded as a site decodes it and handed to the network."""
+
+    def __init__(self, network: BrokerNetwork, replica: str) -> None:
+        self.network = network
+        self.replica = replica
+
+    async def __call__(self, site: str, payload: bytes, /) -> None:
+        self.network.published(self.replica, site, parse(Assignments, payload))
+
+
+class ClockAt(Store):
+    """A replica's store whose clock reads one moment of Redis's: a sweep through it finds due and silent
+    exactly what was so at that moment, however long the sweep's own round trips take."""
+
+    def __init__(self, store: Store, now_ms: int) -> None:
+        super().__init__(store.redis, store.keys)
+        self.now_ms = now_ms
+
+    async def clock_ms(self) -> int:
+        return self.now_ms
+
+
+@dataclass
+class Replica:
+    store: Store
+    scheduler: Scheduler
+    ingest: Ingest
+    publish: Recorder
+
+
+@dataclass
+class World:
+    """One consistent read of everything the checks look at."""
+
+    jobs: dict[str, dict[str, str | None]]
+    history: dict[str, list[dict[str, Any]]]
+    capacity: dict[str, dict[str, int]]
+    site_jobs: dict[str, set[str]]
+    status: dict[str, str]
+    queue: set[str]
+    tenant_queues: dict[str, set[str]]  # what a pass may look at
+    tenant_parked: dict[str, set[str]]  # queued jobs set aside as unplaceable until capacity may have grown
+    assigned: set[str]
+    usage: dict[str, int]
+
+    def holdings(self, site: str) -> set[Key]:
+        """(job, attempt) the broker counts at `site`."""
+        return {(job, int(self.jobs[job]["attempt"] or 0)) for job in self.site_jobs[site]
+                if job in self.jobs and self.jobs[job]["state"] in HOLDING}  # fmt: skip
+
+
+JOB_FIELDS = ("state", "site", "attempt", "model", "count", "tenant", "accepted_at")
+
+
+async def clock_reaches(store: Store, at_ms: int) -> int:
+    """Wait until Redis's clock reads `at_ms` or later; returns what it reads then."""
+    now = await store.clock_ms()
+    while now < at_ms:
+        await asyncio.sleep((at_ms - now) / 1000)
+        now = await store.clock_ms()
+    return now
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class BrokerNetwork(RuleBasedStateMachine):
+    redis_url: ClassVar[str] = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+        self.runner = asyncio.Runner()
+        self.keys = Keys(f"sm{uuid.uuid4().hex[:10]}")
+        self.sites = {p.id: SiteModel(p, {m: 0 for m in p.pools}) for p in PLANS}
+        self.pending: dict[tuple[str, str], list[Sent]] = {(s, r): [] for s in SITE_IDS for r in REPLICAS}
+        self.sent: dict[str, list[Sent]] = {s: [] for s in SITE_IDS}
+        self.runs: dict[Key, tuple[str, tuple[int, str, str, str], int | None]] = {}  # run sent: site, index, seq
+        self.site_said: dict[str, set[Key]] = {s: set() for s in SITE_IDS}  # attempts a site ended itself
+        self.applied: dict[str, tuple[str, int, dict[str, int]]] = {}  # what capacity.lua should hold: boot, seq, x
+        self.step = 0  # steps taken (invariant checks): publications of one step share it
+        self.last_heartbeat = 0  # Redis's clock just after the last capacity message was applied
+        self.last_submit = 0  # and after the last job was submitted
+        self.jobs: list[str] = []
+        self.live: list[str] = []  # jobs not finished, as of the last check
+        self.reconciles_due: list[tuple[str, str]] = []  # (replica, site): a reconcile list still to send
+        self.counted: dict[str, set[Key]] = {s: set() for s in SITE_IDS}  # what the broker counted where, then
+        self.replicas = self.run(self._start())
+        for site in SITE_IDS:
+            self.run(self._announce(site, status_first=True, first="a"))
+        for site, sent in self._in_flight():  # the first reconcile lists, empty
+            self.sites[site].on_assignments(sent.batch)
+        for queue in self.pending.values():
+            queue.clear()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """One step's work on the machine's own event loop."""
+        try:
+            return self.runner.run(coro)
+        except BaseException:
+            self.failed = True
+            raise
+
+    async def _start(self) -> dict[str, Replica]:
+        replicas = {}
+        for name in REPLICAS:
+            store = Store(aioredis.Redis.from_url(self.redis_url), self.keys)
+            publish = Recorder(self, name)
+            metrics = Metrics()
+            scheduler = Scheduler(store, Snapshot(GEO), publish, accept_timeout_s=ACCEPT_TIMEOUT_S[name],
+                                  metrics=metrics, replica=name)  # fmt: skip
+            replicas[name] = Replica(store, scheduler, Ingest(store, publish, asyncio.Event(), GEO, metrics), publish)
+        return replicas
+
+    def published(self, replica: str, site: str, batch: Assignments) -> None:
+        sent = Sent((self.step, site, replica, batch.model_dump_json()), replica, batch)
+        self.sent[site].append(sent)
+        if not batch.reconcile:
+            for item in batch.assignments:
+                if item.action == "run":
+                    self.runs[(item.job, item.attempt)] = (site, sent.index, getattr(item, "seq", None))
+        if self.sites[site].connected:  # a site's MQTT session is clean: what is sent while it is away is lost
+            bisect.insort(self.pending[(site, replica)], sent, key=lambda s: s.index)
+
+    @staticmethod
+    def order(first: str) -> tuple[str, ...]:
+        return (first, *(r for r in REPLICAS if r != first))
+
+    async def _handle_everywhere(self, first: str, topic: str, payload: bytes) -> None:
+        """Status and capacity reach every replica (they are not in the shared subscription)."""
+        for name in self.order(first):
+            await self.replicas[name].ingest.handle(topic, payload)
+
+    async def _send_capacity(self, site: str, first: str, payload: bytes | None = None) -> None:
+        model = self.sites[site]
+        if payload is None:
+            payload = model.capacity()
+        boot, seq, external, _ = next(c for c in model.capacity_sent if c[3] == payload)
+        last = self.applied.get(site)
+        if last is None or last[0] != boot or seq > last[1]:
+            self.applied[site] = (boot, seq, external)
+        store = self.replicas[first].store
+        await clock_reaches(store, self.last_heartbeat + HEARTBEAT_GAP_MS)
+        await self._handle_everywhere(first, topics.capacity(site), payload)
+        self.last_heartbeat = await store.clock_ms()
+
+    async def _announce(self, site: str, status_first: bool, first: str, defer: bool = False) -> None:
+        """A site (re)connecting: `online` and a capacity message, each applied by every replica. With `defer`,
+        the replica that sets the site online sends its reconcile list in a later step: other steps (a pass
+        of the other replica) run in between, as they can while its ingest awaits."""
+        self.sites[site].connected = True
+        if status_first:
+            await self._online(site, first, defer)
+        await self._send_capacity(site, first)
+        if not status_first:
+            await self._online(site, first, defer)
+
+    async def _online(self, site: str, first: str, defer: bool) -> None:
+        if not defer:
+            await self._handle_everywhere(first, topics.status(site), b"online")
+            return
+        for name in self.order(first):  # Ingest._status for `online`, its reconcile_site left for later
+            if await self.replicas[name].store.set_site_status(site, "online"):
+                self.reconciles_due.append((name, site))
+
+    def away(self, site: str) -> bool:
+        """Whether the site is disconnected, or back but not yet sent its reconcile list."""
+        return not self.sites[site].connected or any(s == site for _, s in self.reconciles_due)
+
+    async def _event(self, replica: str, site: str, key: Key, kind: str, reason: str = "") -> None:
+        """A site event, handled by the one replica the shared subscription gives it to."""
+        if kind in ENDED_BY_SITE:
+            self.site_said[site].add(key)
+        self.sites[site].events_sent.append((key, kind, reason))
+        message = {"schema": EVENT_SCHEMA, "site": site, "job": key[0], "attempt": key[1], "event": kind,
+                   "reason": reason or None}  # fmt: skip
+        await self.replicas[replica].ingest.handle(topics.events(site), orjson.dumps(message))
+
+    # ------------------------------------------------------------------ rules
+
+    @initialize(jobs=st.lists(JOBS, min_size=1, max_size=6))
+    def submit_first(self, jobs: list[tuple[str, tuple[str, ...], int, tuple[str, ...], str]]) -> None:
+        """Work waiting before the first step."""
+        self.submit(jobs)
+
+    @rule(jobs=st.lists(JOBS, min_size=1, max_size=3))
+    def submit(self, jobs: list[tuple[str, tuple[str, ...], int, tuple[str, ...], str]]) -> None:
+        for tenant, models, count, hubs, priority in jobs:
+            job = f"j{len(self.jobs) + 1:03d}"
+            spec = JobSpec.model_validate({
+                "name": job, "tenant": tenant, "resources": {"arch": "GPU", "models": list(models), "count": count},
+                "residency": {"allow_hubs": list(hubs)}, "origin": "shanghai", "duration_hours": 1,
+                "priority": priority,
+            })  # fmt: skip
+            assert self.run(self._submit(job, spec))
+            self.jobs.append(job)
+
+    async def _submit(self, job: str, spec: JobSpec) -> bool:
+        """Submit through replica a, a millisecond after the last submission: jobs of one priority then queue
+        in the order they were submitted (in one millisecond, the tenant's name would decide)."""
+        store = self.replicas["a"].store
+        await clock_reaches(store, self.last_submit + 1)
+        _, created = await store.submit(job, spec)
+        self.last_submit = await store.clock_ms()
+        return created
+
+    # Hypothesis draws rules with fewer arguments more often: the steps that move work along (a pass of
+    # either replica, a delivery, a site's report) take the fewest, outages and sweeps the most.
+    @rule()
+    def schedule_on_a(self) -> None:
+        self.run(self.replicas["a"].scheduler.run_once())
+
+    @rule()
+    def schedule_on_b(self) -> None:
+        self.run(self.replicas["b"].scheduler.run_once())
+
+    def _deliver(self, site: str, replica: str) -> None:
+        batch = self.pending[(site, replica)].pop(0).batch
+        self.sites[site].on_assignments(batch)
+        self.sites[site].delivered.append(batch)
+
+    @precondition(lambda self: any(self.pending.values()))
+    @rule()
+    def deliver_oldest(self) -> None:
+        """The oldest message on its way reaches its site."""
+        site, sent = self._in_flight()[0]
+        self._deliver(site, sent.replica)
+
+    @precondition(lambda self: any(self.pending.values()))
+    @rule(data=st.data())
+    def deliver(self, data: st.DataObject) -> None:
+        """The next message of a (site, replica) channel reaches the site, a few times over: messages of
+        one channel arrive in order, those of different channels in any."""
+        for _ in range(data.draw(st.integers(min_value=1, max_value=3), label="messages")):
+            channels = sorted(c for c, q in self.pending.items() if q)
+            if not channels:
+                return
+            site, replica = data.draw(st.sampled_from(channels), label="channel")
+            self._deliver(site, replica)
+
+    @precondition(lambda self: any(s.connected and s.delivered for s in self.sites.values()))
+    @rule(data=st.data())
+    def redeliver(self, data: st.DataObject) -> None:
+        """A message a site already had arrives again (QoS 1 delivers at least once)."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected and m.delivered)))
+        model = self.sites[site]
+        model.on_assignments(data.draw(st.sampled_from(model.delivered), label="message"))
+
+    @precondition(lambda self: any(s.connected and s.events_sent for s in self.sites.values()))
+    @rule(data=st.data())
+    def repeat_event(self, data: st.DataObject) -> None:
+        """A site sends an event again, late (QoS 1 again, or an outcome repeated with its heartbeats)."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected and m.events_sent)))
+        key, kind, reason = data.draw(st.sampled_from(self.sites[site].events_sent), label="event")
+        self.run(self._event(data.draw(st.sampled_from(REPLICAS), label="replica"), site, key, kind, reason))
+
+    @precondition(lambda self: any(s.connected and s.held for s in self.sites.values()))
+    @rule(data=st.data())
+    def report(self, data: st.DataObject) -> None:
+        """A site reports on work it holds (it rejects only what it has not yet accepted), to either replica."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected and m.held)))
+        model = self.sites[site]
+        # work the broker has taken back from the site first: a report the site sends before it hears of it
+        key = data.draw(st.sampled_from(sorted(model.held, key=lambda k: (k in self.counted[site], k))), label="job")
+        kind = data.draw(st.sampled_from(["accepted", "running", "completed", "failed", "rejected"]), label="event")
+        replica = data.draw(st.sampled_from(REPLICAS), label="replica")
+        held = model.held[key]
+        if kind == "rejected" and held.said:
+            kind = "failed"
+        if kind in ENDED_BY_SITE:
+            del model.held[key]
+            model.finished.add(key)
+        else:
+            held.said.add(kind)
+        self.run(self._event(replica, site, key, kind))
+
+    @precondition(lambda self: any(s.connected and s.outbox for s in self.sites.values()))
+    @rule(data=st.data())
+    def send_site_decision(self, data: st.DataObject) -> None:
+        """A site sends the next rejection (no room) or `lost` (listed but not held) it decided on delivery."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected and m.outbox)))
+        replica = data.draw(st.sampled_from(REPLICAS), label="replica")
+        key, kind, reason = self.sites[site].outbox.popleft()
+        self.run(self._event(replica, site, key, kind, reason))
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data(), replica=st.sampled_from(REPLICAS))
+    def cancel(self, data: st.DataObject, replica: str) -> None:
+        """A user cancels a job not yet finished (as of the last step)."""
+        self.run(self._cancel(replica, data.draw(st.sampled_from(self.live), label="job")))
+
+    async def _cancel(self, replica: str, job_id: str) -> None:
+        """The store and site calls of DELETE /v1/jobs/{id} (broker/http/jobs.py `cancel_job`), in its order."""
+        r = self.replicas[replica]
+        job = await r.store.get_job(job_id)
+        assert job is not None
+        for _ in range(CANCEL_TRIES):
+            site, attempt = job.get("site", ""), job.get("attempt", "0")
+            if await r.store.transition(job_id, "cancel", site, attempt, "cancelled by the user"):
+                break
+            fresh = await r.store.get_job(job_id)
+            assert fresh is not None
+            if JobState(fresh["state"]).final:
+                return
+            job = fresh
+        else:
+            return
+        if site:
+            await tell_site_to_cancel(r.publish, site, [(job_id, int(attempt))])
+
+    @precondition(lambda self: any(s.connected for s in self.sites.values()))
+    @rule(data=st.data(), restart=st.booleans(), back=st.booleans(), first=st.sampled_from(REPLICAS))
+    def go_offline(self, data: st.DataObject, restart: bool, back: bool, first: str) -> None:
+        """A site's connection drops (with `restart`, its adapter also starts again, empty): the Last Will
+        `offline` reaches every replica, and each gives the site's jobs back to the queue. With `back`, the
+        site reconnects at once (`online`, then capacity), and is sent a reconcile list."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected)))
+        model = self.sites[site]
+        model.connected = False
+        model.delivered.clear()
+        for replica in REPLICAS:
+            self.pending[(site, replica)].clear()
+        if restart:
+            model.restart()
+        self.run(self._handle_everywhere(first, topics.status(site), b"offline"))
+        if back:
+            self.run(self._announce(site, status_first=True, first=first))
+
+    @precondition(lambda self: any(not s.connected for s in self.sites.values()))
+    @rule(data=st.data(), status_first=st.booleans(), first=st.sampled_from(REPLICAS), defer=st.booleans())
+    def come_back(self, data: st.DataObject, status_first: bool, first: str, defer: bool) -> None:
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if not m.connected)))
+        self.run(self._announce(site, status_first, first, defer))
+
+    @precondition(lambda self: bool(self.reconciles_due))
+    @rule()
+    def reconcile(self) -> None:
+        """A replica that set a site online sends it the reconcile list (read now, stamped now)."""
+        replica, site = self.reconciles_due.pop(0)
+        self.run(reconcile_site(self.replicas[replica].store, self.replicas[replica].publish, site))
+
+    @precondition(lambda self: any(s.connected for s in self.sites.values()))
+    @rule(data=st.data(), replay=st.booleans(), external=st.sampled_from([None, 0, 2, 4]),
+          first=st.sampled_from(REPLICAS))  # fmt: skip
+    def capacity(self, data: st.DataObject, replay: bool, external: int | None, first: str) -> None:
+        """A capacity message: the next one (maybe with other use outside the broker), or an earlier one
+        delivered again (a lower seq, or another boot's)."""
+        site = data.draw(st.sampled_from(sorted(s for s, m in self.sites.items() if m.connected)))
+        model = self.sites[site]
+        payload = None
+        if replay:
+            payload = data.draw(st.sampled_from([c[3] for c in model.capacity_sent]), label="earlier message")
+        elif external is not None:
+            model.external[data.draw(st.sampled_from(sorted(model.plan.pools)), label="pool")] = external
+        self.run(self._send_capacity(site, first, payload))
+
+    @rule(data=st.data(), replica=st.sampled_from(REPLICAS))
+    def sweep(self, data: st.DataObject, replica: str) -> None:
+        """The sweeper, once every short accept deadline has passed by Redis's clock; it may also find sites
+        silent, as if the clock had moved past the last heartbeat of `silent` and of those older."""
+        silent = data.draw(st.one_of(st.none(), st.none(), st.none(), st.sampled_from(SITE_IDS)), label="silent since")
+        self.run(self._sweep(replica, silent))
+
+    async def _sweep(self, replica: str, silent: str | None) -> None:
+        store = self.replicas[replica].store
+        while True:
+            now = await store.clock_ms()
+            if not await store.redis.zrangebyscore(self.keys.assigned, f"({now}", now + 60_000):
+                break
+            await asyncio.sleep(0.001)
+        ttl = 10**12
+        if silent is not None:  # silent: `silent` and the sites heard from before it, not those after
+            ttl = now - int(await store.redis.zscore(self.keys.seen, silent) or now)
+        await sweep(ClockAt(store, now), self.replicas[replica].publish, ttl)
+
+    # ------------------------------------------------------------------ checks
+
+    async def _read(self) -> World:
+        k, redis = self.keys, self.replicas["a"].store.redis
+        pipe = redis.pipeline(transaction=True)
+        for job in self.jobs:
+            pipe.hmget(k.job(job), *JOB_FIELDS)
+            pipe.lrange(k.job_history(job), 0, -1)
+        for site in SITE_IDS:
+            pipe.hgetall(k.capacity(site))
+            pipe.smembers(k.site_jobs(site))
+            pipe.hget(k.site(site), "status")
+        pipe.zrange(k.queue, 0, -1)
+        for tenant in TENANTS:
+            pipe.zrange(k.tenant_queue(tenant), 0, -1)
+            pipe.zrange(k.tenant_parked(tenant), 0, -1)
+        pipe.zrange(k.assigned, 0, -1)
+        pipe.hgetall(k.tenant_usage)
+        raw = list(await pipe.execute())
+        raw.reverse()
+        jobs, history = {}, {}
+        for job in self.jobs:
+            jobs[job] = {f: (_text(v) if v is not None else None) for f, v in zip(JOB_FIELDS, raw.pop(), strict=True)}
+            history[job] = [orjson.loads(item) for item in raw.pop()]
+        capacity, site_jobs, status = {}, {}, {}
+        for site in SITE_IDS:
+            capacity[site] = {_text(f): int(v) for f, v in raw.pop().items()}
+            site_jobs[site] = {_text(j) for j in raw.pop()}
+            status[site] = _text(raw.pop() or b"")
+        queue = {_text(j) for j in raw.pop()}
+        tenant_queues, tenant_parked = {}, {}
+        for tenant in TENANTS:
+            tenant_queues[tenant] = {_text(j) for j in raw.pop()}
+            tenant_parked[tenant] = {_text(j) for j in raw.pop()}
+        assigned = {_text(j) for j in raw.pop()}
+        usage = {_text(t): int(v) for t, v in raw.pop().items()}
+        return World(jobs, history, capacity, site_jobs, status, queue, tenant_queues, tenant_parked, assigned, usage)
+
+    def _check_pools(self, w: World) -> None:
+        for plan in PLANS:
+            cap = w.capacity[plan.id]
+            boot, seq, external = self.applied[plan.id]
+            for model in {f[2:] for f in cap} | set(plan.pools):
+                total, allocated = cap.get(f"t:{model}", 0), cap.get(f"a:{model}", 0)
+                where = f"{plan.id}/{model}"
+                assert total == plan.pools.get(model, 0), f"{where}: total {total}, the site has {plan.pools}"
+                assert cap.get(f"x:{model}", 0) == external.get(model, 0), (
+                    f"{where}: in use outside {cap.get(f'x:{model}')}, last applicable message (boot {boot}, seq "
+                    f"{seq}) said {external}"
+                )
+                assert 0 <= allocated <= total, f"{where} over-allocated: allocated {allocated} of {total}"
+                held = sum(int(w.jobs[j]["count"] or 0) for j in w.site_jobs[plan.id]
+                           if j in w.jobs and w.jobs[j]["model"] == model)  # fmt: skip
+                assert allocated == held, f"{where}: allocated counter {allocated}, its jobs hold {held}"
+
+    def _check_places(self, w: World) -> None:
+        holders: dict[str, set[str]] = defaultdict(set)
+        for site, members in w.site_jobs.items():
+            for job in members:
+                holders[job].add(site)
+        assert set(holders) <= set(w.jobs), f"unknown jobs at sites: {set(holders) - set(w.jobs)}"
+        assert w.queue <= set(w.jobs) and w.assigned <= set(w.jobs)
+        usage: dict[str, int] = defaultdict(int)
+        for job, j in w.jobs.items():
+            state, tenant = j["state"], j["tenant"] or ""
+            in_queue = (
+                job in w.queue,
+                job in w.tenant_queues.get(tenant, set()),
+                job in w.tenant_parked.get(tenant, set()),
+            )
+            if state == "queued":
+                assert in_queue in ((True, True, False), (True, False, True)), (
+                    f"{job} queued, in (the queue, its tenant's queue, its tenant's parked jobs): {in_queue}"
+                )
+                assert not holders[job], f"{job} queued yet in the job sets of {holders[job]}"
+                assert job not in w.assigned, f"{job} queued yet waiting for an accept"
+            elif state in HOLDING:
+                assert holders[job] == {j["site"]}, f"{job} {state} at {j['site']}, in the job sets of {holders[job]}"
+                assert not any(in_queue), f"{job} {state} yet queued: {in_queue}"
+                if state == "running" or j["accepted_at"]:
+                    assert job not in w.assigned, f"{job} {state} (accepted) yet waiting for an accept"
+                else:
+                    assert job in w.assigned, f"{job} assigned, not accepted, with no accept deadline"
+                usage[tenant] += int(j["count"] or 0)
+            else:
+                assert state in ("completed", "failed", "cancelled"), f"{job} in state {state!r}"
+                assert not holders[job] and not any(in_queue) and job not in w.assigned, (
+                    f"{job} {state} yet held by {holders[job]}, queued {in_queue} or waiting for an accept"
+                )
+        for tenant in set(usage) | set(w.usage):
+            assert w.usage.get(tenant, 0) == usage[tenant], (
+                f"tenant {tenant} counted as holding {w.usage.get(tenant, 0)}, its jobs hold {usage[tenant]}"
+            )
+
+    def _check_connections(self, w: World) -> None:
+        for site, model in self.sites.items():
+            expected = ("online", "stale") if model.connected else ("offline",)
+            assert w.status[site] in expected, f"{site} connected={model.connected} but {w.status[site]!r}"
+
+    def _told(self, site: str, key: Key) -> bool:
+        """Whether `site` was told to stop (job, attempt), or stopped it itself."""
+        if key in self.site_said[site]:
+            return True
+        run = self.runs.get(key)
+        for sent in self.sent[site]:
+            if sent.batch.reconcile:
+                upto = getattr(sent.batch, "upto", None)
+                listed = {(a.job, a.attempt) for a in sent.batch.assignments}
+                after_run = run is not None and run[0] == site and sent.index > run[1]
+                stamped = upto is None or run is None or run[2] is None or upto >= run[2]
+                if after_run and stamped and key not in listed:
+                    return True
+            elif any(a.action == "cancel" and a.job == key[0] and a.attempt >= key[1] for a in sent.batch.assignments):
+                return True
+        return False
+
+    def _check_told(self, w: World) -> None:
+        """Work the broker took back from a site was stopped there: a cancelled job's holder got a cancel for
+        it; any other attempt taken back was ended by the site, or the site was told (a cancel, or a
+        reconcile list without it), unless the site is away now (it gets a list when it is back)."""
+        for job, entries in w.history.items():
+            for entry in entries:
+                site, attempt = entry.get("site"), int(entry.get("attempt") or 0)
+                if not site or entry.get("event") not in ("requeued", "cancelled", "failed"):
+                    continue
+                key = (job, attempt)
+                if entry["event"] == "cancelled":
+                    assert any(a.action == "cancel" and a.job == job and a.attempt >= attempt
+                               for sent in self.sent[site] for a in sent.batch.assignments), (
+                        f"{job} attempt {attempt} was cancelled at {site}, which was never sent a cancel for it"
+                    )  # fmt: skip
+                elif not self.away(site) and w.status[site] == "online":
+                    assert self._told(site, key), f"{job} attempt {attempt} taken back from {site} ({entry}), " \
+                                                  "and the site was never told"  # fmt: skip
+
+    def _check_sites(self, w: World, sites: dict[str, SiteModel]) -> None:
+        """What connected sites hold agrees with the broker: no job live at two sites, and a site that is online
+        holds exactly what the broker counts there, except what it has decided to give back."""
+        live: dict[str, set[str]] = defaultdict(set)
+        for site, model in sites.items():
+            if self.away(site):
+                continue  # its MQTT session is gone, or its reconcile list is still to come
+            for job, _attempt in model.held:
+                live[job].add(site)
+            if w.status[site] != "online":
+                continue
+            held, counted = set(model.held), w.holdings(site)
+            giving_back = {key for key, _, _ in model.outbox}
+            assert held <= counted, f"{site} runs {sorted(held - counted)}, which the broker does not count there"
+            assert counted <= held | giving_back, (
+                f"the broker counts {sorted(counted - held - giving_back)} at {site}, which does not run them"
+            )
+        for job, where in live.items():
+            assert len(where) <= 1, f"{job} is live at {sorted(where)}"
+
+    def _delivered(self) -> dict[str, SiteModel]:
+        """The sites as they will be once every message now on its way has arrived (in publication order)."""
+        sites = copy.deepcopy(self.sites)
+        for site, sent in self._in_flight():
+            sites[site].on_assignments(sent.batch)
+        return sites
+
+    def _in_flight(self) -> list[tuple[str, Sent]]:
+        """Every message on its way, with its site, in publication order."""
+        return sorted(((site, sent) for (site, _), q in self.pending.items() for sent in q), key=lambda x: x[1].index)
+
+    def _check(self, sites: dict[str, SiteModel]) -> None:
+        world = self.run(self._read())
+        self.live = [job for job in self.jobs if world.jobs[job]["state"] in ("queued", *HOLDING)]
+        self.counted = {site: world.holdings(site) for site in SITE_IDS}
+        try:
+            self._check_pools(world)
+            self._check_places(world)
+            self._check_connections(world)
+            self._check_told(world)
+            self._check_sites(world, sites)
+        except BaseException:
+            self.failed = True
+            raise
+
+    @invariant()
+    def consistent(self) -> None:
+        self.step += 1
+        self._check(self._delivered())
+
+    # ------------------------------------------------------------------ the end
+
+    def _settle(self) -> None:
+        """Every site back and heard from, then every message and site decision delivered until none is left."""
+        for site, model in self.sites.items():
+            if not model.connected:
+                self.run(self._announce(site, status_first=True, first="a"))
+        while self.reconciles_due:
+            self.reconcile()
+        world = self.run(self._read())
+        for site in SITE_IDS:
+            if world.status[site] == "stale":
+                self.run(self._send_capacity(site, "a"))  # a fresh heartbeat revives it, and it is reconciled
+        for _ in range(10):
+            in_flight = self._in_flight()
+            outboxes = [(s, m) for s, m in self.sites.items() if m.outbox]
+            if not in_flight and not outboxes:
+                return
+            for queue in self.pending.values():
+                queue.clear()
+            for site, sent in in_flight:
+                self.sites[site].on_assignments(sent.batch)
+            for site, model in outboxes:
+                while model.outbox:
+                    key, kind, reason = model.outbox.popleft()
+                    self.run(self._event("a", site, key, kind, reason))
+        raise AssertionError("messages kept coming after every site was back")
+
+    def teardown_checks(self) -> None:
+        """The final check: once everything has arrived, every site runs exactly what the broker counts there."""
+        self._settle()
+        self._check(self.sites)
+        world = self.run(self._read())
+        for site, model in self.sites.items():
+            assert set(model.held) == world.holdings(site), (
+                f"{site} runs {sorted(model.held)}, the broker counts {sorted(world.holdings(site))} there"
+            )
+
+    def expect_counted(self, site: str, keys: set[Key]) -> None:
+        """For written-out runs: what the broker counts at `site` (as of the last check)."""
+        assert self.counted[site] == keys, f"the broker counts {self.counted[site]} at {site}, not {keys}"
+
+    def expect_held(self, site: str, keys: set[Key]) -> None:
+        assert set(self.sites[site].held) == keys, f"{site} holds {set(self.sites[site].held)}, not {keys}"
+
+    def teardown(self) -> None:
+        try:
+            if not self.failed:
+                self.teardown_checks()
+        finally:
+            if hasattr(self, "replicas"):
+                self.run(self._close())
+            self.runner.close()
+
+    async def _close(self) -> None:
+        redis = self.replicas["a"].store.redis
+        keys = [key async for key in redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000)]
+        if keys:
+            await redis.unlink(*keys)
+        for replica in self.replicas.values():
+            await replica.store.close()
+
+
+SETTINGS = settings(max_examples=50, stateful_step_count=30, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_two_replicas_and_four_sites_agree_step_by_step(redis_server: RedisServer) -> None:
+    """Interleaved submissions, passes of two replicas, delayed and reordered assignments, site events,
+    cancels, outages, restarts, stale and replayed capacity and sweeps never over-allocate a pool, never
+    lose a job or count it in two places, and leave every job run by at most the one site the broker
+    counts it at."""
+    network = type("Network", (BrokerNetwork,), {"redis_url": redis_server.url})
+    run_state_machine_as_test(network, settings=SETTINGS)
+
+
+# --------------------------------------------------------------------------- written-out interleavings
+# The orders the random search reaches only now and then, replayed step by step through the same machine
+# (and its checks after every step).
+
+
+class Script:
+    """Stands in for hypothesis's `data` in a written-out run: each draw is the next value given."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = list(values)
+
+    def draw(self, strategy: Any, label: str | None = None) -> Any:
+        return self.values.pop(0)
+
+
+A100_X2 = ("t1", ("A100-80G",), 2, (), "normal")
+
+
+@pytest.fixture
+def network(redis_server: RedisServer) -> Iterator[BrokerNetwork]:
+    machine = type("Network", (BrokerNetwork,), {"redis_url": redis_server.url})()
+    machine.submit_first([A100_X2])
+    machine.consistent()
+    yield machine
+    machine.failed = True  # the test's own end ran the final check, or failed
+    machine.teardown()
+
+
+def steps(network: BrokerNetwork, *calls: Callable[[], object]) -> None:
+    """Each call, then the checks that follow every step; at the end, the final check."""
+    for call in calls:
+        call()
+        network.consistent()
+    network.teardown_checks()
+
+
+def test_a_run_assigned_after_a_reconcile_list_was_read_outlives_the_list(network: BrokerNetwork) -> None:
+    """A site back from an outage gets its reconcile list from replica a; replica b assigns it a job; the run
+    arrives first. The list, stamped before the run was assigned, must not stop it."""
+    n = network
+    steps(
+        n,
+        lambda: n.go_offline(Script("horinger-1"), restart=False, back=True, first="a"),
+        n.schedule_on_b,
+        lambda: n.expect_counted("horinger-1", {("j001", 1)}),
+        lambda: n.deliver(Script(1, ("horinger-1", "b"))),
+        lambda: n.deliver(Script(1, ("horinger-1", "a"))),
+        lambda: n.expect_held("horinger-1", {("j001", 1)}),
+    )
+
+
+def test_a_reconcile_list_naming_a_run_still_on_its_way_gives_the_job_back(network: BrokerNetwork) -> None:
+    """A site comes back; before its replica reads the reconcile list, the other replica assigns it a job, so
+    the list names it; the list arrives before the run. The site reports it does not hold the job, the broker
+    queues it again, and the late run is ignored."""
+    n = network
+    steps(
+        n,
+        lambda: n.go_offline(Script("horinger-1"), restart=False, back=False, first="a"),
+        lambda: n.come_back(Script("horinger-1"), status_first=True, first="a", defer=True),
+        n.schedule_on_b,
+        lambda: n.expect_counted("horinger-1", {("j001", 1)}),
+        n.reconcile,
+        lambda: n.deliver(Script(1, ("horinger-1", "a"))),
+        lambda: n.send_site_decision(Script("horinger-1", "b")),
+        lambda: n.expect_counted("horinger-1", set()),
+        lambda: n.deliver(Script(1, ("horinger-1", "b"))),
+        lambda: n.expect_held("horinger-1", set()),
+    )
+
+
+def test_a_report_on_an_attempt_taken_back_does_not_touch_the_next_one(network: BrokerNetwork) -> None:
+    """An assignment of replica a expires unaccepted and the job goes to another site; the first site, not yet
+    told, reports the old attempt completed. The job's new attempt at the other site is untouched."""
+    n = network
+    steps(
+        n,
+        n.schedule_on_a,
+        lambda: n.expect_counted("horinger-1", {("j001", 1)}),
+        n.deliver_oldest,
+        lambda: n.sweep(Script(None), replica="b"),
+        n.schedule_on_a,
+        lambda: n.expect_counted("guian-2", {("j001", 2)}),
+        lambda: n.deliver(Script(1, ("guian-2", "a"))),
+        lambda: n.report(Script("horinger-1", ("j001", 1), "completed", "a")),
+        lambda: n.expect_counted("guian-2", {("j001", 2)}),
+    )
