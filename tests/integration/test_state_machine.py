@@ -4,14 +4,20 @@ Each replica has its own store, snapshot, scheduler and ingest over one key name
 plain models of an adapter's ledger (adapters/ledger.py): what (job, attempt) each holds, what it has
 finished, and the events it has yet to send. Every assignments message a replica publishes is queued
 per (site, replica), as MQTT keeps the order of one connection only, and a step delivers the next one of
-a channel, so delivery is delayed and interleaved. Other steps submit, schedule, report site events,
-cancel, take a site away and bring it back, send capacity (fresh, replayed, after a restart with a new
-boot id) and sweep.
+a channel, so delivery is delayed and interleaved; a site's session is clean, so what is sent while it
+is away is lost. Other steps submit, schedule, report site events (and repeat them late), redeliver a
+message, cancel (the API's calls), take a site away (the Last Will) and bring it back (its reconcile list
+maybe a few steps late), send capacity (fresh, replayed, after a restart with a new boot id) and sweep.
 
 After every step the state in Redis is checked against itself (pools, queue, site job sets, tenant
-usage), against the capacity the sites reported, and against the sites: once every message on its way
-is delivered, a connected site holds exactly what the broker counts there, and no job is live at two
-sites. At the end every site comes back, everything is delivered and the same holds without simulation.
+usage), against the capacity the sites reported and against the sites: work taken back from a site was
+stopped there or the site was told; once every message on its way is delivered, a connected site holds
+exactly what the broker counts there, and no job is live at two sites. At the end every site comes back,
+everything is delivered and the same holds without simulation.
+
+Nothing in a run may hang on the clock: sweeps read one moment of Redis's clock, heartbeats and
+submissions are a millisecond apart, and what one step sends is ordered by content, so hypothesis can
+replay and shrink a run exactly.
 """
 
 from __future__ import annotations
@@ -413,8 +419,8 @@ class BrokerNetwork(RuleBasedStateMachine):
         self.last_submit = await store.clock_ms()
         return created
 
-    # Hypothesis draws rules with fewer arguments more often: the steps that move work along (a pass of
-    # either replica, a delivery, a site's report) take the fewest, outages and sweeps the most.
+    # Hypothesis orders rules by their number of arguments and draws the first ones more often: the steps
+    # that move work along (passes, deliveries, reports) take the fewest, outages and sweeps the most.
     @rule()
     def schedule_on_a(self) -> None:
         self.run(self.replicas["a"].scheduler.run_once())
@@ -830,7 +836,7 @@ class BrokerNetwork(RuleBasedStateMachine):
             await replica.store.close()
 
 
-SETTINGS = settings(max_examples=50, stateful_step_count=30, deadline=None, database=None,
+SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
 
 
