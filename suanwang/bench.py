@@ -46,6 +46,8 @@ class BenchOptions:
     heartbeat_s: float = 10.0
     settle_s: float = 5.0
     seed: int = 11
+    rate: float | None = None  # open loop: offer this many jobs a second at a constant pace (None: closed loop)
+    batch: int = 0  # jobs per POST /v1/jobs:batch (0: one POST /v1/jobs per job)
 
 
 @dataclass
@@ -135,11 +137,52 @@ async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
                     run.committed_ms[event["job"]] = event.get("ts", 0)
 
 
+def _batches(jobs: list[bytes], size: int) -> list[bytes]:
+    return [b'{"jobs":[' + b",".join(jobs[i : i + size]) + b"]}" for i in range(0, len(jobs), size)]
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, batch: bool, sent: float, run: _Run) -> None:
+    """One submit (or batch submit); records each accepted job with the time it was offered."""
+    path = "/v1/jobs:batch" if batch else "/v1/jobs"
+    try:
+        async with session.post(f"{url}{path}", data=body, headers={"Content-Type": "application/json"}) as response:
+            payload = await response.read()
+    except aiohttp.ClientError:
+        run.errors += 1
+        return
+    if response.status not in (200, 202):
+        run.errors += 1
+        return
+    answer = orjson.loads(payload)
+    for item in answer["jobs"] if batch else [{"status": response.status, "job": answer}]:
+        if item["status"] == 202:
+            run.submitted_at[item["job"]["id"]] = sent
+        else:
+            run.errors += 1
+
+
+async def _offer(urls: list[str], bodies: list[bytes], run: _Run, rate: float, batch: bool) -> None:
+    """Open loop: request i is sent at start + i / rate whatever the answers so far, and its jobs' latency
+    counts from that moment (so a slow system cannot hide its queueing by slowing the client)."""
+    start = time.monotonic()
+    in_flight: set[asyncio.Task[None]] = set()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i, body in enumerate(bodies):
+            due = start + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(_post(session, urls[i % len(urls)], body, batch, due, run))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        await asyncio.gather(*in_flight)
+
+
 async def _submit(urls: list[str], jobs: list[bytes], run: _Run, concurrency: int) -> None:
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
-    wall_offset = time.time() - time.monotonic()
 
     async def worker(i: int) -> None:
         url = urls[i % len(urls)]
@@ -156,11 +199,22 @@ async def _submit(urls: list[str], jobs: list[bytes], run: _Run, concurrency: in
                     continue
                 job_id = orjson.loads(payload)["id"]
                 run.submitted_at[job_id] = sent
-                run.committed_ms.setdefault("__offset__", int(wall_offset * 1000))
 
-    run.first_submit = time.monotonic()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    run.last_submit = time.monotonic()
+
+
+async def _submit_batches(urls: list[str], bodies: list[bytes], run: _Run, concurrency: int) -> None:
+    """Closed loop over batch submits: `concurrency` clients, each posting its next batch when answered."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+
+    async def worker(i: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not queue.empty():
+                await _post(session, urls[i % len(urls)], queue.get_nowait(), True, time.monotonic(), run)
+
+    await asyncio.gather(*(worker(i) for i in range(min(concurrency, len(bodies)))))
 
 
 async def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -237,7 +291,17 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         ready = asyncio.Event()
         listener = asyncio.create_task(_listen(urls[0], run, ready))
         await asyncio.wait_for(ready.wait(), 10)
-        await _submit(urls, jobs, run, options.concurrency)
+        run.committed_ms["__offset__"] = int((time.time() - time.monotonic()) * 1000)
+        bodies = _batches(jobs, options.batch) if options.batch else jobs
+        run.first_submit = time.monotonic()
+        if options.rate:
+            # the rate is in jobs a second: a batch of n jobs is one request every n / rate seconds
+            await _offer(urls, bodies, run, options.rate / max(options.batch, 1), bool(options.batch))
+        elif options.batch:
+            await _submit_batches(urls, bodies, run, options.concurrency)
+        else:
+            await _submit(urls, jobs, run, options.concurrency)
+        run.last_submit = time.monotonic()
         # Settle: until every job is placed or nothing new is placed for `settle_s`.
         last_count, last_change = -1, time.monotonic()
         while time.monotonic() - last_change < options.settle_s:
@@ -290,7 +354,10 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
         "submit_to_stream_ms": {
             "p50": round(_percentile(seen_latency, 50), 1),
             "p99": round(_percentile(seen_latency, 99), 1),
+            "p99.9": round(_percentile(seen_latency, 99.9), 1),
         },
+        "mode": f"open loop at {options.rate:g} jobs/s" if options.rate else "closed loop",
+        "submit": f"batches of {options.batch}" if options.batch else "one job per POST",
         "cpu_count": os.cpu_count(),
     }
 

@@ -333,9 +333,15 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
               help="Soak: 20 jobs/s for SECONDS (at least 2 brokers) with site churn and kills of a broker and "
                    "of its own redis-server and Mosquitto, then report lost jobs, double allocations, history "
                    "violations and recovery times (JSON); exit code 1 on any problem")  # fmt: skip
+@click.option("--rate", type=click.FloatRange(min=0.1), default=None, metavar="JOBS_PER_S",
+              help="Open loop: offer jobs at this constant rate and report latency percentiles from each job's "
+                   "due time (default: closed loop, as fast as answers come)")  # fmt: skip
+@click.option("--batch", type=click.IntRange(0, 1000), default=0, metavar="N",
+              help="Submit N jobs per POST /v1/jobs:batch (default 0: one POST /v1/jobs per job)")
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
-          matching_sizes: str | None, soak_s: float | None, as_json: bool) -> None:  # fmt: skip
+          matching_sizes: str | None, soak_s: float | None, rate: float | None, batch: int,
+          as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
 
@@ -354,7 +360,8 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         report = _run(run_soak(SoakOptions(redis_url, mqtt_url, seconds=soak_s, brokers=max(brokers, 2))))
         as_json = True  # nested results read best as JSON
     else:
-        report = _run(run_bench(BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers)))
+        options = BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers, rate=rate, batch=batch)
+        report = _run(run_bench(options))
     if report is not None:
         _print_json(report) if as_json else print_report(console, report)
         if report.get("clean") is False:
