@@ -1,0 +1,22 @@
+"""`suanwang bench` end to end, small: the open-loop and the batch modes place every job they offer and
+report what they measured."""
+
+from __future__ import annotations
+
+from suanwang.bench import BenchOptions, run_bench
+from suanwang.servers import MosquittoServer, RedisServer
+
+
+async def test_open_loop_and_batch_benches_place_every_job(redis_server: RedisServer, mosquitto: MosquittoServer
+                                                           ) -> None:  # fmt: skip
+    def options(**mode: float) -> BenchOptions:
+        return BenchOptions(redis_server.url, mosquitto.url, sites=16, heartbeat_s=2.0, **mode)  # type: ignore[arg-type]
+
+    open_loop = await run_bench(options(jobs=60, rate=40.0))
+    assert open_loop["mode"] == "open loop at 40 jobs/s" and open_loop["submit"] == "one job per POST"
+    assert open_loop["jobs_submitted"] == open_loop["jobs_placed"] == 60 and open_loop["submit_errors"] == 0
+    assert 20 <= open_loop["submits_per_s"] <= 60  # paced by the offer, not by the answers
+    assert open_loop["submit_to_stream_ms"]["p99.9"] >= open_loop["submit_to_stream_ms"]["p50"] > 0
+    batch = await run_bench(options(jobs=100, batch=25, concurrency=2))
+    assert batch["submit"] == "batches of 25" and batch["mode"] == "closed loop"
+    assert batch["jobs_submitted"] == batch["jobs_placed"] == 100 and batch["submit_errors"] == 0
