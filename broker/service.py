@@ -111,8 +111,12 @@ async def start_broker(settings: Settings) -> Broker:
             run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop, metrics=metrics), name="sweep"
         ),
         asyncio.create_task(feed.run(stop), name="feed"),
-        asyncio.create_task(run_mirror(store, settings.replica, mqtt.publish_allocation, stop), name="mirror"),
     ]
+    if settings.mirror != "off":
+        each = mqtt.publish_allocation if settings.mirror in ("events", "both") else None
+        batched = mqtt.publish_allocations if settings.mirror in ("batches", "both") else None
+        mirror = run_mirror(store, settings.replica, each, stop, publish_batch=batched)
+        broker.tasks.append(asyncio.create_task(mirror, name="mirror"))
 
     async def quoter(job_id: str, spec: JobSpec) -> dict[str, Any]:
         async with scheduler.view() as snapshot:

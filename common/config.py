@@ -13,6 +13,9 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
 DEFAULT_HTTP = "127.0.0.1:8080"
 AUTH_MODES = ("required", "off")
+# What the MQTT mirror of the event log publishes: one message per event on `allocations`, one message per
+# read of the log (a JSON array, in order) on `allocations/batch`, both, or nothing.
+MIRROR_MODES = ("events", "batches", "both", "off")
 _TRUE = ("1", "true", "yes", "on")
 _LIMIT_VARS: tuple[tuple[str, str, type[float] | type[int]], ...] = (
     ("quote_rate", "SUANWANG_QUOTE_RATE", float), ("quote_burst", "SUANWANG_QUOTE_BURST", int),
@@ -127,11 +130,14 @@ class Settings:
     # HTTPS: certificate chain and private key (PEM); both or neither.
     tls_cert: str | None = None
     tls_key: str | None = None
+    mirror: str = "events"
     replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     def __post_init__(self) -> None:
         if self.auth not in AUTH_MODES:
             raise InvalidInput(f"auth must be one of {', '.join(AUTH_MODES)}, got {self.auth!r}", "auth")
+        if self.mirror not in MIRROR_MODES:
+            raise InvalidInput(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {self.mirror!r}", "mirror")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidInput("give both --tls-cert and --tls-key, or neither", "tls_cert")
         if self.submit_rate <= 0 or self.submit_burst < 1 or self.max_queued_per_tenant < 1:
@@ -170,6 +176,7 @@ class Settings:
             "require_registered": env.get("SUANWANG_REQUIRE_REGISTERED", "").lower() in _TRUE,
             "tls_cert": env.get("SUANWANG_TLS_CERT") or None,
             "tls_key": env.get("SUANWANG_TLS_KEY") or None,
+            "mirror": env.get("SUANWANG_MIRROR", "events"),
         }
         for name, var in (("site_ttl_s", "SUANWANG_SITE_TTL"), ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT")):
             if var in env:

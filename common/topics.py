@@ -4,6 +4,7 @@ from __future__ import annotations
 
 ROOT = "suanwang/v1"
 ALLOCATIONS = f"{ROOT}/allocations"
+ALLOCATIONS_BATCH = f"{ROOT}/allocations/batch"  # the same events, many to a message (a JSON array, in order)
 
 
 def capacity(site: str) -> str:

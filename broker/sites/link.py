@@ -85,3 +85,7 @@ class MqttLink:
     async def publish_allocation(self, payload: bytes) -> None:
         """One event of the log to the operators' mirror topic (QoS 0: the log in Redis is the record)."""
         await self.publish(topics.ALLOCATIONS, payload, qos=0)
+
+    async def publish_allocations(self, payload: bytes) -> None:
+        """Events of the log, a JSON array in order, to the batch mirror topic (QoS 0)."""
+        await self.publish(topics.ALLOCATIONS_BATCH, payload, qos=0)

@@ -114,9 +114,11 @@ class EventFeed:
                             subscription.overflowed = True
 
 
-async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awaitable[None]],
-                     stop: asyncio.Event) -> None:  # fmt: skip
-    """Publish every event to the MQTT mirror topic once, sharing the work between replicas."""
+async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awaitable[None]] | None,
+                     stop: asyncio.Event, publish_batch: Callable[[bytes], Awaitable[None]] | None = None
+                     ) -> None:  # fmt: skip
+    """Publish every event to the MQTT mirror once, sharing the work between replicas: each event on its own
+    with `publish`, and each read of the log as one JSON array with `publish_batch` (either may be None)."""
     redis, key = store.redis, store.keys.events
     created = False
     while not stop.is_set():
@@ -137,7 +139,11 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awa
             for _stream, entries in reply or ():
                 if not entries:
                     continue
-                await asyncio.gather(*(publish(orjson.dumps(decode_event(i, f))) for i, f in entries))
+                events = [decode_event(i, f) for i, f in entries]
+                if publish is not None:
+                    await asyncio.gather(*(publish(orjson.dumps(event)) for event in events))
+                if publish_batch is not None:
+                    await publish_batch(orjson.dumps(events))
                 await redis.xack(key, MIRROR_GROUP, *[event_id for event_id, _ in entries])
         except redis_errors.ResponseError as exc:
             if "NOGROUP" in str(exc):

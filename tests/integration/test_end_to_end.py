@@ -606,3 +606,42 @@ async def test_broker_closes_promptly_while_sites_go_offline(
         if stuck:
             hangs.append(f"round {round_}: close() still waiting after 3 s on:\n{stuck}")
     assert not hangs, "\n".join(hangs)
+
+
+async def test_the_batch_mirror_carries_every_event_once_in_order(
+    redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str
+) -> None:
+    """With `mirror=batches`, each read of the log is one message on `allocations/batch` (a JSON array) and
+    nothing is published per event; together the arrays are the log, in order."""
+    async with (
+        running_broker(redis_server, own_mosquitto, namespace, mirror="batches") as broker,
+        aiohttp.ClientSession(base_url=broker.url) as http,
+        mqtt_client(own_mosquitto) as watcher,
+    ):
+        redis = broker.store.redis
+
+        async def mirror_group_exists() -> bool:
+            with contextlib.suppress(aioredis.ResponseError):
+                return any(g["name"].decode() == MIRROR_GROUP for g in await redis.xinfo_groups(Keys(namespace).events))
+            return False
+
+        await eventually(mirror_group_exists, what="the mirror consumer group")
+        await watcher.subscribe(topics.ALLOCATIONS_BATCH, qos=1)
+        await watcher.subscribe(topics.ALLOCATIONS, qos=1)
+        async with hand_site(own_mosquitto, "mirror-b", [gpu_pool(16)]):
+            await online(http, "mirror-b")
+            jobs = [await submit(http, job_body(2)) for _ in range(4)]
+            for job_id in jobs:
+                await job_when(http, job_id, lambda j: j["state"] == "running")
+            expected = [decode_event(i, f) for i, f in await redis.xrange(Keys(namespace).events)]
+            mirrored: list[dict[str, Any]] = []
+            messages = 0
+            async with asyncio.timeout(WAIT):
+                async for message in watcher.messages:
+                    assert str(message.topic) == topics.ALLOCATIONS_BATCH, "an event was published on its own"
+                    mirrored += orjson.loads(message.payload)  # type: ignore[arg-type]
+                    messages += 1
+                    if len(mirrored) >= len(expected):
+                        break
+    assert mirrored == expected
+    assert messages < len(expected)  # many events to a message
