@@ -17,13 +17,16 @@ AUTH_MODES = ("required", "off")
 # read of the log (a JSON array, in order) on `allocations/batch`, both, or nothing.
 MIRROR_MODES = ("events", "batches", "both", "off")
 _TRUE = ("1", "true", "yes", "on")
-_LIMIT_VARS: tuple[tuple[str, str, type[float] | type[int]], ...] = (
-    ("quote_rate", "SUANWANG_QUOTE_RATE", float), ("quote_burst", "SUANWANG_QUOTE_BURST", int),
-    ("auth_failures_per_minute", "SUANWANG_AUTH_FAILURES", int),
+# Numeric settings read from the environment: (field, variable, type, what the variable must be)
+_NUMBER_VARS: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
+    ("site_ttl_s", "SUANWANG_SITE_TTL", float, "a number of seconds"),
+    ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT", float, "a number of seconds"),
+    ("finished_retention_hours", "SUANWANG_FINISHED_RETENTION_HOURS", float, "a number"),
+    ("usage_retention_days", "SUANWANG_USAGE_RETENTION_DAYS", float, "a number"),
+    ("archive_retention_days", "SUANWANG_ARCHIVE_RETENTION_DAYS", float, "a number"),
+    ("quote_rate", "SUANWANG_QUOTE_RATE", float, "a number"), ("quote_burst", "SUANWANG_QUOTE_BURST", int, "a number"),
+    ("auth_failures_per_minute", "SUANWANG_AUTH_FAILURES", int, "a number"),
 )  # fmt: skip
-_RETENTION_VARS = (("finished_retention_hours", "SUANWANG_FINISHED_RETENTION_HOURS"),
-                   ("usage_retention_days", "SUANWANG_USAGE_RETENTION_DAYS"),
-                   ("archive_retention_days", "SUANWANG_ARCHIVE_RETENTION_DAYS"))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -178,23 +181,11 @@ class Settings:
             "tls_key": env.get("SUANWANG_TLS_KEY") or None,
             "mirror": env.get("SUANWANG_MIRROR", "events"),
         }
-        for name, var in (("site_ttl_s", "SUANWANG_SITE_TTL"), ("accept_timeout_s", "SUANWANG_ACCEPT_TIMEOUT")):
-            if var in env:
-                try:
-                    values[name] = float(env[var])
-                except ValueError:
-                    raise InvalidInput(f"{var} must be a number of seconds, got {env[var]!r}", var) from None
-        for name, var in _RETENTION_VARS:
-            if var in env:
-                try:
-                    values[name] = float(env[var])
-                except ValueError:
-                    raise InvalidInput(f"{var} must be a number, got {env[var]!r}", var) from None
-        for name, var, kind in _LIMIT_VARS:
+        for name, var, kind, what in _NUMBER_VARS:
             if var in env:
                 try:
                     values[name] = kind(env[var])
                 except ValueError:
-                    raise InvalidInput(f"{var} must be a number, got {env[var]!r}", var) from None
+                    raise InvalidInput(f"{var} must be {what}, got {env[var]!r}", var) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]

@@ -51,13 +51,13 @@ local function bill(final)
   local hours = math.max(tonumber(now) - since, 0) / 3600000
   local device_hours = hours * tonumber(j[5])
   local price = tonumber(j[10] or '0')
-  redis.call('XADD', KEYS[13], '*', 'job', job_id, 'tenant', tenant or '', 'site', holder, 'hub', j[6] or '',
+  local record = {'job', job_id, 'tenant', tenant or '', 'site', holder, 'hub', j[6] or '',
     'arch', j[13] or '', 'model', j[4], 'devices', j[5], 'start', tostring(since), 'end', now,
     'device_hours', string.format('%.6f', device_hours), 'price', j[10] or '0',
-    'cost', string.format('%.4f', device_hours * price), 'state', final)
+    'cost', string.format('%.4f', device_hours * price), 'state', final}
+  redis.call('XADD', KEYS[13], '*', unpack(record))
   -- the same record in the tenant's own stream, which the tenant's usage reads range over
-  local record = redis.call('XREVRANGE', KEYS[13], '+', '-', 'COUNT', 1)[1]
-  redis.call('XADD', prefix .. 'tenant:' .. (tenant or '') .. ':usage', '*', unpack(record[2]))
+  redis.call('XADD', prefix .. 'tenant:' .. (tenant or '') .. ':usage', '*', unpack(record))
 end
 
 local function release()
