@@ -6,7 +6,7 @@ size, so the figures compare like with like.
 
 Per size: one decision at a time (`match`, nothing taken), then a pass's batch as the scheduler plans
 it: the loop (`match`, take the devices, next job) and `match_batch` on batches of 64 and 512 jobs,
-in microseconds per job; every batch starts from the same snapshot (its takes are put back after).
+in microseconds per job, cold (no group kept from an earlier pass) and warm (as the scheduler runs); every batch starts from the same snapshot (its takes are put back after).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from typing import Any, cast
 
 from adapters.fleet import all_sites
-from broker.matching import Decision, Request, match, match_batch
+from broker.matching import Decision, Request, batch_shared, match, match_batch
 from broker.matching.snapshot import Snapshot
 from broker.model.job import JobSpec
 from broker.model.records import PoolCounts, SiteRecord, counter_fields
@@ -79,12 +79,18 @@ def _loop(batch: list[Request], snap: Snapshot) -> list[Decision | Any]:
     return out
 
 
-def _per_job_us(snap: Snapshot, requests: list[Request], size: int, batched: bool, rounds: int = 3) -> float:
-    """Microseconds per job matching `requests` in batches of `size` (the median of `rounds` passes)."""
+def _per_job_us(snap: Snapshot, requests: list[Request], size: int, batched: bool, rounds: int = 3,
+                cold: bool = False) -> float:  # fmt: skip
+    """Microseconds per job matching `requests` in batches of `size` (the median of `rounds` passes).
+
+    The batch keeps its groups for later passes as the scheduler does (warm); `cold` forgets them before
+    every pass, as after a restart or when every kind of job is new."""
     before = {model: table.allocated.copy() for model, table in snap.tables.items()}
     passes = []
     for _ in range(rounds):
         spent = 0.0
+        if cold:
+            batch_shared.forget(snap)
         for start in range(0, len(requests), size):
             batch = requests[start : start + size]
             t0 = time.perf_counter()
@@ -125,6 +131,7 @@ def measure(sizes: list[int], n_jobs: int = 400, seed: int = 5) -> dict[str, Any
         }  # fmt: skip
         for batch in BATCHES:
             row[f"loop{batch}_us"] = _per_job_us(snap, batch_requests, batch, batched=False, rounds=1)
+            row[f"batch{batch}_cold_us"] = _per_job_us(snap, batch_requests, batch, batched=True, cold=True)
             row[f"batch{batch}_us"] = _per_job_us(snap, batch_requests, batch, batched=True)
         rows.append(row)
     base = rows[0]["mean_us"]

@@ -40,10 +40,16 @@ Memory. A group holds only rows that passed its fixed filters and only as far as
 past `BUDGET` prepared rows in all (about 130 MB) the least recently used groups are dropped and made
 again if a later job needs them.
 
-Jobs the groups do not handle go to `match` on the live snapshot, which is exact by definition: a kind
-with fewer than `MIN_JOBS` jobs in the batch (preparing a group costs about one or two `match` calls),
-sites to avoid (a job given back), an unknown origin, a packing-only policy, a mixed policy over a pool
-priced at zero. Plans' lookups, admitted tables and nearest-first segments outlive the batch
+Groups outlive the batch. The scheduler's passes see the same kinds of job again and again, so a group is
+kept for later batches (`batch_shared`) and used again while nothing but the counts changed in its tables:
+every table has a `gen` that a new row, a price, a place, a pool's facts or a site going on or off line
+bumps, and a kept group whose tables moved is dropped. A kept group reads its rows' free counts afresh
+when a batch first uses it; its fixed filters read nothing the counts change. Preparing is then paid
+once per kind, not once per pass.
+
+Jobs the groups do not handle go to `match` on the live snapshot, which is exact by definition: sites to
+avoid (a job given back), an unknown origin, a packing-only policy, a mixed policy over a pool priced at
+zero. Plans' lookups, admitted tables and nearest-first segments outlive the batch
 (`batch_shared`), checked against the snapshot's structure and price and place orders.
 
 `match_in_turn` yields each result as soon as it is decided, so the caller may act between jobs (hold a
@@ -65,7 +71,9 @@ from broker.matching.scan import match
 from broker.matching.snapshot import Snapshot
 
 ExcludeFor = Callable[[Request], tuple[str, int] | None]
-MIN_JOBS = 3  # jobs of one kind in a batch for which a group is prepared (fewer: `match` decides them)
+# jobs of one kind in a batch for which a group is prepared (fewer: `match` decides them); since groups are
+# kept for later passes, even one job's group pays for itself
+MIN_JOBS = 1
 
 
 def match_batch(requests: Sequence[Request], snap: Snapshot, *, exclude_for: ExcludeFor | None = None,
@@ -92,7 +100,7 @@ class _Batch:
                  keep: int) -> None:  # fmt: skip
         self.shared = Shared(snap, limit, keep)
         self.exclude_for = exclude_for
-        self.groups: OrderedDict[tuple[Any, ...], Group] = OrderedDict()
+        self.groups: OrderedDict[tuple[Any, ...], Group] = self.shared.lasting.groups  # kept for later batches
         # jobs of each kind still to come: a kind with few left is not worth a group's preparation
         self.left = Counter(key for key in map(self._key, requests) if key is not None)
 
@@ -119,7 +127,8 @@ class _Batch:
             return None  # the visiting key would be the packing score, which takes change
         shared_count = not single and req.count is not None and not req.whole_nodes
         return (
-            req.archs, req.models, req.units, req.reference, req.min_memory_gb, req.max_latency_ms, req.max_price,
+            self.shared.limit, self.shared.keep, req.archs, req.models, req.units, req.reference, req.min_memory_gb,
+            req.max_latency_ms, req.max_price,
             req.workload, req.software, req.interconnect, req.whole_nodes, req.allow_hubs, req.deny_hubs,
             req.allow_provinces, req.deny_provinces, req.domestic_only, req.policy, req.weights,
             req.origin if single or order == "latency" else None, None if shared_count else req.count,
@@ -132,18 +141,29 @@ class _Batch:
             return None
         left = self.left[key]
         self.left[key] = left - 1
-        group = self.groups.get(key)
+        group = self._kept(key)
         if group is None:
             if left < MIN_JOBS:
                 return None  # one or two jobs of a kind: `match` costs less than preparing a group
             group = self.groups[key] = Group(self.shared, req, fixed_count=key[-1] is not None or req.count is None)
         if not group.count_free:  # the visiting order depends on the count: one group per count
             key = (*key, req.count)
-            group = self.groups.get(key) or Group(self.shared, req, fixed_count=True)
+            group = self._kept(key) or Group(self.shared, req, fixed_count=True)
             self.groups[key] = group
         self.groups.move_to_end(key)
         self._trim()
         return None if group.unsupported else group
+
+    def _kept(self, key: tuple[Any, ...]) -> Group | None:
+        """The group made for `key` in this batch or, still valid, in an earlier one."""
+        group = self.groups.get(key)
+        if group is None or group.shared is self.shared:
+            return group
+        if group.rebind(self.shared):
+            return group
+        del self.groups[key]
+        self.shared.rows_held -= group.size + group.pending_rows
+        return None
 
     def _trim(self) -> None:
         """Past the budget of prepared rows, forget the least recently used groups (made again if needed)."""

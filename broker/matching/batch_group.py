@@ -90,6 +90,7 @@ class Group:
         self.fixed_terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.nofits: dict[tuple[Any, ...], tuple[int, NoFit]] = {}
         self.stacks: dict[int, tuple[Any, str | None]] = {}
+        self.gens = [t.gen for t in self.tables]  # what the prepared rows were read from
 
     def _order_ignores_count(self) -> bool:
         """Whether every device count visits the tables in one order (cheapest first: unless two tables'
@@ -98,6 +99,38 @@ class Group:
             return True
         floors = sorted({float(t.price[t.by_price[0]]) for t in self.tables if t.size})
         return all(b > a * (1 + 1e-12) and a > 0 for a, b in itertools.pairwise(floors))
+
+    def rebind(self, shared: Shared) -> bool:
+        """Take this group, prepared in an earlier batch, into the batch of `shared`: False (drop it) when
+        something but the counts changed in one of its tables since. Its rows passed the fixed filters,
+        which read nothing the counts change, so only the free counts are read again."""
+        if self._stale(shared):
+            return False
+        self.shared = shared
+        self.seen, self.table_seen, self.nofits = shared.takes, self._table_takes(), {}
+        if self.unsupported:
+            return True
+        self._flatten()
+        if not self.size or self.unsupported:
+            return True
+        cols = self.cols
+        tab, row, free = cols["tab"], cols["row"], cols["free"]
+        single = len(self.tables) == 1
+        for ti, table in enumerate(self.tables):
+            pos = None if single else np.flatnonzero(tab == ti)
+            rows = row if pos is None else row[pos]
+            now = table.total[rows] - table.external[rows] if self.plan.when_empty else table.free(rows)
+            if pos is None:
+                free[:] = now
+            else:
+                free[pos] = now
+        cols["free_mod"] = free % cols["per_node"]
+        cols["g"] = shared.offset[np.asarray(self.tids, np.int64)[tab]] + row  # other tables may have grown
+        return True
+
+    def _stale(self, shared: Shared) -> bool:
+        """Whether more than the counts changed in the group's tables since it was prepared."""
+        return shared.snap is not self.snap or [t.gen for t in self.tables] != self.gens
 
     def _table_takes(self) -> int:
         takes = self.shared.table_takes

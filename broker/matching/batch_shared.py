@@ -12,6 +12,7 @@ import dataclasses
 import math
 import weakref
 import zlib
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -42,9 +43,18 @@ class _Lasting:
         self.tables: dict[tuple[Any, ...], list[PoolTable]] = {}
         # (model, origin, latency ref) -> (the table's rows by cluster it was made from, segments)
         self.by_latency: dict[tuple[str, str, float], tuple[object, list[Segment]]] = {}
+        # the groups of earlier batches, least recently used first, and the rows they hold prepared: a group
+        # is used again while its tables' `gen` is unchanged, its free counts read afresh (`Group.rebind`)
+        self.groups: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.rows_held = 0
 
 
 _LASTING: weakref.WeakKeyDictionary[Snapshot, _Lasting] = weakref.WeakKeyDictionary()
+
+
+def forget(snap: Snapshot) -> None:
+    """Drop what batches kept for `snap` (plans, tables, segments, groups): the next batch starts cold."""
+    _LASTING.pop(snap, None)
 
 
 def _lasting(snap: Snapshot) -> _Lasting:
@@ -66,11 +76,19 @@ class Shared:
         self.table_takes = [0] * len(sizes)
         self.stamp: np.ndarray | None = None  # per pool of every table: the number of its last take, or -1
         self.free: dict[int, int] = {}  # pool (offset + row) -> its free count after its last take
-        self.rows_held = 0  # rows prepared by the groups
-        lasting = _lasting(snap)
+        self.lasting = lasting = _lasting(snap)
         self._plans, self._stack_ok, self._weights = lasting.plans, lasting.stack_ok, lasting.weights
         self._tables, self._by_latency = lasting.tables, lasting.by_latency
         self._by_green: dict[str, np.ndarray] = {}  # greens change without a new price order: per batch
+
+    @property
+    def rows_held(self) -> int:
+        """Rows prepared by the groups, of this batch and of earlier ones kept for the next."""
+        return self.lasting.rows_held
+
+    @rows_held.setter
+    def rows_held(self, value: int) -> None:
+        self.lasting.rows_held = value
 
     def take(self, decision: Decision) -> None:
         """The scheduler's optimistic take, logged so every group sees it before its next job."""

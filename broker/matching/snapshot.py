@@ -76,6 +76,9 @@ class PoolTable:
         self.measured_ms: dict[int, Mapping[str, float]] = {}
         self._by_price: np.ndarray | None = None
         self._by_cluster: tuple[np.ndarray, dict[int, np.ndarray]] | None = None
+        # bumps whenever anything but the counts changes (a row added, a price, a place, a pool's facts, a
+        # site going on or off line): what was prepared from this table's rows is stale once it moves
+        self.gen = 0
 
     def _grow(self) -> None:
         for name in self.COLUMNS:
@@ -96,17 +99,20 @@ class PoolTable:
         self.index[site] = row
         self.site_hash[row] = zlib.crc32(site.encode())
         self._by_price = self._by_cluster = None
+        self.gen += 1
         return row
 
     def set_price(self, row: int, price: float) -> None:
         if self.price[row] != price:
             self.price[row] = price
             self._by_price = self._by_cluster = None
+            self.gen += 1
 
     def set_place(self, row: int, cluster: int, measured: bool) -> None:
         if self.cluster[row] != cluster or self.measured[row] != measured:
             self.cluster[row], self.measured[row] = cluster, measured
             self._by_cluster = None
+            self.gen += 1
 
     @property
     def by_cluster(self) -> tuple[np.ndarray, dict[int, np.ndarray]]:
@@ -239,10 +245,13 @@ class Snapshot:
                 continue
             model = table.model
             table.total[row], table.external[row], table.allocated[row] = record.counts(model)
-            table.online[row] = online
+            if table.online[row] != online:
+                table.online[row] = online
+                table.gen += 1
 
     def _apply_meta(self, info: SiteInfo, record: SiteRecord) -> None:
         meta: dict[str, Any] = record.meta or {}
+        moved = info.hub != record.hub
         info.hub, info.cluster, info.meta_version = record.hub, record.cluster, record.meta_version
         info.energy = meta.get("energy", {})
         cluster = record.cluster or next(iter(self.geography.hubs[record.hub].clusters), UNKNOWN_PLACE) \
@@ -253,6 +262,9 @@ class Snapshot:
         for pool in meta.get("pools", []):
             table = self.table(pool["model"], pool["arch"])
             row = table.row(record.id)
+            facts = (int(table.site_code[row]), float(table.memory_gb[row]), int(table.per_node[row]),
+                     float(table.green[row]), int(table.stackset[row]), int(table.interconnect[row]),
+                     table.measured_ms.get(row))  # fmt: skip
             table.site_code[row] = info.code
             table.set_place(row, cluster_code, bool(measured))
             table.memory_gb[row] = pool["memory_gb"]
@@ -265,3 +277,7 @@ class Snapshot:
                 table.measured_ms[row] = measured
             else:
                 table.measured_ms.pop(row, None)
+            if moved or facts != (int(table.site_code[row]), float(table.memory_gb[row]), int(table.per_node[row]),
+                                  float(table.green[row]), int(table.stackset[row]), int(table.interconnect[row]),
+                                  table.measured_ms.get(row)):  # fmt: skip
+                table.gen += 1  # what groups prepared from this row no longer holds

@@ -324,3 +324,67 @@ def test_every_filter_the_batch_applies_per_job_is_in_the_list():
     """The filters the batch applies per job (not prepared) are named in FILTERS, so a renamed one shows."""
     names = {f.name for f in FILTERS}
     assert batch_group.DYNAMIC <= names
+
+
+# --------------------------------------------------------------------------- groups kept from one batch to the next
+
+
+def _change(rng: random.Random, snap: Snapshot, records: list[SiteRecord], what: str) -> None:
+    """Change some sites as Redis would between passes: counts only, or also prices, status, a new site."""
+    for i in rng.sample(range(len(records)), len(records) // 3):
+        record = records[i]
+        capacity = dict(record.capacity)
+        for field in [f for f in capacity if f.startswith("a:")]:
+            total, external = capacity["t:" + field[2:]], capacity["x:" + field[2:]]
+            capacity[field] = rng.choice((0, max(total - external, 0), rng.randint(0, max(total - external, 0))))
+        meta, status = record.meta, record.status
+        if what == "facts" and rng.random() < 0.3:
+            meta = {**(meta or {}), "pools": [{**p, "price_cny_per_hour": rng.choice(PRICES)}
+                                               for p in (meta or {}).get("pools", [])]}  # fmt: skip
+        if what == "facts" and rng.random() < 0.2:
+            status = "offline" if status == "online" else "online"
+        records[i] = dataclasses.replace(record, status=status, capacity=capacity, meta=meta,
+                                         meta_version=record.meta_version + (meta is not record.meta))  # fmt: skip
+        snap.apply(records[i])
+    if what == "facts":
+        extra = fleet(rng, 1)[0]
+        records.append(dataclasses.replace(extra, id=f"site-new-{len(records)}"))
+        snap.apply(records[-1])
+
+
+@pytest.mark.parametrize("what", ["counts", "facts"])
+def test_groups_kept_across_batches_see_what_changed_in_between(what):
+    """Batches of the same kinds, with sites changing between them (counts; or prices, status and new sites
+    too): groups kept from earlier batches give the loop's decisions in every later batch."""
+    rng = random.Random(21 if what == "counts" else 22)
+    records = fleet(rng, 400)
+    snap = snapshot_of(records)
+    kinds = [dataclasses.replace(shape(rng, []), avoid_sites=frozenset()) for _ in range(8)]
+    for step in range(6):
+        compare(batch_of(rng, kinds, 96, f"keep{step}"), snap)
+        _change(rng, snap, records, what)
+    assert batch_shared._lasting(snap).groups, "groups are kept for the next batch"
+
+
+def test_comparison_fails_when_kept_groups_keep_old_free_counts(monkeypatch):
+    """The comparison can fail: kept groups that do not read the free counts again disagree with the loop."""
+    original = batch_group.Group.rebind
+
+    def stale(self: batch_group.Group, shared: batch_shared.Shared) -> bool:
+        free = self.cols.get("free")
+        kept = None if free is None else (free.copy(), self.cols["free_mod"].copy())
+        ok = original(self, shared)
+        if kept is not None and ok and self.cols.get("free") is free:
+            self.cols["free"][:], self.cols["free_mod"] = kept
+        return ok
+
+    monkeypatch.setattr(batch_group.Group, "rebind", stale)
+    with pytest.raises(AssertionError):
+        test_groups_kept_across_batches_see_what_changed_in_between("counts")
+
+
+def test_comparison_fails_when_kept_groups_ignore_changed_facts(monkeypatch):
+    """The comparison can fail: kept groups that ignore a changed price, status or new row disagree."""
+    monkeypatch.setattr(batch_group.Group, "_stale", lambda self, shared: False)
+    with pytest.raises(AssertionError):
+        test_groups_kept_across_batches_see_what_changed_in_between("facts")
