@@ -113,7 +113,7 @@ async def start_broker(settings: Settings) -> Broker:
         asyncio.create_task(feed.run(stop), name="feed"),
     ]
     if settings.mirror != "off":
-        each = mqtt.publish_allocation if settings.mirror in ("events", "both") else None
+        each = mqtt.publish_allocation_events if settings.mirror in ("events", "both") else None
         batched = mqtt.publish_allocations if settings.mirror in ("batches", "both") else None
         mirror = run_mirror(store, settings.replica, each, stop, publish_batch=batched)
         broker.tasks.append(asyncio.create_task(mirror, name="mirror"))

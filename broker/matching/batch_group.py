@@ -88,7 +88,8 @@ class Group:
         self.table_seen = self._table_takes()
         self.per_node = 0
         self.fixed_terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.nofits: dict[tuple[Any, ...], tuple[int, NoFit]] = {}
+        self.nofits: dict[tuple[Any, ...], tuple[tuple[int, Any], NoFit]] = {}
+        self.free_version = 0  # bumps when a joined row's free count changes: NoFits are kept until then
         self.stacks: dict[int, tuple[Any, str | None]] = {}
         self.gens = [t.gen for t in self.tables]  # what the prepared rows were read from
 
@@ -107,7 +108,7 @@ class Group:
         if self._stale(shared):
             return False
         self.shared = shared
-        self.seen, self.table_seen, self.nofits = shared.takes, self._table_takes(), {}
+        self.seen, self.table_seen = shared.takes, self._table_takes()
         if self.unsupported:
             return True
         self._flatten()
@@ -120,6 +121,8 @@ class Group:
             pos = None if single else np.flatnonzero(tab == ti)
             rows = row if pos is None else row[pos]
             now = table.total[rows] - table.external[rows] if self.plan.when_empty else table.free(rows)
+            if not np.array_equal(now, free if pos is None else free[pos]):
+                self.free_version += 1
             if pos is None:
                 free[:] = now
             else:
@@ -305,6 +308,7 @@ class Group:
         self.seen, self.table_seen = shared.takes, in_tables
         if not touched.shape[0]:
             return
+        self.free_version += 1
         cols, now = self.cols, shared.free
         free, free_mod, per_node, g = cols["free"], cols["free_mod"], cols["per_node"], cols["g"]
         for pos in touched.tolist():
@@ -558,13 +562,18 @@ class Group:
         return found
 
     def _nofit(self, req: Request, exclude: tuple[str, int] | None) -> NoFit:
-        """`explain` with the job's own plan (the same filter list); shared by equal jobs until the next take."""
+        """`explain` with the job's own plan (the same filter list); shared by equal jobs, in this batch and
+        later ones, until a free count of the group's rows changes. A NoFit comes only once every chunk is
+        prepared, so the group's rows are all its tables' rows that pass the fixed filters: what the capacity
+        reasons count; every other reason (over every site, in every table) reads only what a new site or a
+        table's `gen` moves."""
         key = (req.count, req.origin, exclude)
         found = self.nofits.get(key)
-        if found is not None and found[0] == self.shared.takes:
+        seen = (self.free_version, self.shared.facts)
+        if found is not None and found[0] == seen:
             return found[1]
         result = explain(self.shared.plan(req, exclude))
-        self.nofits[key] = (self.shared.takes, result)
+        self.nofits[key] = (seen, result)
         return result
 
 

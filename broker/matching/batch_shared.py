@@ -77,6 +77,8 @@ class Shared:
         self.stamp: np.ndarray | None = None  # per pool of every table: the number of its last take, or -1
         self.free: dict[int, int] = {}  # pool (offset + row) -> its free count after its last take
         self.lasting = lasting = _lasting(snap)
+        # what every site's reasons in a NoFit read besides the group's free counts (see `Group._nofit`)
+        self.facts = (len(snap.sites), tuple(t.gen for t in snap.tables.values()))
         self._plans, self._stack_ok, self._weights = lasting.plans, lasting.stack_ok, lasting.weights
         self._tables, self._by_latency = lasting.tables, lasting.by_latency
         self._by_green: dict[str, np.ndarray] = {}  # greens change without a new price order: per batch

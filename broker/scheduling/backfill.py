@@ -24,6 +24,14 @@ class Reservation:
     row: int
     site: str
     start_ms: float
+    made_ms: float = 0.0  # when the pool was chosen
+    note: str = ""  # what the job's `waiting` says about it
+
+
+# how long a reservation stands before the holder's pool is chosen again: choosing it is a full match over
+# every pool (capacity counted as if the broker's work were gone), which a busy scheduler would otherwise
+# pay on every pass while the gang waits
+REFRESH_MS = 1000.0
 
 
 class Backfill:
@@ -55,7 +63,10 @@ class Backfill:
         """Hold back the pool `req` would get when the broker's work there ends; a note for its `waiting`.
 
         The start is expected from the end times of the broker's jobs there (their start plus estimated
-        hours)."""
+        hours). A reservation made less than `REFRESH_MS` ago stands as it is."""
+        held = self.reservation
+        if held is not None and held.job == req.job_id and 0 <= now_ms - held.made_ms < REFRESH_MS:
+            return held.note
         target = match(req, snapshot, when_empty=True)
         if isinstance(target, NoFit):
             self.reservation = None
@@ -74,6 +85,7 @@ class Backfill:
             # the broker's own jobs there do not explain the shortfall: the view is behind a release that
             # is under way (or outside use is shifting); keep the pool for the gang and start it first
             start = now_ms
-        self.reservation = Reservation(req.job_id, chosen.model, chosen.row, chosen.site, start)
         minutes = max(0.0, (start - now_ms) / 60000)
-        return f"; {chosen.site} is held for it, expected to start in about {minutes:.0f} min"
+        note = f"; {chosen.site} is held for it, expected to start in about {minutes:.0f} min"
+        self.reservation = Reservation(req.job_id, chosen.model, chosen.row, chosen.site, start, now_ms, note)
+        return note

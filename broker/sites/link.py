@@ -9,6 +9,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from common import logs, topics
 from common.config import MqttTarget
@@ -89,3 +90,38 @@ class MqttLink:
     async def publish_allocations(self, payload: bytes) -> None:
         """Events of the log, a JSON array in order, to the batch mirror topic (QoS 0)."""
         await self.publish(topics.ALLOCATIONS_BATCH, payload, qos=0)
+
+    @property
+    def queues_directly(self) -> bool:
+        """Whether QoS 0 messages go straight into the MQTT client's outgoing queue (see `publish_each`)."""
+        return self._client is not None and isinstance(getattr(self._client, "_client", None), mqtt.Client)
+
+    async def publish_each(self, topic: str, payloads: Sequence[bytes]) -> None:
+        """Many QoS 0 messages to one topic, in order, for about the cost of one.
+
+        aiomqtt's `publish` waits for each message to be written (an event and a timeout task per message):
+        a third of the broker's time when the mirror sent one event a message. Here every message but the
+        last goes into the paho client's outgoing queue, which aiomqtt writes out as the socket allows, and
+        only the last is awaited; when it is written, so is every message before it. Without a paho client
+        inside (another aiomqtt), each message is awaited as before."""
+        if not payloads:
+            return
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise MessagingUnavailable("not connected to the MQTT broker")
+        inner = getattr(client, "_client", None)
+        try:
+            for payload in payloads[:-1]:
+                if isinstance(inner, mqtt.Client):
+                    info = inner.publish(topic, payload, 0)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        raise MessagingUnavailable(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
+                else:
+                    await client.publish(topic, payload, qos=0, timeout=10)
+            await client.publish(topic, payloads[-1], qos=0, timeout=10)
+        except aiomqtt.MqttError as exc:
+            raise MessagingUnavailable(f"MQTT publish failed: {exc}") from None
+
+    async def publish_allocation_events(self, payloads: Sequence[bytes]) -> None:
+        """Events of the log, one message each, in order, to the operators' mirror topic (QoS 0)."""
+        await self.publish_each(topics.ALLOCATIONS, payloads)

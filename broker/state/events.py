@@ -114,11 +114,12 @@ class EventFeed:
                             subscription.overflowed = True
 
 
-async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awaitable[None]] | None,
+async def run_mirror(store: Store, consumer: str, publish: Callable[[list[bytes]], Awaitable[None]] | None,
                      stop: asyncio.Event, publish_batch: Callable[[bytes], Awaitable[None]] | None = None
                      ) -> None:  # fmt: skip
-    """Publish every event to the MQTT mirror once, sharing the work between replicas: each event on its own
-    with `publish`, and each read of the log as one JSON array with `publish_batch` (either may be None)."""
+    """Publish every event to the MQTT mirror once, sharing the work between replicas: each event as its own
+    message with `publish` (given a read's events in order), and each read of the log as one JSON array with
+    `publish_batch` (either may be None)."""
     redis, key = store.redis, store.keys.events
     created = False
     while not stop.is_set():
@@ -141,7 +142,7 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[bytes], Awa
                     continue
                 events = [decode_event(i, f) for i, f in entries]
                 if publish is not None:
-                    await asyncio.gather(*(publish(orjson.dumps(event)) for event in events))
+                    await publish([orjson.dumps(event) for event in events])
                 if publish_batch is not None:
                     await publish_batch(orjson.dumps(events))
                 await redis.xack(key, MIRROR_GROUP, *[event_id for event_id, _ in entries])
