@@ -39,6 +39,9 @@ class Backfill:
         self.store = store
         self.reserve_after_ms = reserve_after_s * 1000
         self.reservation: Reservation | None = None
+        # jobs no pool could take even with the broker's work gone, and when that was found: not asked
+        # again for `REFRESH_MS` (each asking is a full match), so they do not hold up the jobs after them
+        self.unreservable: dict[str, float] = {}
 
     def keep_if_queued(self, queued: set[str]) -> None:
         if self.reservation is not None and self.reservation.job not in queued:
@@ -57,7 +60,10 @@ class Backfill:
     def may_reserve(self, req: Request, created_ms: int | None, now_ms: float) -> bool:
         held = self.reservation
         waited = created_ms is not None and now_ms - created_ms >= self.reserve_after_ms
-        return (held is None or held.job == req.job_id) and waited
+        if not waited or not (held is None or held.job == req.job_id):
+            return False
+        found = self.unreservable.get(req.job_id)
+        return found is None or not 0 <= now_ms - found < REFRESH_MS
 
     async def reserve(self, req: Request, snapshot: Snapshot, now_ms: float) -> str:
         """Hold back the pool `req` would get when the broker's work there ends; a note for its `waiting`.
@@ -70,6 +76,9 @@ class Backfill:
         target = match(req, snapshot, when_empty=True)
         if isinstance(target, NoFit):
             self.reservation = None
+            if len(self.unreservable) >= 10_000:
+                self.unreservable = {j: t for j, t in self.unreservable.items() if 0 <= now_ms - t < REFRESH_MS}
+            self.unreservable[req.job_id] = now_ms
             return ""
         chosen = target.chosen
         free = int(snapshot.tables[chosen.model].free(np.array([chosen.row]))[0])
