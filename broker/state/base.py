@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from broker.state.keys import Keys
 
@@ -37,3 +40,35 @@ class StoreBase:
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
+
+    async def run_scripts(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]],
+                          *, raise_on_error: bool = True) -> list[Any]:  # fmt: skip
+        """Run (script, keys, args) calls in one pipelined round trip, in order; the replies in order (errors
+        as exception objects with `raise_on_error=False`).
+
+        redis-py's own pipelining of scripts asks `SCRIPT EXISTS` first on every execute: a second round
+        trip for every submit and every pass. Here each call is an EVALSHA; a script Redis does not know
+        (a restart, a flush) answers NOSCRIPT without running, so it is loaded and those calls run again,
+        in their order, in a second round trip."""
+        if not calls:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+                script.sha = await self.redis.script_load(script.script)
+            pipe = self.redis.pipeline(transaction=False)
+            for i in missing:
+                script, keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+

@@ -91,10 +91,8 @@ class JobQueue(StoreBase):
         were idempotent replays); per job, (record, created) or the error that refused it."""
         calls = [self._submission(item, rate_limit, max_queued) for item in items]
         async with translated():
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args, _ in calls:
-                await self._submit(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self.run_scripts([(self._submit, keys, args) for keys, args, _ in calls],
+                                             raise_on_error=False)  # fmt: skip
         outcomes: list[tuple[dict[str, str], bool] | SuanwangError] = []
         replayed: dict[int, str] = {}  # position -> the job an idempotent replay returns
         for i, (item, (_, _, fields), reply) in enumerate(zip(items, calls, replies, strict=True)):
@@ -298,18 +296,17 @@ class JobQueue(StoreBase):
         if not placements:
             return []
         k = self.keys
+        calls = [
+            (self._allocate,
+             [k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events, k.sites, k.clock,
+              k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits, k.job_history(p.job),
+              k.prefix + ":", k.queue_depth],
+             [p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms, self.events_maxlen,
+              p.hub, p.arch, p.decision])
+            for p in placements
+        ]  # fmt: skip
         async with translated():
-            pipe = self.redis.pipeline(transaction=False)
-            for p in placements:
-                await self._allocate(
-                    keys=[k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events,
-                          k.sites, k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits,
-                          k.job_history(p.job), k.prefix + ":", k.queue_depth],
-                    args=[p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms,
-                          self.events_maxlen, p.hub, p.arch, p.decision],
-                    client=pipe,
-                )  # fmt: skip
-            return [_commit(r) for r in await pipe.execute()]
+            return [_commit(r) for r in await self.run_scripts(calls)]
 
     async def transition(
         self, job_id: str, action: str, site: str = "", attempt: int | str = "", reason: str = ""
@@ -319,33 +316,15 @@ class JobQueue(StoreBase):
 
     async def transitions(self, actions: Iterable[tuple[str, str, str, int | str, str]]) -> list[str]:
         k = self.keys
+        calls = [
+            (self._transition,
+             [k.job(job_id), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
+              k.tenant_usage, k.deadlines, k.job_history(job_id), k.queue_depth, k.usage],
+             [job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts])
+            for job_id, action, site, attempt, reason in actions
+        ]  # fmt: skip
         async with translated():
-            pipe = self.redis.pipeline(transaction=False)
-            count = 0
-            for job_id, action, site, attempt, reason in actions:
-                await self._transition(
-                    keys=[
-                        k.job(job_id),
-                        k.queue,
-                        k.assigned,
-                        k.events,
-                        k.sites,
-                        k.clock,
-                        k.prefix + ":",
-                        k.queued_tenants,
-                        k.tenant_usage,
-                        k.deadlines,
-                        k.job_history(job_id),
-                        k.queue_depth,
-                        k.usage,
-                    ],
-                    args=[job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts],
-                    client=pipe,
-                )
-                count += 1
-            if not count:
-                return []
-            return [text(r) for r in await pipe.execute()]
+            return [text(r) for r in await self.run_scripts(calls)]
 
     async def overdue_assignments(self, at_ms: int) -> list[str]:
         async with translated():
