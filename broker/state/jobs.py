@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,59 @@ class SubmitRate:
     burst: int
 
 
+_Asked = tuple[Submission, SubmitRate | None, int | None]  # a job and the limits it is submitted under
+_Outcome = tuple[dict[str, str], bool] | SuanwangError
+
+
+class _Gathered:
+    """Submits made at the same moment, sent together: a group commit.
+
+    The first submit is sent at once; submits that arrive while a round trip is under way wait for it and
+    then go together in the next one (each still its own script, its own limits, its own answer). At low
+    load this adds nothing; under load a round trip carries as many jobs as arrived during the last one,
+    and redis-py's cost per command falls to about a third of a lone submit's."""
+
+    def __init__(self, run: Callable[[Sequence[_Asked]], Awaitable[list[_Outcome]]]) -> None:
+        self.run = run
+        self.waiting: list[tuple[_Asked, asyncio.Future[_Outcome]]] = []
+        self.sending: asyncio.Task[None] | None = None
+
+    async def submit(self, asked: _Asked) -> _Outcome:
+        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        self.waiting.append((asked, future))
+        if self.sending is None:
+            self.sending = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        batch: list[tuple[_Asked, asyncio.Future[_Outcome]]] = []
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:MAX_GATHERED], self.waiting[MAX_GATHERED:]
+                try:
+                    outcomes = await self.run([asked for asked, _ in batch])
+                except Exception as exc:  # Redis away: every submit of the round trip learns it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if not future.done():
+                        future.set_result(outcome)
+                batch = []
+        finally:
+            self.sending = None
+            for _, future in batch + self.waiting:  # stopped (the loop is closing): no submit waits forever
+                future.cancel()
+            self.waiting = []
+
+
+MAX_GATHERED = 256  # submits in one round trip
+
+
 class JobQueue(StoreBase):
+    _gathered: _Gathered | None = None  # made on the first submit, on the running loop
+
     async def submit(
         self,
         job_id: str,
@@ -76,10 +129,14 @@ class JobQueue(StoreBase):
 
         With an idempotency key seen before (same tenant, same body) returns that job and False; the same
         key with another body raises Conflict. Over `rate_limit`, or with `max_queued` jobs of the tenant
-        already queued, raises TooManyRequests; all of it in one round trip.
+        already queued, raises TooManyRequests; all of it in one round trip, shared with the submits made
+        at the same moment (`_Gathered`).
         """
-        (outcome,) = await self.submit_many([Submission(job_id, spec, idempotency_key, body_hash, at_ms)],
-                                            rate_limit=rate_limit, max_queued=max_queued)  # fmt: skip
+        gathered = self._gathered
+        if gathered is None:
+            gathered = self._gathered = _Gathered(self._submit_all)
+        outcome = await gathered.submit((Submission(job_id, spec, idempotency_key, body_hash, at_ms), rate_limit,
+                                         max_queued))  # fmt: skip
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -89,13 +146,19 @@ class JobQueue(StoreBase):
     ) -> list[tuple[dict[str, str], bool] | SuanwangError]:
         """Submit each job on its own (each atomically, as `submit`), all in one round trip (two when some
         were idempotent replays); per job, (record, created) or the error that refused it."""
-        calls = [self._submission(item, rate_limit, max_queued) for item in items]
+        return await self._submit_all([(item, rate_limit, max_queued) for item in items])
+
+    async def _submit_all(self, items: Sequence[_Asked]) -> list[tuple[dict[str, str], bool] | SuanwangError]:
+        """`submit_many` with each job's own limits."""
+        calls = [self._submission(item, rate_limit, max_queued) for item, rate_limit, max_queued in items]
         async with translated():
             replies = await self.run_scripts([(self._submit, keys, args) for keys, args, _ in calls],
                                              raise_on_error=False)  # fmt: skip
         outcomes: list[tuple[dict[str, str], bool] | SuanwangError] = []
         replayed: dict[int, str] = {}  # position -> the job an idempotent replay returns
-        for i, (item, (_, _, fields), reply) in enumerate(zip(items, calls, replies, strict=True)):
+        for i, ((item, rate_limit, max_queued), (_, _, fields), reply) in enumerate(
+            zip(items, calls, replies, strict=True)
+        ):
             if isinstance(reply, Exception):
                 outcomes.append(StoreUnavailable(f"Redis error: {reply}"))
                 continue
