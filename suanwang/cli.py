@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,24 @@ log_option = click.option("--log-level", default="info", show_default=True,
                           type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 
 
+def _loop_factory() -> Any:
+    """The event loop `SUANWANG_EVENT_LOOP` names: asyncio's own (the default) or uvloop."""
+    name = os.environ.get("SUANWANG_EVENT_LOOP", "asyncio").strip().lower() or "asyncio"
+    if name == "asyncio":
+        return None
+    if name != "uvloop":
+        raise click.BadParameter(f"SUANWANG_EVENT_LOOP must be asyncio or uvloop, got {name!r}")
+    try:
+        import uvloop
+    except ImportError:
+        raise click.UsageError("SUANWANG_EVENT_LOOP=uvloop needs uvloop: pip install 'suanwang[uvloop]'") from None
+    return uvloop.new_event_loop
+
+
 def _run(coro: Any) -> Any:
     try:
-        return asyncio.run(coro)
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(coro)
     except KeyboardInterrupt:
         return None
     except SuanwangError as exc:
