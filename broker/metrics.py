@@ -32,6 +32,8 @@ class Metrics:
             "suanwang_submit_to_allocation_seconds", "From submission to allocation", registry=r,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600),
         )  # fmt: skip
+        self.fallbacks = Counter("suanwang_commit_fallbacks", "Placements a runner-up took at commit because the "
+                                 "chosen pool had filled meanwhile (another replica)", registry=r)  # fmt: skip
         self.mqtt_in = Counter("suanwang_mqtt_messages", "MQTT messages received, by type", ["type"], registry=r)
         self.mqtt_dropped = Counter("suanwang_mqtt_dropped", "MQTT messages dropped, by reason", ["reason"], registry=r)
         self.redis_rtt = Histogram(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -58,6 +60,8 @@ class _Run:
     first_submit: float = 0.0
     last_submit: float = 0.0
     errors: int = 0
+    error_statuses: Counter[str] = field(default_factory=Counter)  # HTTP status (or "connection") -> count
+    refusals: dict[str, float] = field(default_factory=dict)  # the brokers' refused commits, by reason
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -137,6 +141,26 @@ async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
                     run.committed_ms[event["job"]] = event.get("ts", 0)
 
 
+# the scheduler's refused commits (allocate.lua's refusals), as opposed to sites giving work back
+REFUSALS = ("stale_view", "not_queued", "site_not_online", "tenant_limit")
+
+
+async def _refusals(urls: list[str]) -> dict[str, float]:
+    """Refused commits summed over the brokers' /metrics, by reason."""
+    found: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{url}/metrics") as response:
+                    text = await response.text()
+                for line in text.splitlines():
+                    if line.startswith('suanwang_rejections_total{reason="'):
+                        reason = line.split('"')[1]
+                        if reason in REFUSALS:
+                            found[reason] = found.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
+    return found
+
+
 def _batches(jobs: list[bytes], size: int) -> list[bytes]:
     return [b'{"jobs":[' + b",".join(jobs[i : i + size]) + b"]}" for i in range(0, len(jobs), size)]
 
@@ -149,9 +173,11 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, batch: bo
             payload = await response.read()
     except aiohttp.ClientError:
         run.errors += 1
+        run.error_statuses["connection"] += 1
         return
     if response.status not in (200, 202):
         run.errors += 1
+        run.error_statuses[str(response.status)] += 1
         return
     answer = orjson.loads(payload)
     for item in answer["jobs"] if batch else [{"status": response.status, "job": answer}]:
@@ -159,6 +185,7 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, batch: bo
             run.submitted_at[item["job"]["id"]] = sent
         else:
             run.errors += 1
+            run.error_statuses[str(item["status"])] += 1
 
 
 async def _offer(urls: list[str], bodies: list[bytes], run: _Run, rate: float, batch: bool) -> None:
@@ -314,6 +341,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
+        run.refusals = await _refusals(urls)
         return _report(options, run, sites_seen, startup_s)
     finally:
         for proc in procs:
@@ -343,6 +371,7 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
         "brokers": options.brokers,
         "jobs_submitted": len(run.submitted_at),
         "submit_errors": run.errors,
+        "submit_error_statuses": dict(run.error_statuses),
         "jobs_placed": len(placed),
         "jobs_unplaced": len(run.submitted_at) - len(placed),
         "submits_per_s": round(len(run.submitted_at) / submit_window, 1),
@@ -356,13 +385,44 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
             "p99": round(_percentile(seen_latency, 99), 1),
             "p99.9": round(_percentile(seen_latency, 99.9), 1),
         },
+        "refused_commits": int(sum(run.refusals.values())),
+        "refused_commits_pct": round(100 * sum(run.refusals.values()) / max(len(placed), 1), 2),
+        "refused_by_reason": {k: int(v) for k, v in run.refusals.items()},
         "mode": f"open loop at {options.rate:g} jobs/s" if options.rate else "closed loop",
         "submit": f"batches of {options.batch}" if options.batch else "one job per POST",
         "cpu_count": os.cpu_count(),
     }
 
 
+MATRIX_COLUMNS = ("brokers", "submit", "mode", "jobs_placed", "submits_per_s", "placements_per_s", "p50_ms", "p99_ms",
+                  "p99.9_ms", "refused_commits_pct", "submit_errors")  # fmt: skip
+
+
+async def run_matrix(options: BenchOptions, rate: float) -> dict[str, Any]:
+    """The bench at 1 and 2 brokers, single and batch submits, closed loop and open loop at `rate`: one row
+    each (submit-to-stream latency), every run on fresh servers."""
+    rows = []
+    for brokers in (1, 2):
+        for batch in (0, options.batch or 500):
+            for offered in (None, rate):
+                report = await run_bench(dataclasses.replace(options, brokers=brokers, batch=batch, rate=offered))
+                latency = report["submit_to_stream_ms"]
+                row = {**{k: report[k] for k in MATRIX_COLUMNS if k in report}, "p50_ms": latency["p50"],
+                       "p99_ms": latency["p99"], "p99.9_ms": latency["p99.9"]}  # fmt: skip
+                rows.append({k: row[k] for k in MATRIX_COLUMNS})
+    return {"mode": "matrix", "sites": options.sites, "jobs": options.jobs, "cpu_count": os.cpu_count(),
+            "results": rows}  # fmt: skip
+
+
 def print_report(console: Console, report: dict[str, Any]) -> None:
+    if report.get("mode") == "matrix":
+        rows = report["results"]
+        table = Table(*rows[0].keys(), title=f"suanwang bench --matrix ({report['sites']} sites, {report['jobs']} "
+                                             f"jobs a run, {report['cpu_count']} cores)")  # fmt: skip
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        console.print(table)
+        return
     if report.get("mode") == "matching":
         rows = report["results"]
         table = Table(*rows[0].keys(), title="suanwang bench --matching (microseconds per decision)")

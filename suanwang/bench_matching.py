@@ -6,7 +6,8 @@ size, so the figures compare like with like.
 
 Per size: one decision at a time (`match`, nothing taken), then a pass's batch as the scheduler plans
 it: the loop (`match`, take the devices, next job) and `match_batch` on batches of 64 and 512 jobs,
-in microseconds per job, cold (no group kept from an earlier pass) and warm (as the scheduler runs); every batch starts from the same snapshot (its takes are put back after).
+in microseconds per job, cold (no group kept from an earlier pass) and warm (as the scheduler runs);
+every batch starts from the same snapshot (its takes are put back after).
 """
 
 from __future__ import annotations

@@ -53,6 +53,9 @@ class Placement:
     latency_ms: float
     arch: str = ""
     decision: str = "{}"  # JSON: the chosen pool's named scores and the runners-up
+    # the runners-up to take in order when the chosen pool cannot take the job at commit (another replica
+    # was faster): (site, hub, model, count, price, latency_ms, arch) each
+    alternatives: tuple[tuple[str, str, str, int, float, float, str], ...] = ()
 
 
 class Applied(IntEnum):
@@ -81,6 +84,7 @@ class Commit:
     attempt: int = 0
     refusal: Refusal | None = None
     seq: int = 0
+    choice: int = 0  # which pool took the job: 0 the chosen one, i the placement's i-th alternative
 
     @property
     def ok(self) -> bool:

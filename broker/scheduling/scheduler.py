@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from broker.matching import Decision, NoFit, Request, match_in_turn
+from broker.matching import Candidate, Decision, NoFit, Request, match_in_turn
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.model.records import Commit, Placement, Refusal
@@ -32,17 +32,28 @@ from common.protocol import Assignment
 log = logs.get("suanwang.scheduler")
 
 
+def _latency(candidate: Candidate) -> float:
+    return round(candidate.latency_ms, 2) if candidate.latency_ms < float("inf") else -1.0
+
+
 def placement_of(job_id: str, decision: Decision) -> Placement:
-    """What to commit for a decision, with the record of why it was made (scores and runners-up)."""
+    """What to commit for a decision, with the record of why it was made (scores and runners-up); the
+    runners-up go along, so that a pool another replica filled first hands the job to the next one in the
+    same commit instead of refusing it."""
     chosen = decision.chosen
     record = orjson.dumps({"chosen": chosen.as_dict(), "runners_up": [c.as_dict() for c in decision.runners_up]})
-    latency = round(chosen.latency_ms, 2) if chosen.latency_ms < float("inf") else -1.0
-    return Placement(job_id, chosen.site, chosen.hub, chosen.model, chosen.devices, chosen.price, latency,
-                     arch=chosen.arch, decision=record.decode())  # fmt: skip
+    alternatives = tuple((c.site, c.hub, c.model, c.devices, c.price, _latency(c), c.arch) for c in decision.runners_up)
+    return Placement(job_id, chosen.site, chosen.hub, chosen.model, chosen.devices, chosen.price, _latency(chosen),
+                     arch=chosen.arch, decision=record.decode(), alternatives=alternatives)  # fmt: skip
+
+
+def taken_by(decision: Decision, commit: Commit) -> Candidate:
+    """The pool that took the job: the chosen one, or the runner-up the commit fell back to."""
+    return decision.chosen if commit.choice == 0 else decision.runners_up[commit.choice - 1]
 
 
 def assignment_of(req: Request, decision: Decision, commit: Commit) -> Assignment:
-    chosen = decision.chosen
+    chosen = taken_by(decision, commit)
     return Assignment(job=req.job_id, attempt=commit.attempt, action="run", model=chosen.model,
                       count=chosen.devices, duration_hours=round(chosen.est_hours, 4), name=req.name,
                       workload=req.workload, stack=chosen.stack, image=chosen.image, seq=commit.seq)  # fmt: skip
@@ -167,9 +178,8 @@ class Scheduler:
             plan.placements.append((placement_of(req.job_id, result), req, result))
         return plan
 
-    def _take(self, decision: Decision, sign: int) -> None:
-        chosen = decision.chosen
-        self.snapshot.tables[chosen.model].allocated[chosen.row] += sign * chosen.devices
+    def _take(self, candidate: Candidate, sign: int) -> None:
+        self.snapshot.tables[candidate.model].allocated[candidate.row] += sign * candidate.devices
 
     def _bind(self, plan: Plan, commits: list[Commit]) -> tuple[dict[str, list[Assignment]], set[str]]:
         """Settle each placement by what Redis decided: assignments to send, per site, for those committed,
@@ -178,18 +188,24 @@ class Scheduler:
         behind: set[str] = set()
         for (placement, req, decision), commit in zip(plan.placements, commits, strict=True):
             if commit.refusal is not None:
-                self._take(decision, -1)  # undo the optimistic take
+                self._take(decision.chosen, -1)  # undo the optimistic take
                 self._refused(req, commit.refusal)
                 if commit.refusal in (Refusal.STALE_VIEW, Refusal.SITE_NOT_ONLINE):
                     behind.add(placement.site)
                 continue
+            taken = taken_by(decision, commit)
+            if commit.choice:  # the chosen pool had filled (another replica): a runner-up took the job
+                self._take(decision.chosen, -1)
+                self._take(taken, +1)
+                behind.add(placement.site)
+                self.metrics.fallbacks.inc()
             created = self.intake.placed(req.job_id)
-            self.metrics.placements.labels(placement.hub, placement.arch).inc()
+            self.metrics.placements.labels(taken.hub, taken.arch).inc()
             if created:
                 self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
-            by_site[placement.site].append(assignment_of(req, decision, commit))
-            log.info("job.allocated", job=req.job_id, site=placement.site, model=placement.model,
-                     count=placement.count, attempt=commit.attempt)  # fmt: skip
+            by_site[taken.site].append(assignment_of(req, decision, commit))
+            log.info("job.allocated", job=req.job_id, site=taken.site, model=taken.model, count=taken.devices,
+                     attempt=commit.attempt, choice=commit.choice)  # fmt: skip
         return by_site, behind
 
     def _refused(self, req: Request, refusal: Refusal) -> None:

@@ -36,7 +36,7 @@ _REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT
 
 def _commit(result: int | list[int]) -> Commit:
     if isinstance(result, list):
-        return Commit(attempt=int(result[0]), seq=int(result[1]))
+        return Commit(attempt=int(result[0]), seq=int(result[1]), choice=int(result[2]) if len(result) > 2 else 0)
     return Commit(refusal=_REFUSALS[int(result)])
 
 
@@ -363,9 +363,10 @@ class JobQueue(StoreBase):
             (self._allocate,
              [k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events, k.sites, k.clock,
               k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits, k.job_history(p.job),
-              k.prefix + ":", k.queue_depth],
+              k.prefix + ":", k.queue_depth,
+              *[key for alt in p.alternatives for key in (k.capacity(alt[0]), k.site_jobs(alt[0]), k.site(alt[0]))]],
              [p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms, self.events_maxlen,
-              p.hub, p.arch, p.decision])
+              p.hub, p.arch, p.decision, *[value for alt in p.alternatives for value in alt]])
             for p in placements
         ]  # fmt: skip
         async with translated():

@@ -1,30 +1,65 @@
--- Take `count` devices of `model` at a site for a queued job, atomically, or refuse.
+-- Take `count` devices of `model` at a site for a queued job, atomically, or refuse; the decision's
+-- runners-up may follow, each tried in order when the pools before it cannot take the job now.
 -- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site, queued_tenants, tenant_usage,
 --       tenant_limits, history, prefix ('{ns}:'; the tenant's queue key is derived from the job's tenant),
---       queue_depth
+--       queue_depth, then per runner-up: its capacity, site_jobs and site keys
 -- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms ('' for Redis's clock), accept_timeout_ms,
---       events_maxlen, hub, arch, decision (JSON: the scores and runners-up that decided)
--- Returns {attempt, seq} on success: the job's attempt number (>= 1) and the run's place in the site's
--- assignment sequence (what a reconcile list is stamped with); 0 when the pool has too little free (the
--- caller's view was stale); -1 when the job is no longer queued; -2 when the site is not online; -3 when
--- the job's tenant would hold more devices than its limit.
+--       events_maxlen, hub, arch, decision (JSON: the scores and runners-up that decided), then per
+--       runner-up: site_id, hub, model, count, price, latency_ms, arch
+-- Returns {attempt, seq, choice} on success: the job's attempt number (>= 1), the run's place in the site's
+-- assignment sequence (what a reconcile list is stamped with) and which pool took it (0: the chosen one,
+-- i: the i-th runner-up); else the first pool's refusal: 0 when it has too little free (the caller's view
+-- was stale); -1 when the job is no longer queued; -2 when the site is not online; -3 when the job's tenant
+-- would hold more devices than its limit.
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
   return -1
-end
-if redis.call('HGET', KEYS[9], 'status') ~= 'online' then
-  return -2
-end
-local model, count = ARGV[3], tonumber(ARGV[4])
-local cap = redis.call('HMGET', KEYS[2], 't:' .. model, 'x:' .. model, 'a:' .. model)
-local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3] or '0')
-if free < count then
-  return 0
 end
 local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name', 'priority')
 local tenant = job[1]
 local limit = redis.call('HGET', KEYS[12], tenant)
-if limit and tonumber(redis.call('HGET', KEYS[11], tenant) or '0') + count > tonumber(limit) then
-  return -3
+local held = limit and tonumber(redis.call('HGET', KEYS[11], tenant) or '0')
+local pools = {{KEYS[2], KEYS[4], KEYS[9], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[10], ARGV[11]}}
+for i = 0, (#KEYS - 15) / 3 - 1 do
+  local k, a = 16 + 3 * i, 13 + 7 * i
+  pools[#pools + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    ARGV[a + 5], ARGV[a + 1], ARGV[a + 6]}
+end
+local refusal, choice, cap
+for i, pool in ipairs(pools) do
+  local code
+  if redis.call('HGET', pool[3], 'status') ~= 'online' then
+    code = -2
+  else
+    cap = redis.call('HMGET', pool[1], 't:' .. pool[5], 'x:' .. pool[5], 'a:' .. pool[5])
+    local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3] or '0')
+    if free < tonumber(pool[6]) then
+      code = 0
+    elseif limit and held + tonumber(pool[6]) > tonumber(limit) then
+      code = -3
+    end
+  end
+  if code == nil then
+    choice = i
+    break
+  end
+  refusal = refusal or code
+end
+if choice == nil then
+  return refusal
+end
+local pool = pools[choice]
+KEYS[2], KEYS[4], KEYS[9] = pool[1], pool[2], pool[3]
+local site, model, count, price, latency, hub, arch = pool[4], pool[5], tonumber(pool[6]), pool[7], pool[8],
+  pool[9], pool[10]
+local decision = ARGV[12]
+if choice > 1 then
+  -- the record of why says what took the job: that runner-up first, the others after it
+  local d = cjson.decode(decision)
+  local options = {d.chosen}
+  for _, r in ipairs(d.runners_up) do options[#options + 1] = r end
+  local others = {}
+  for i, o in ipairs(options) do if i ~= choice then others[#others + 1] = o end end
+  decision = cjson.encode({chosen = options[choice], runners_up = others})
 end
 local now = ARGV[7]
 if now == '' then
@@ -39,9 +74,9 @@ redis.call('HSET', KEYS[2], 'p:' .. model, tonumber(cap[1] or '0') - tonumber(ca
 redis.call('HINCRBY', KEYS[11], tenant, count)
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local seq = redis.call('HINCRBY', KEYS[9], 'aseq', 1)
-redis.call('HSET', KEYS[1], 'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'model', model,
-  'count', count, 'price', ARGV[5], 'latency_ms', ARGV[6], 'updated', now, 'assigned_at', now,
-  'reason', '', 'arch', ARGV[11], 'decision', ARGV[12], 'aseq', seq)
+redis.call('HSET', KEYS[1], 'state', 'assigned', 'site', site, 'hub', hub, 'model', model,
+  'count', count, 'price', price, 'latency_ms', latency, 'updated', now, 'assigned_at', now,
+  'reason', '', 'arch', arch, 'decision', decision, 'aseq', seq)
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':queue', ARGV[1])
 redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':parked', ARGV[1])
@@ -55,11 +90,11 @@ end
 redis.call('HINCRBY', KEYS[15], job[4], -1)
 redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], deadline, ARGV[1])
-redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), ARGV[2])
-redis.call('RPUSH', KEYS[13], cjson.encode({ts = tonumber(now), event = 'allocated', site = ARGV[2],
+redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), site)
+redis.call('RPUSH', KEYS[13], cjson.encode({ts = tonumber(now), event = 'allocated', site = site,
   model = model, count = count, attempt = attempt}))
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[9], '*', 'type', 'allocated', 'job', ARGV[1],
-  'state', 'assigned', 'site', ARGV[2], 'hub', ARGV[10], 'arch', ARGV[11], 'model', model, 'count', count,
-  'price', ARGV[5], 'latency_ms', ARGV[6], 'attempt', attempt, 'tenant', tenant, 'origin', job[2],
+  'state', 'assigned', 'site', site, 'hub', hub, 'arch', arch, 'model', model, 'count', count,
+  'price', price, 'latency_ms', latency, 'attempt', attempt, 'tenant', tenant, 'origin', job[2],
   'name', job[3], 'seq', seq, 'ts', now)
-return {attempt, seq}
+return {attempt, seq, choice - 1}
