@@ -11,7 +11,7 @@ early instead of scoring every site.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,8 +208,13 @@ class Snapshot:
             self.structure += 1
         return found
 
-    def meta_versions(self) -> dict[str, int]:
-        return {s.id: s.meta_version for s in self.sites.values()}
+    def meta_versions(self, sites: Iterable[str] | None = None) -> dict[str, int]:
+        """The pool metadata version held per site (of `sites` only, when given: a refresh asks about the
+        sites that changed, not about all of them)."""
+        if sites is None:
+            return {s.id: s.meta_version for s in self.sites.values()}
+        known = self.sites
+        return {site: info.meta_version for site in sites if (info := known.get(site)) is not None}
 
     def latency(self, table: PoolTable, rows: np.ndarray, origin: str) -> np.ndarray:
         """Round trip from `origin` to each row's site: the cluster model, or what the site measured."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -64,3 +65,33 @@ async def test_a_refresh_during_a_pass_does_not_corrupt_the_view_and_a_refusal_r
     # and the job is not tried again and again at a site where it cannot fit
     assert await scheduler.run_once() == 0
     assert int(table.allocated[row]) == 0
+
+
+async def test_the_view_is_brought_up_to_date_a_chunk_at_a_time(redis_client: aioredis.Redis, namespace: str,
+                                                                 monkeypatch: Any) -> None:  # fmt: skip
+    """Many changed sites load in several round trips of `LOAD_CHUNK`, every one of them, each asking only
+    about the metadata versions of its own sites."""
+    from broker.scheduling import scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "LOAD_CHUNK", 3)
+    store = Store(redis_client, Keys(namespace))
+    sites = [f"guian-{i:02d}" for i in range(8)]
+    for site in sites:
+        message = capacity(1, 16).model_dump(by_alias=True) | {"site": site}
+        await store.apply_capacity(Capacity.model_validate(message))
+    asked: list[tuple[list[str], set[str]]] = []
+    real = store.load_sites
+
+    async def load(ids: Sequence[str], known: dict[str, int] | None = None) -> Any:
+        asked.append((list(ids), set(known or {})))
+        return await real(ids, known)
+
+    monkeypatch.setattr(store, "load_sites", load)
+    scheduler = Scheduler(store, Snapshot(load_geography()), RecordingPublisher())
+    assert await scheduler.refresh() == 8
+    assert [len(ids) for ids, _ in asked] == [3, 3, 2]
+    assert sorted(scheduler.snapshot.sites) == sites
+    await store.apply_capacity(Capacity.model_validate(capacity(2, 8).model_dump(by_alias=True)))
+    asked.clear()
+    assert await scheduler.refresh() == 1
+    assert asked == [([SITE], {SITE})], "a refresh asks about the changed site's metadata version only"
