@@ -42,6 +42,7 @@ class Backfill:
         # jobs no pool could take even with the broker's work gone, and when that was found: not asked
         # again for `REFRESH_MS` (each asking is a full match), so they do not hold up the jobs after them
         self.unreservable: dict[str, float] = {}
+        self.tried = False  # whether this pass has chosen a pool for a reservation already
 
     def keep_if_queued(self, queued: set[str]) -> None:
         if self.reservation is not None and self.reservation.job not in queued:
@@ -57,8 +58,15 @@ class Backfill:
             return None
         return (held.model, held.row)
 
+    def begin_pass(self) -> None:
+        """A new pass may choose a pool for one reservation: choosing is a full match, and a pass of jobs
+        no pool could ever take would otherwise pay one per job."""
+        self.tried = False
+
     def may_reserve(self, req: Request, created_ms: int | None, now_ms: float) -> bool:
         held = self.reservation
+        if self.tried and not (held is not None and held.job == req.job_id):
+            return False
         waited = created_ms is not None and now_ms - created_ms >= self.reserve_after_ms
         if not waited or not (held is None or held.job == req.job_id):
             return False
@@ -73,6 +81,7 @@ class Backfill:
         held = self.reservation
         if held is not None and held.job == req.job_id and 0 <= now_ms - held.made_ms < REFRESH_MS:
             return held.note
+        self.tried = True
         target = match(req, snapshot, when_empty=True)
         if isinstance(target, NoFit):
             self.reservation = None

@@ -167,6 +167,7 @@ class Scheduler:
         a placement takes its devices in the snapshot at once (the commit decides), so later jobs of the
         batch see them gone."""
         plan = Plan()
+        self.backfill.begin_pass()
         now = time.time() * 1000
         version = self.snapshot.version
         results = match_in_turn(batch.requests, self.snapshot,

@@ -58,7 +58,25 @@ async def test_a_job_nothing_could_take_is_not_asked_again_at_once(monkeypatch: 
     huge, gang = _req("huge", 64), _req("gang", 8)
     assert fill.may_reserve(huge, 0, 1000.0)
     assert await fill.reserve(huge, snap, now_ms=1000.0) == "" and fill.reservation is None
+    fill.begin_pass()
     assert not fill.may_reserve(huge, 0, 1000.0 + backfill.REFRESH_MS / 2)
     assert fill.may_reserve(gang, 0, 1000.0 + backfill.REFRESH_MS / 2), "the jobs after it may still reserve"
     assert fill.may_reserve(huge, 0, 1000.0 + backfill.REFRESH_MS), "asked again once the refresh is past"
     assert asked == ["huge"]
+
+
+async def test_a_pass_chooses_a_pool_for_one_reservation_at_most(monkeypatch: Any) -> None:
+    snap, asked = _snapshot(), _counting(monkeypatch)
+    fill = Backfill(cast(Any, None), reserve_after_s=0)
+    fill.begin_pass()
+    for i in range(5):  # five jobs nothing could take, in one pass
+        job = _req(f"huge-{i}", 64)
+        if fill.may_reserve(job, 0, 1000.0):
+            await fill.reserve(job, snap, now_ms=1000.0)
+    assert asked == ["huge-0"], "one full match a pass, not one a job"
+    fill.begin_pass()
+    gang = _req("gang", 8)
+    assert fill.may_reserve(gang, 0, 1001.0)
+    await fill.reserve(gang, snap, now_ms=1001.0)
+    assert fill.reservation is not None and fill.reservation.job == "gang"
+    assert fill.may_reserve(gang, 0, 1002.0), "the holder itself may always renew"
