@@ -62,6 +62,7 @@ class _Run:
     errors: int = 0
     error_statuses: Counter[str] = field(default_factory=Counter)  # HTTP status (or "connection") -> count
     refusals: dict[str, float] = field(default_factory=dict)  # the brokers' refused commits, by reason
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used by the brokers, sites, Redis, client
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -139,6 +140,39 @@ async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
                 if event.get("type") == "allocated" and event["job"] not in run.allocated_at:
                     run.allocated_at[event["job"]] = time.monotonic()
                     run.committed_ms[event["job"]] = event.get("ts", 0)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process has used so far; 0 where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _cpu_now(procs: list[subprocess.Popen[bytes]], options: BenchOptions, redis_url: str,
+                   mosquitto: subprocess.Popen[bytes] | None) -> dict[str, float]:  # fmt: skip
+    """CPU seconds used so far by the brokers, the simulated sites, Redis, Mosquitto (when started here) and
+    this client."""
+    return {"mosquitto": _cpu_s(mosquitto.pid) if mosquitto is not None else 0.0,
+            "brokers": sum(_cpu_s(p.pid) for p in procs[: options.brokers]),
+            "sites": sum(_cpu_s(p.pid) for p in procs[options.brokers :]), "redis": await _redis_cpu_s(redis_url),
+            "client": time.process_time()}  # fmt: skip
+
+
+async def _redis_cpu_s(url: str) -> float:
+    """CPU seconds the Redis server has used (INFO cpu), or 0 when it cannot be asked."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        info = await client.info("cpu")
+        return float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0))
+    except Exception:
+        return 0.0
+    finally:
+        await client.aclose()
 
 
 # the scheduler's refused commits (allocate.lua's refusals), as opposed to sites giving work back
@@ -244,22 +278,28 @@ async def _submit_batches(urls: list[str], bodies: list[bytes], run: _Run, concu
     await asyncio.gather(*(worker(i) for i in range(min(concurrency, len(bodies)))))
 
 
+def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any]) -> tuple[str, str]:
+    """The Redis and MQTT URLs to use: the ones given, or of a redis-server and a Mosquitto started here
+    (appended to `own`, for the caller to clean up)."""
+    if not redis_url:
+        server = RedisServer()
+        server.start()
+        own.append(server)
+        redis_url = server.url
+    if not mqtt_url:
+        mqtt = MosquittoServer()
+        mqtt.start()
+        own.append(mqtt)
+        mqtt_url = mqtt.url
+    return redis_url, mqtt_url
+
+
 async def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Start everything, submit the jobs, wait for placements to settle, and report."""
     own: list[Any] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        redis_url, mqtt_url = options.redis_url, options.mqtt_url
-        if not redis_url:
-            server = RedisServer()
-            server.start()
-            own.append(server)
-            redis_url = server.url
-        if not mqtt_url:
-            mqtt = MosquittoServer()
-            mqtt.start()
-            own.append(mqtt)
-            mqtt_url = mqtt.url
+        redis_url, mqtt_url = start_servers(options.redis_url, options.mqtt_url, own)
         namespace = f"bench{uuid.uuid4().hex[:6]}"
         env = {
             **os.environ,
@@ -320,6 +360,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         await asyncio.wait_for(ready.wait(), 10)
         run.committed_ms["__offset__"] = int((time.time() - time.monotonic()) * 1000)
         bodies = _batches(jobs, options.batch) if options.batch else jobs
+        mosquitto = next((server.proc for server in own if isinstance(server, MosquittoServer)), None)
+        cpu_before = await _cpu_now(procs, options, redis_url, mosquitto)
         run.first_submit = time.monotonic()
         if options.rate:
             # the rate is in jobs a second: a batch of n jobs is one request every n / rate seconds
@@ -342,6 +384,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
         run.refusals = await _refusals(urls)
+        cpu_after = await _cpu_now(procs, options, redis_url, mosquitto)
+        run.cpu_s = {name: spent - cpu_before[name] for name, spent in cpu_after.items()}
         return _report(options, run, sites_seen, startup_s)
     finally:
         for proc in procs:
@@ -385,6 +429,10 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
             "p99": round(_percentile(seen_latency, 99), 1),
             "p99.9": round(_percentile(seen_latency, 99.9), 1),
         },
+        # CPU per placement from the first submit to the end: the cost that decides throughput here
+        "cpu_ms_per_placement": {
+            name: round(1000 * spent / max(len(placed), 1), 3) for name, spent in run.cpu_s.items()
+        },
         "refused_commits": int(sum(run.refusals.values())),
         "refused_commits_pct": round(100 * sum(run.refusals.values()) / max(len(placed), 1), 2),
         "refused_by_reason": {k: int(v) for k, v in run.refusals.items()},
@@ -422,6 +470,20 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
         console.print(table)
+        return
+    if report.get("mode") == "memory":
+        table = Table("measure", "value", title=f"suanwang bench --memory ({report['sites']:,} sites, "
+                                                f"{report['queued_loaded']:,} queued)")  # fmt: skip
+        for key, value in report.items():
+            if key == "broker_rss_timeline":  # [s, MB, jobs looked at] every 5 s: the ends here, all in --json
+                value = f"{value[0]} .. {value[-1]} ({len(value)} samples)" if value else "-"
+            table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        console.print(table)
+        return
+    if report.get("mode") == "ingest":
+        from suanwang.bench_ingest import ingest_table
+
+        console.print(ingest_table(report))
         return
     if report.get("mode") == "matching":
         rows = report["results"]

@@ -345,6 +345,13 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
     metavar="N,N,...",
     help="Matching only, no I/O: time per decision at these site counts, e.g. 1000,10000,100000",
 )
+@click.option("--memory", "memory_sizes", default=None, metavar="SITES,QUEUED",
+              help="Memory: a broker's RSS and Redis's used_memory with SITES sites and QUEUED waiting jobs loaded "
+                   "(none placeable), e.g. 100000,1000000")  # fmt: skip
+@click.option("--ingest", "ingest_updates", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Ingest: N capacity messages from --sites sites through the broker's validation into Redis, "
+                   "one at a time, through the MQTT link's queue, and through a real Mosquitto: updates/s, "
+                   "latency and Redis round trips per update")  # fmt: skip
 @click.option("--soak", "soak_s", type=float, default=None, metavar="SECONDS",
               help="Soak: 20 jobs/s for SECONDS (at least 2 brokers) with site churn and kills of a broker and "
                    "of its own redis-server and Mosquitto, then report lost jobs, double allocations, history "
@@ -354,9 +361,13 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
                    "due time (default: closed loop, as fast as answers come)")  # fmt: skip
 @click.option("--batch", type=click.IntRange(0, 1000), default=0, metavar="N",
               help="Submit N jobs per POST /v1/jobs:batch (default 0: one POST /v1/jobs per job)")
+@click.option("--matrix", is_flag=True,
+              help="Run at 1 and 2 brokers, single and batch submits (--batch, default 500), closed loop and open "
+                   "loop (--rate, default 300 jobs/s): one row each")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
-          matching_sizes: str | None, soak_s: float | None, rate: float | None, batch: int,
+          matching_sizes: str | None, memory_sizes: str | None, soak_s: float | None, rate: float | None,
+          batch: int, matrix: bool, ingest_updates: int | None,
           as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
@@ -370,6 +381,22 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         except ValueError:
             raise click.BadParameter("a comma-separated list of site counts", param_hint="--matching") from None
         report: dict[str, Any] | None = measure(sizes)
+    elif memory_sizes:
+        from suanwang.bench_memory import measure as measure_memory
+
+        try:
+            n_sites, n_queued = (int(n) for n in memory_sizes.split(","))
+        except ValueError:
+            raise click.BadParameter("SITES,QUEUED, e.g. 100000,1000000", param_hint="--memory") from None
+        if n_sites < 1 or n_queued < 1:
+            raise click.BadParameter("SITES and QUEUED must be at least 1", param_hint="--memory")
+        report = _run(measure_memory(n_sites, n_queued, redis_url, mqtt_url=mqtt_url))
+    elif ingest_updates is not None:
+        from suanwang.bench_ingest import measure as measure_ingest
+
+        if sites < 1:
+            raise click.BadParameter("at least 1 site", param_hint="--sites")
+        report = _run(measure_ingest(ingest_updates, sites, redis_url, mqtt_url=mqtt_url))
     elif soak_s is not None:
         from suanwang.soak import SoakOptions, run_soak
 
@@ -377,7 +404,12 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         as_json = True  # nested results read best as JSON
     else:
         options = BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers, rate=rate, batch=batch)
-        report = _run(run_bench(options))
+        if matrix:
+            from suanwang.bench import run_matrix
+
+            report = _run(run_matrix(options, rate or 300.0))
+        else:
+            report = _run(run_bench(options))
     if report is not None:
         _print_json(report) if as_json else print_report(console, report)
         if report.get("clean") is False:

@@ -47,6 +47,10 @@ class MqttLink:
                     keepalive=self.keepalive, max_queued_incoming_messages=100_000, max_inflight_messages=1000,
                     tls_params=self.target.tls_params(),
                 ) as client:  # fmt: skip
+                    # aiomqtt warns, through the logging module, on every publish made while more than this
+                    # many are unanswered; a busy pass has hundreds in flight by design (up to the 1,000
+                    # the session allows), so the warning would be one log line per assignment
+                    client.pending_calls_threshold = 1000
                     self._client = client
                     for topic_filter, qos in self.subscriptions:
                         await client.subscribe(topic_filter, qos=qos)

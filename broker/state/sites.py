@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -10,14 +12,26 @@ import orjson
 from broker.model.records import Applied, SiteRecord
 from broker.state.base import StoreBase
 from broker.state.connection import text, translated
-from common.protocol import Capacity
+from broker.state.keys import Keys
+from common.errors import StoreUnavailable
+from common.protocol import Capacity, Pool
+
+_COUNTS = frozenset({"total", "in_use_external"})  # what a pool reports each time; the rest is its metadata
+_POOL_META = operator.attrgetter(*(f for f in Pool.model_fields if f not in _COUNTS))
+_METAS: dict[tuple[Any, ...], bytes] = {}
+_METAS_KEPT = 4096
 
 
-class SiteState(StoreBase):
-    async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> Applied:
-        """Record a capacity message, unless its seq is not newer than the last one applied."""
-        k = self.keys
-        meta = orjson.dumps(
+def _site_meta(cap: Capacity) -> bytes:
+    """The site's metadata as stored (its pools without their counts, energy, latency), JSON with sorted keys.
+    Kept by content: heartbeats repeat it with only their counts changed, and encoding it is most of the cost
+    of preparing a message for Redis."""
+    key = (tuple(map(_POOL_META, cap.pools)), cap.energy, tuple(cap.latency_ms.items()))
+    meta = _METAS.get(key)
+    if meta is None:
+        if len(_METAS) >= _METAS_KEPT:
+            _METAS.clear()
+        meta = _METAS[key] = orjson.dumps(
             {
                 "pools": [p.model_dump(mode="json", exclude={"total", "in_use_external"}) for p in cap.pools],
                 "energy": cap.energy.model_dump(),
@@ -25,15 +39,41 @@ class SiteState(StoreBase):
             },
             option=orjson.OPT_SORT_KEYS,
         )
+    return meta
+
+
+@functools.lru_cache(maxsize=65_536)
+def _capacity_keys(k: Keys, site: str) -> tuple[str, ...]:
+    """capacity.lua's keys for a site, built once: every heartbeat needs them."""
+    return (k.site(site), k.capacity(site), k.sites, k.seen, k.clock, k.site_status_log(site), k.site_registry,
+            k.wake)  # fmt: skip
+
+
+class SiteState(StoreBase):
+    async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> Applied:
+        """Record a capacity message, unless its seq is not newer than the last one applied."""
+        keys, args = self._capacity_call(cap, at_ms)
+        async with translated():
+            return Applied(int(await self._capacity(keys=keys, args=args)))
+
+    async def apply_capacities(self, caps: Sequence[Capacity]) -> list[Applied | StoreUnavailable]:
+        """Record capacity messages in one pipelined round trip, each as `apply_capacity` would and in their
+        order. A message Redis failed on has the error in its place while the others stand, so a caller
+        tries again only those; a lost connection raises `StoreUnavailable` for all."""
+        calls = [(self._capacity, *self._capacity_call(cap)) for cap in caps]
+        async with translated():
+            replies = await self.run_scripts(calls, raise_on_error=False)
+        return [StoreUnavailable(f"Redis error: {r}") if isinstance(r, Exception) else Applied(int(r)) for r in replies]
+
+    def _capacity_call(self, cap: Capacity, at_ms: int | None = None) -> tuple[tuple[str, ...], list[Any]]:
+        """capacity.lua's keys and arguments for one message."""
+        meta = _site_meta(cap)
         when = at_ms if at_ms is not None else ""  # by default the heartbeat is timed by Redis's clock
         args: list[Any] = [cap.site, cap.seq, when, cap.hub, cap.cluster or "", meta, len(cap.pools)]
         for pool in cap.pools:
             args += [pool.model, pool.total, pool.in_use_external]
         args.append(cap.boot or "")
-        keys = [k.site(cap.site), k.capacity(cap.site), k.sites, k.seen, k.clock, k.site_status_log(cap.site),
-                k.site_registry, k.wake]  # fmt: skip
-        async with translated():
-            return Applied(int(await self._capacity(keys=keys, args=args)))
+        return _capacity_keys(self.keys, cap.site), args
 
     async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
         k = self.keys
