@@ -67,7 +67,7 @@ class PoolTable:
         self.total = np.zeros(capacity, np.int64)
         self.external = np.zeros(capacity, np.int64)
         self.allocated = np.zeros(capacity, np.int64)
-        self.per_node = np.ones(capacity, np.int32)
+        self.per_node = np.ones(capacity, np.int64)  # int64: a huge request times a node size must not overflow
         self.online = np.zeros(capacity, np.bool_)
         self.green = np.zeros(capacity, np.float32)
         self.stackset = np.zeros(capacity, np.int32)

@@ -361,3 +361,20 @@ def test_decisions_satisfy_every_hard_constraint(fleet, req):
     else:
         assert not any(fits(req, s, p) for s in fleet for p in s.pools)
         assert sum(n for _, n in result.reasons) == len(fleet)
+
+
+def test_a_whole_node_request_far_beyond_any_pool_is_refused_not_overflowed():
+    """Equivalent compute of ~860,000 units on whole nodes is more devices than int32 holds once rounded
+    up to nodes: the answer is that nothing fits, not an overflow (a 500 from /v1/quote)."""
+    from broker.matching import NoFit, Request, match
+    from broker.matching.quote import quote
+    from broker.model.job import JobSpec
+    from suanwang.bench_matching import build_snapshot
+
+    spec = JobSpec.model_validate({
+        "workload": "inference", "origin": "ningxia", "duration_hours": 1,
+        "resources": {"whole_nodes": True, "archs": ["GPU", "ASIC"], "equivalent": {"units": 856826.0359486906}},
+    })  # fmt: skip
+    snap = build_snapshot(50)
+    assert isinstance(match(Request.of("huge", spec), snap), NoFit)
+    assert quote(Request.of("huge", spec), snap)["candidates"] == []
