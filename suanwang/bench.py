@@ -313,6 +313,14 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             urls.append(f"http://127.0.0.1:{port}")
             procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", "--auth", "off",
                                 "--log-level", "error"], env))  # fmt: skip
+        # every broker listens before the sites start: their thousand MQTT connections take ephemeral ports,
+        # one of which could otherwise be the port a broker was given but had not bound yet
+        for url, proc in zip(urls, procs, strict=True):
+            problem = await _wait_healthy(url, 60)
+            if problem is not None:
+                exited = f"exited with {proc.poll()}" if proc.poll() is not None else "still running"
+                raise BenchError(f"the broker at {url} did not come up ({exited}); last answer: {problem}\n"
+                                 f"{_tail(proc)}")  # fmt: skip
         hubs = list(load_geography().hubs)
         per_hub = [options.sites // len(hubs) + (1 if i < options.sites % len(hubs) else 0) for i in range(len(hubs))]
         for hub, n in zip(hubs, per_hub, strict=True):
@@ -338,12 +346,6 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
                     )
                 )
         started = time.monotonic()
-        for url, proc in zip(urls, procs, strict=False):
-            problem = await _wait_healthy(url, 60)
-            if problem is not None:
-                exited = f"exited with {proc.poll()}" if proc.poll() is not None else "still running"
-                raise BenchError(f"the broker at {url} did not come up ({exited}); last answer: {problem}\n"
-                                 f"{_tail(proc)}")  # fmt: skip
         sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
         startup_s = time.monotonic() - started
         dead = [p for p in procs if p.poll() is not None]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from broker.matching import Candidate, Decision, NoFit, Request, match_in_turn
+from broker.matching import RUNNERS_UP, Candidate, Decision, NoFit, Request, match_in_turn
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.model.records import Commit, Placement, Refusal
@@ -30,7 +30,10 @@ from common import logs
 from common.protocol import Assignment
 
 log = logs.get("suanwang.scheduler")
-LOAD_CHUNK = 5_000  # sites loaded in one round trip when the view is brought up to date
+LOAD_CHUNK = 5_000
+# pools a placement carries to its commit: the chosen one and runners-up to fall back on when another replica
+# filled it first (the job's record shows `RUNNERS_UP` of them; the rest ride along under "more")
+COMMIT_KEEP = 8  # sites loaded in one round trip when the view is brought up to date
 
 
 def _latency(candidate: Candidate) -> float:
@@ -42,7 +45,9 @@ def placement_of(job_id: str, decision: Decision) -> Placement:
     runners-up go along, so that a pool another replica filled first hands the job to the next one in the
     same commit instead of refusing it."""
     chosen = decision.chosen
-    record = orjson.dumps({"chosen": chosen.as_dict(), "runners_up": [c.as_dict() for c in decision.runners_up]})
+    shown, more = decision.runners_up[:RUNNERS_UP], decision.runners_up[RUNNERS_UP:]
+    record = orjson.dumps({"chosen": chosen.as_dict(), "runners_up": [c.as_dict() for c in shown],
+                           "more": [c.as_dict() for c in more]})  # fmt: skip
     alternatives = tuple((c.site, c.hub, c.model, c.devices, c.price, _latency(c), c.arch) for c in decision.runners_up)
     return Placement(job_id, chosen.site, chosen.hub, chosen.model, chosen.devices, chosen.price, _latency(chosen),
                      arch=chosen.arch, decision=record.decode(), alternatives=alternatives)  # fmt: skip
@@ -170,7 +175,7 @@ class Scheduler:
         self.backfill.begin_pass()
         now = time.time() * 1000
         version = self.snapshot.version
-        results = match_in_turn(batch.requests, self.snapshot,
+        results = match_in_turn(batch.requests, self.snapshot, keep=COMMIT_KEEP,
                                 exclude_for=lambda req: self.backfill.exclude_for(req, now))  # fmt: skip
         for req, result in zip(batch.requests, results, strict=True):
             if isinstance(result, NoFit):

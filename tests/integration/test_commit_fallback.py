@@ -119,3 +119,24 @@ async def test_the_scheduler_sends_the_job_to_the_runner_up_and_moves_its_take(r
     assert int(table.allocated[table.index[site]]) == 8, "the view's take moved to the runner-up"
     assert scheduler.metrics.fallbacks._value.get() == 1
     assert scheduler.metrics.rejections.labels("stale_view")._value.get() == 0
+
+
+async def test_a_pool_past_the_shown_runners_up_takes_the_job_and_the_record_keeps_its_shape(store: Store) -> None:
+    """Placements carry more runners-up than a job's record shows (they ride under "more"): one of those
+    may take the job, and the record still shows the same number of runners-up, the others under "more"."""
+    sites = [f"guian-{i:02d}" for i in range(2, 7)]
+    assert await store.apply_capacity(capacity(1, {MODEL: (16, 12)}))
+    for site in sites[:-1]:
+        assert await store.apply_capacity(capacity(1, {MODEL: (16, 12)}, site=site))  # all full
+    assert await store.apply_capacity(capacity(1, {MODEL: (16, 0)}, site=sites[-1]))
+    await store.submit("j1", spec(count=8), at_ms=T0)
+    alternatives = tuple(_alt(site) for site in sites)
+    decision = {"chosen": {"site": SITE}, "runners_up": [{"site": s} for s in sites[:3]],
+                "more": [{"site": s} for s in sites[3:]]}  # fmt: skip
+    placement = dataclasses.replace(_placement(*alternatives), decision=orjson.dumps(decision).decode())
+    (commit,) = await store.allocate([placement], 60_000)
+    assert (commit.attempt, commit.choice) == (1, 5)
+    record = orjson.loads((await store.get_job("j1") or {})["decision"])
+    assert record["chosen"]["site"] == sites[-1]
+    assert [r["site"] for r in record["runners_up"]] == [SITE, *sites[:2]]
+    assert [r["site"] for r in record["more"]] == sites[2:4]

@@ -54,12 +54,22 @@ local site, model, count, price, latency, hub, arch = pool[4], pool[5], tonumber
 local decision = ARGV[12]
 if choice > 1 then
   -- the record of why says what took the job: that runner-up first, the others after it
+  -- (the record shows as many runners-up as it did; any further ones it carries stay under "more")
   local d = cjson.decode(decision)
   local options = {d.chosen}
   for _, r in ipairs(d.runners_up) do options[#options + 1] = r end
-  local others = {}
-  for i, o in ipairs(options) do if i ~= choice then others[#others + 1] = o end end
-  decision = cjson.encode({chosen = options[choice], runners_up = others})
+  for _, r in ipairs(d.more or {}) do options[#options + 1] = r end
+  if options[choice] ~= nil then
+    local shown, more = {}, {}
+    for i, o in ipairs(options) do
+      if i ~= choice then
+        if #shown < #d.runners_up then shown[#shown + 1] = o else more[#more + 1] = o end
+      end
+    end
+    local record = {chosen = options[choice], runners_up = shown}
+    if #more > 0 then record.more = more end
+    decision = cjson.encode(record)
+  end
 end
 local now = ARGV[7]
 if now == '' then
