@@ -8,6 +8,9 @@ Redis errors are translated into `StoreUnavailable` (broker.state.connection), s
 from __future__ import annotations
 
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from broker.state.archive import JobArchive, Retention
 from broker.state.connection import translated
@@ -40,9 +43,15 @@ class Store(SiteState, JobQueue, JobArchive):
     def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64,
                  retention: Retention | None = None) -> Store:  # fmt: skip
         """A store on a blocking pool: a burst of callers waits for a connection instead of failing."""
+        # A connection Redis closed (a restart) fails its next command before the command reaches Redis;
+        # that command is sent again once on a fresh connection instead of failing the caller. Only for
+        # connection errors, not timeouts: every script is fenced on what it finds (a job's state, its
+        # attempt, an existing job id), so even a command that did run before its reply was lost is safe
+        # to send again.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=10, socket_timeout=5, socket_connect_timeout=2,
             health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis_errors.ConnectionError,)),
         )  # fmt: skip
         store = cls(aioredis.Redis(connection_pool=pool), Keys(namespace))
         if retention is not None:

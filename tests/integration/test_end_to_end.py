@@ -514,9 +514,10 @@ async def test_rejected_assignment_returns_to_queue_and_is_placed_again(
         job_id = await submit(http, job_body(6))
         view = await job_when(http, job_id, lambda j: j["state"] == "running")
         pool = pool_of((await get_json(http, "/v1/sites/picky-1"))[1], GPU_MODEL)
+        # read while the site is still there: leaving this block takes it offline, which requeues the job
+        events = await job_events(broker, job_id)
     assert view["attempts"] == 2 and view["allocation"]["attempt"] == 2
     assert [(a.job, a.attempt) for a in site.runs] == [(job_id, 1), (job_id, 2)]
-    events = await job_events(broker, job_id)
     assert [e["type"] for e in events] == [
         "queued", "allocated", "released", "requeued", "allocated", "accepted", "running"]  # fmt: skip
     assert next(e for e in events if e["type"] == "requeued")["reason"] == "disk full"

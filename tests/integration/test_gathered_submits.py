@@ -79,3 +79,29 @@ async def test_more_submits_than_one_round_trip_carries(redis_client: aioredis.R
     results = await asyncio.gather(*(store.submit(f"job-{i}", spec()) for i in range(n)))
     assert len({stored["id"] for stored, _ in results}) == n
     assert await redis_client.zcard(store.keys.queue) == n
+
+
+async def test_connections_redis_closed_are_replaced_without_failing_the_caller(own_redis: RedisServer,
+                                                                                namespace: str) -> None:  # fmt: skip
+    """After Redis drops every client connection (as a restart does), the next submit is sent again on a
+    fresh connection instead of failing with a 503."""
+    store = Store.from_url(own_redis.url, namespace)
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await store.submit("before", spec())
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        stored, created = await store.submit("after", spec())
+        assert created and stored["id"] == "after"
+    finally:
+        await store.close()
+        await admin.aclose()
+
+
+async def test_a_submission_sent_twice_makes_one_job(redis_client: aioredis.Redis, namespace: str) -> None:
+    """A submit whose reply was lost and that was sent again finds its job made and does not queue it twice."""
+    store = Store(redis_client, Keys(namespace))
+    first, created = await store.submit("job-1", spec())
+    again, created_again = await store.submit("job-1", spec())
+    assert created and not created_again and again["id"] == first["id"] == "job-1"
+    assert await redis_client.zcard(store.keys.queue) == 1
+    assert int(await redis_client.zscore(store.keys.queued_tenants, first["tenant"]) or 0) == 1

@@ -17,6 +17,10 @@ if ARGV[6] ~= '' then
     return {existing, hash == ARGV[7] and 0 or -1}
   end
 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  -- this very submission ran already (its reply was lost and it was sent again): the job, once
+  return {job_id, 0}
+end
 local t = redis.call('TIME')  -- one clock for every replica: the bucket and the queue order
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if created == '' then
