@@ -50,6 +50,7 @@ class BenchOptions:
     seed: int = 11
     rate: float | None = None  # open loop: offer this many jobs a second at a constant pace (None: closed loop)
     batch: int = 0  # jobs per POST /v1/jobs:batch (0: one POST /v1/jobs per job)
+    tokens: bool = False  # authentication on: submits with a user token, the stream with an operator's
 
 
 @dataclass
@@ -62,6 +63,8 @@ class _Run:
     errors: int = 0
     error_statuses: Counter[str] = field(default_factory=Counter)  # HTTP status (or "connection") -> count
     refusals: dict[str, float] = field(default_factory=dict)  # the brokers' refused commits, by reason
+    submit_headers: dict[str, str] = field(default_factory=dict)  # Authorization for submits
+    operator_headers: dict[str, str] = field(default_factory=dict)  # Authorization for the stream, sites, metrics
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds used by the brokers, sites, Redis, client
 
 
@@ -112,10 +115,10 @@ async def _wait_healthy(url: str, timeout: float) -> str | None:
     return last
 
 
-async def _wait_sites(url: str, n: int, timeout: float) -> int:
+async def _wait_sites(url: str, n: int, timeout: float, headers: dict[str, str] | None = None) -> int:
     deadline = time.monotonic() + timeout
     seen = 0
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers) as session:
         while time.monotonic() < deadline:
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{url}/v1/sites") as response:
@@ -130,7 +133,7 @@ async def _wait_sites(url: str, n: int, timeout: float) -> int:
 async def _listen(url: str, run: _Run, ready: asyncio.Event) -> None:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
     async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
+        aiohttp.ClientSession(timeout=timeout, headers=run.operator_headers) as session,
         session.get(f"{url}/v1/allocations/stream") as response,
     ):
         ready.set()
@@ -149,6 +152,24 @@ def _cpu_s(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _tokens(redis_url: str, namespace: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Authorization headers for a user token of tenant `bench` (submits) and an operator token (the
+    stream, the sites, the metrics), made in the namespace's token store."""
+    import redis.asyncio as aioredis
+
+    from broker.state.keys import Keys
+    from broker.state.tokens import Tokens
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        tokens = Tokens(client, Keys(namespace))
+        user, _ = await tokens.create("user", "bench", "bench submitter")
+        operator, _ = await tokens.create("operator", "bench", "bench operator")
+    finally:
+        await client.aclose()
+    return {"Authorization": f"Bearer {user}"}, {"Authorization": f"Bearer {operator}"}
 
 
 async def _cpu_now(procs: list[subprocess.Popen[bytes]], options: BenchOptions, redis_url: str,
@@ -179,10 +200,10 @@ async def _redis_cpu_s(url: str) -> float:
 REFUSALS = ("stale_view", "not_queued", "site_not_online", "tenant_limit")
 
 
-async def _refusals(urls: list[str]) -> dict[str, float]:
+async def _refusals(urls: list[str], headers: dict[str, str] | None = None) -> dict[str, float]:
     """Refused commits summed over the brokers' /metrics, by reason."""
     found: dict[str, float] = {}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers) as session:
         for url in urls:
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{url}/metrics") as response:
@@ -228,7 +249,7 @@ async def _offer(urls: list[str], bodies: list[bytes], run: _Run, rate: float, b
     start = time.monotonic()
     in_flight: set[asyncio.Task[None]] = set()
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=run.submit_headers) as session:
         for i, body in enumerate(bodies):
             due = start + i / rate
             delay = due - time.monotonic()
@@ -247,7 +268,7 @@ async def _submit(urls: list[str], jobs: list[bytes], run: _Run, concurrency: in
 
     async def worker(i: int) -> None:
         url = urls[i % len(urls)]
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=run.submit_headers) as session:
             while not queue.empty():
                 body = queue.get_nowait()
                 sent = time.monotonic()
@@ -271,7 +292,7 @@ async def _submit_batches(urls: list[str], bodies: list[bytes], run: _Run, concu
         queue.put_nowait(body)
 
     async def worker(i: int) -> None:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=run.submit_headers) as session:
             while not queue.empty():
                 await _post(session, urls[i % len(urls)], queue.get_nowait(), True, time.monotonic(), run)
 
@@ -307,11 +328,16 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             "SUANWANG_MQTT_URL": mqtt_url,
             "SUANWANG_NAMESPACE": namespace,
         }
+        run = _Run()
+        auth = ["--auth", "off"]
+        if options.tokens:  # as deployed: tokens checked, the per-token submit rate raised past the load
+            run.submit_headers, run.operator_headers = await _tokens(redis_url, namespace)
+            auth = ["--auth", "required", "--submit-rate", "1000000", "--submit-burst", "1000000"]
         urls = []
         for _ in range(options.brokers):
             port = free_port()
             urls.append(f"http://127.0.0.1:{port}")
-            procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", "--auth", "off",
+            procs.append(_spawn(["suanwang.cli", "serve", "--http", f"127.0.0.1:{port}", *auth,
                                 "--log-level", "error"], env))  # fmt: skip
         # every broker listens before the sites start: their thousand MQTT connections take ephemeral ports,
         # one of which could otherwise be the port a broker was given but had not bound yet
@@ -346,7 +372,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
                     )
                 )
         started = time.monotonic()
-        sites_seen = await _wait_sites(urls[0], options.sites, timeout=60 + options.sites / 20)
+        sites_seen = await _wait_sites(urls[0], options.sites, 60 + options.sites / 20, run.operator_headers)
         startup_s = time.monotonic() - started
         dead = [p for p in procs if p.poll() is not None]
         if dead or sites_seen < options.sites:
@@ -356,7 +382,6 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
                              f"{startup_s:.0f} s; {said or 'no process exited'} (logs in {_LOGS})")  # fmt: skip
         rng = random.Random(options.seed)
         jobs = [orjson.dumps(sample_job(rng, tenant="bench")) for _ in range(options.jobs)]
-        run = _Run()
         ready = asyncio.Event()
         listener = asyncio.create_task(_listen(urls[0], run, ready))
         await asyncio.wait_for(ready.wait(), 10)
@@ -385,7 +410,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         listener.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
-        run.refusals = await _refusals(urls)
+        run.refusals = await _refusals(urls, run.operator_headers)
         cpu_after = await _cpu_now(procs, options, redis_url, mosquitto)
         run.cpu_s = {name: spent - cpu_before[name] for name, spent in cpu_after.items()}
         return _report(options, run, sites_seen, startup_s)
@@ -440,6 +465,7 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
         "refused_by_reason": {k: int(v) for k, v in run.refusals.items()},
         "mode": f"open loop at {options.rate:g} jobs/s" if options.rate else "closed loop",
         "submit": f"batches of {options.batch}" if options.batch else "one job per POST",
+        "auth": "tokens" if options.tokens else "off",
         "cpu_count": os.cpu_count(),
     }
 

@@ -20,3 +20,14 @@ async def test_open_loop_and_batch_benches_place_every_job(redis_server: RedisSe
     batch = await run_bench(options(jobs=100, batch=25, concurrency=2))
     assert batch["submit"] == "batches of 25" and batch["mode"] == "closed loop"
     assert batch["jobs_submitted"] == batch["jobs_placed"] == 100 and batch["submit_errors"] == 0
+    assert set(batch["cpu_ms_per_placement"]) == {"brokers", "sites", "redis", "mosquitto", "client"}
+    assert batch["cpu_ms_per_placement"]["brokers"] > 0 and batch["refused_commits"] == 0
+
+
+async def test_the_bench_with_tokens_on_places_every_job(redis_server: RedisServer, mosquitto: MosquittoServer
+                                                         ) -> None:  # fmt: skip
+    """`--tokens`: the brokers require tokens; submits carry a user token, the stream an operator's."""
+    report = await run_bench(BenchOptions(redis_server.url, mosquitto.url, sites=16, heartbeat_s=2.0, jobs=40,
+                                          concurrency=4, tokens=True))  # fmt: skip
+    assert report["auth"] == "tokens"
+    assert report["jobs_submitted"] == report["jobs_placed"] == 40 and report["submit_errors"] == 0
