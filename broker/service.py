@@ -32,6 +32,7 @@ from broker.state.store import Store
 from broker.state.tokens import Tokens
 from common import logs, topics
 from common.config import Settings, redact_url
+from common.errors import InvalidInput
 from regions import load_geography
 
 log = logs.get("suanwang.broker")
@@ -166,8 +167,18 @@ def _https(settings: Settings) -> ssl.SSLContext | None:
 GC_YOUNG = 50_000
 
 
+def gc_young() -> int:
+    """`SUANWANG_GC_YOUNG`, or `GC_YOUNG`; a value that is not a positive whole number is refused by name."""
+    raw = os.environ.get("SUANWANG_GC_YOUNG", "").strip()
+    if not raw:
+        return GC_YOUNG
+    if not raw.isdigit() or int(raw) < 1:
+        raise InvalidInput(f"SUANWANG_GC_YOUNG must be a positive whole number, got {raw!r}", "SUANWANG_GC_YOUNG")
+    return int(raw)
+
+
 async def serve(settings: Settings) -> None:
-    gc.set_threshold(int(os.environ.get("SUANWANG_GC_YOUNG") or GC_YOUNG), 20, 20)
+    gc.set_threshold(gc_young(), 20, 20)
     broker = await start_broker(settings)
     gc.freeze()  # what start-up built (catalog, geography, the first view) lives as long as the process
     print(f"Suanwang broker listening on {broker.url}", flush=True)

@@ -307,10 +307,8 @@ async def test_sse_resumes_after_last_event_id_without_gaps_or_duplicates(
     assert next_id not in expected
 
 
-async def test_events_are_mirrored_on_the_mqtt_allocations_topic(
-    broker: Broker, http: aiohttp.ClientSession, own_mosquitto: MosquittoServer, namespace: str
-) -> None:
-    """Every logged event appears once, in order, on `suanwang/v1/allocations`."""
+async def _mirror_ready(broker: Broker, namespace: str) -> None:
+    """Wait until the broker's mirror has made its consumer group (events before it would not be mirrored)."""
     redis = broker.store.redis
 
     async def mirror_group_exists() -> bool:
@@ -319,13 +317,20 @@ async def test_events_are_mirrored_on_the_mqtt_allocations_topic(
         return False
 
     await eventually(mirror_group_exists, what="the mirror consumer group")
+
+
+async def test_events_are_mirrored_on_the_mqtt_allocations_topic(
+    broker: Broker, http: aiohttp.ClientSession, own_mosquitto: MosquittoServer, namespace: str
+) -> None:
+    """Every logged event appears once, in order, on `suanwang/v1/allocations`."""
+    await _mirror_ready(broker, namespace)
     async with mqtt_client(own_mosquitto) as watcher, hand_site(own_mosquitto, "mirror-1", [gpu_pool(8)]):
         await watcher.subscribe(topics.ALLOCATIONS, qos=1)
         await online(http, "mirror-1")
         jobs = [await submit(http, job_body(2)) for _ in range(3)]
         for job_id in jobs:
             await job_when(http, job_id, lambda j: j["state"] == "running")
-        rows = await redis.xrange(Keys(namespace).events)
+        rows = await broker.store.redis.xrange(Keys(namespace).events)
         expected = [decode_event(i, f) for i, f in rows]
         assert {e["type"] for e in expected} >= {"queued", "allocated", "accepted", "running"}
         mirrored: list[dict[str, Any]] = []
@@ -619,14 +624,7 @@ async def test_the_batch_mirror_carries_every_event_once_in_order(
         aiohttp.ClientSession(base_url=broker.url) as http,
         mqtt_client(own_mosquitto) as watcher,
     ):
-        redis = broker.store.redis
-
-        async def mirror_group_exists() -> bool:
-            with contextlib.suppress(aioredis.ResponseError):
-                return any(g["name"].decode() == MIRROR_GROUP for g in await redis.xinfo_groups(Keys(namespace).events))
-            return False
-
-        await eventually(mirror_group_exists, what="the mirror consumer group")
+        await _mirror_ready(broker, namespace)
         await watcher.subscribe(topics.ALLOCATIONS_BATCH, qos=1)
         await watcher.subscribe(topics.ALLOCATIONS, qos=1)
         async with hand_site(own_mosquitto, "mirror-b", [gpu_pool(16)]):
@@ -634,7 +632,7 @@ async def test_the_batch_mirror_carries_every_event_once_in_order(
             jobs = [await submit(http, job_body(2)) for _ in range(4)]
             for job_id in jobs:
                 await job_when(http, job_id, lambda j: j["state"] == "running")
-            expected = [decode_event(i, f) for i, f in await redis.xrange(Keys(namespace).events)]
+            expected = [decode_event(i, f) for i, f in await broker.store.redis.xrange(Keys(namespace).events)]
             mirrored: list[dict[str, Any]] = []
             messages = 0
             async with asyncio.timeout(WAIT):

@@ -1,4 +1,4 @@
-"""`SUANWANG_EVENT_LOOP` chooses the event loop the commands run on."""
+"""`SUANWANG_EVENT_LOOP` chooses the event loop the commands run on; `SUANWANG_GC_YOUNG` the collector's pace."""
 
 from __future__ import annotations
 
@@ -29,3 +29,17 @@ def test_an_unknown_loop_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SUANWANG_EVENT_LOOP", "trio")
     with pytest.raises(click.BadParameter, match="SUANWANG_EVENT_LOOP"):
         cli._loop_factory()
+
+
+def test_the_collector_setting_is_read_and_a_bad_one_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.service import GC_YOUNG, gc_young
+    from common.errors import InvalidInput
+
+    monkeypatch.delenv("SUANWANG_GC_YOUNG", raising=False)
+    assert gc_young() == GC_YOUNG
+    monkeypatch.setenv("SUANWANG_GC_YOUNG", "700")
+    assert gc_young() == 700
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv("SUANWANG_GC_YOUNG", bad)
+        with pytest.raises(InvalidInput, match="SUANWANG_GC_YOUNG"):
+            gc_young()
