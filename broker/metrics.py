@@ -34,6 +34,10 @@ class Metrics:
         )  # fmt: skip
         self.fallbacks = Counter("suanwang_commit_fallbacks", "Placements a runner-up took at commit because the "
                                  "chosen pool had filled meanwhile (another replica)", registry=r)  # fmt: skip
+        self.holds = Counter("suanwang_holds", "Holds by what became of them (taken, used, expired, released)",
+                             ["outcome"], registry=r)  # fmt: skip
+        self.holds_standing = Gauge("suanwang_holds_standing", "Holds standing now (their devices reserved)",
+                                    registry=r)  # fmt: skip
         self.mqtt_in = Counter("suanwang_mqtt_messages", "MQTT messages received, by type", ["type"], registry=r)
         self.mqtt_dropped = Counter("suanwang_mqtt_dropped", "MQTT messages dropped, by reason", ["reason"], registry=r)
         self.redis_rtt = Histogram(

@@ -138,7 +138,10 @@ async def start_broker(settings: Settings) -> Broker:
         tokens=tokens if settings.auth == "required" else None, buckets=RateBuckets(store.redis, store.keys),
         limits=Limits(settings.submit_rate, settings.submit_burst, settings.max_queued_per_tenant,
                       quote_rate=settings.quote_rate, quote_burst=settings.quote_burst,
-                      auth_failures_per_minute=settings.auth_failures_per_minute),
+                      auth_failures_per_minute=settings.auth_failures_per_minute, hold_ttl_s=settings.hold_ttl_s,
+                      hold_max_ttl_s=settings.hold_max_ttl_s, max_holds_per_tenant=settings.max_holds_per_tenant,
+                      accept_timeout_s=settings.accept_timeout_s),
+        holds=store,
         max_body_bytes=settings.max_body_bytes,
     ))  # fmt: skip
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)

@@ -26,6 +26,9 @@ _NUMBER_VARS: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
     ("archive_retention_days", "SUANWANG_ARCHIVE_RETENTION_DAYS", float, "a number"),
     ("quote_rate", "SUANWANG_QUOTE_RATE", float, "a number"), ("quote_burst", "SUANWANG_QUOTE_BURST", int, "a number"),
     ("auth_failures_per_minute", "SUANWANG_AUTH_FAILURES", int, "a number"),
+    ("hold_ttl_s", "SUANWANG_HOLD_TTL", float, "a number of seconds"),
+    ("hold_max_ttl_s", "SUANWANG_HOLD_MAX_TTL", float, "a number of seconds"),
+    ("max_holds_per_tenant", "SUANWANG_MAX_HOLDS_PER_TENANT", int, "a number"),
 )  # fmt: skip
 
 
@@ -124,6 +127,11 @@ class Settings:
     quote_burst: int = 10
     # Unknown API tokens one client address may send per minute (per replica) before it is answered 429.
     auth_failures_per_minute: int = 30
+    # Holds (POST /v1/quote?hold=true): how long one lasts unless asked otherwise, the longest it may be asked
+    # to last, and how many one tenant may have standing at once.
+    hold_ttl_s: float = 60.0
+    hold_max_ttl_s: float = 600.0
+    max_holds_per_tenant: int = 20
     # Hours a finished job stays in the hot set (listings, state indexes) before it is archived.
     finished_retention_hours: float = 168.0
     # Days the global usage log keeps (operators' reads across tenants, the dashboard's revenue).
@@ -152,6 +160,9 @@ class Settings:
         if self.finished_retention_hours <= 0 or self.archive_retention_days < 0:
             raise InvalidInput("finished_retention_hours must be positive and archive_retention_days not negative",
                                "finished_retention_hours")  # fmt: skip
+        if not 0 < self.hold_ttl_s <= self.hold_max_ttl_s or self.max_holds_per_tenant < 1:
+            raise InvalidInput("hold_ttl_s must be positive and at most hold_max_ttl_s, and max_holds_per_tenant at "
+                               "least 1", "hold_ttl_s")  # fmt: skip
         if self.usage_retention_days < 1:  # the dashboard's revenue reads the last 24 hours of the log
             raise InvalidInput("usage_retention_days must be at least 1", "usage_retention_days")
 

@@ -31,6 +31,20 @@ class Conflict(SuanwangError):
 
     code = "conflict"
 
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code:
+            self.code = code
+
+
+class HoldNotStanding(Conflict):
+    """A hold that was used, released, has expired, or is not the caller's: `state` says which (`expired`,
+    `used`, `released`, `unknown`); the code is `hold_<state>`."""
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message, code=f"hold_{state}")
+        self.state = state
+
 
 class StoreUnavailable(SuanwangError):
     """Redis cannot be reached or answered with an error."""

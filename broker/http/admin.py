@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from broker.http.deps import DEPS
 from broker.http.responses import json_body, json_response
@@ -24,7 +24,7 @@ class SiteRegistration(Strict):
     id: Identifier = Field(description="The site id, also its MQTT user name")
     hub: Identifier
     cluster: Identifier | None = None
-    rotate: bool = Field(default=False, description="Give an already registered site a new password")
+    rotate: StrictBool = Field(default=False, description="Give an already registered site a new password")
 
 
 async def list_tokens(request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from broker.http import admin, dashboard, health, jobs, metrics, openapi, sites, stream, usage
+from broker.http import admin, dashboard, health, holds, jobs, metrics, openapi, sites, stream, usage
 from broker.http.auth import AUTH_FAILURES, FailureLimiter, authenticate
 from broker.http.deps import DEPS, Deps
 from broker.http.responses import errors
@@ -15,6 +15,7 @@ ROUTES: tuple[Route, ...] = (
     *health.ROUTES,
     *openapi.ROUTES,
     *jobs.ROUTES,
+    *holds.ROUTES,
     *sites.ROUTES,
     *stream.ROUTES,
     *usage.ROUTES,

@@ -15,16 +15,17 @@ from aiohttp import web
 from broker.metrics import Metrics
 from broker.model.identity import Identity
 from broker.model.job import JobSpec
-from broker.model.records import SiteRecord
+from broker.model.records import Commit, SiteRecord
 from broker.sites.assignments import PublishAssignments
 from broker.state.events import Subscription
+from broker.state.holds import Hold, HoldOption, TakenHold
 from broker.state.jobs import Submission, SubmitRate
 from broker.state.queries import JobEvents, QueueSample
 from broker.state.registry import RegisteredSite
 from common.errors import SuanwangError
 from regions import Geography
 
-__all__ = ["DEPS", "Deps", "EventSource", "Limits", "MqttUp", "PublishAssignments", "Quoter", "RateBuckets",
+__all__ = ["DEPS", "Deps", "EventSource", "HoldDesk", "Limits", "MqttUp", "PublishAssignments", "Quoter", "RateBuckets",
            "ReadQueries", "Scrape", "SiteBook", "StateStore", "TokenAdmin", "TokenLookup"]  # fmt: skip
 
 
@@ -113,6 +114,25 @@ class SiteBook(Protocol):
     async def revoke(self, site: str) -> None: ...
 
 
+class HoldDesk(Protocol):
+    """Holds: take, end, read, and a job submitted with one (broker.state.holds)."""
+
+    async def take_hold(self, hold_id: str, tenant: str, options: Sequence[HoldOption], ttl_ms: int, resources: str,
+                        *, max_holds: int | None = None, for_job: str = "", now_ms: int | None = None
+                        ) -> TakenHold: ...  # fmt: skip
+
+    async def release_hold(self, hold_id: str, tenant: str = "", reason: str = "released") -> bool: ...
+
+    async def get_hold(self, hold_id: str) -> Hold | None: ...
+
+    async def list_holds(self, tenant: str | None = None, limit: int = 100) -> list[Hold]: ...
+
+    async def submit_held(self, job_id: str, spec: JobSpec, accept_timeout_ms: int, *,
+                          idempotency_key: str | None = None, rate_limit: SubmitRate | None = None,
+                          max_queued: int | None = None
+                          ) -> tuple[dict[str, str], bool, Commit | None] | SuanwangError: ...  # fmt: skip
+
+
 class Quoter(Protocol):
     """Where a job would go now and what would make it fit better; takes no capacity."""
 
@@ -150,6 +170,10 @@ class Limits:
     quote_rate: float = 2.0
     quote_burst: int = 10
     auth_failures_per_minute: int = 30
+    hold_ttl_s: float = 60.0  # a hold's life unless the quote asks for another, at most `hold_max_ttl_s`
+    hold_max_ttl_s: float = 600.0
+    max_holds_per_tenant: int = 20
+    accept_timeout_s: float = 30.0  # how long a site has to accept a job placed from a hold
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,7 @@ class Deps:
     registry: SiteBook
     metrics: Metrics
     scrape: Scrape
+    holds: HoldDesk | None = None  # without, quotes cannot hold and jobs cannot be submitted with a hold
     tokens: TokenLookup | None = None
     buckets: RateBuckets | None = None  # without, quotes are not rate limited
     limits: Limits = field(default_factory=Limits)

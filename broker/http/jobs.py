@@ -7,16 +7,18 @@ import secrets
 import time
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import Field
 
 from broker.http import auth
 from broker.http.deps import DEPS
+from broker.http.holds import HOLD_PARAMS, desk_of, held_assignment, hold_offer, hold_request
 from broker.http.responses import error_body, json_body, json_response, status_of
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
 from broker.http.views import MAX_CANDIDATES, job_view, quote_view
 from broker.model.job import JobSpec, JobState
-from broker.sites.assignments import tell_site_to_cancel
+from broker.sites.assignments import publish_runs, tell_site_to_cancel
 from broker.state.jobs import Submission, SubmitRate
 from common import logs
 from common.errors import Conflict, InvalidInput, NotFound, SuanwangError, TooManyRequests
@@ -86,12 +88,47 @@ async def submit_job(request: web.Request) -> web.Response:
     key = _idempotency_key(request)
     limits, caller = deps.limits, auth.identity_of(request)
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
+    if spec.hold is not None:
+        return await _submit_held(request, spec, key, rate)
     stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash="",
                                               rate_limit=rate, max_queued=limits.max_queued_per_tenant)  # fmt: skip
     if created:
         deps.kick.set()
         log.info("job.submitted", job=stored["id"], tenant=spec.tenant, archs=spec.resources.arch_set,
                  count=spec.resources.count, origin=spec.origin)  # fmt: skip
+    response = json_response(job_view(stored), 202 if created else 200)
+    response.headers["Location"] = f"/v1/jobs/{stored['id']}"
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _submit_held(request: web.Request, spec: JobSpec, key: str | None, rate: SubmitRate | None
+                       ) -> web.Response:  # fmt: skip
+    """A job submitted with a hold: stored and placed on the hold's devices at the hold's price in one
+    transaction, then its site is told; or 409 saying the hold expired (or was used, or released) and nothing
+    is stored. Should the site have gone offline since, the job waits in the queue like any other."""
+    deps = request.app[DEPS]
+    limits = deps.limits
+    outcome = await desk_of(deps).submit_held(new_job_id(), spec, int(limits.accept_timeout_s * 1000),
+                                              idempotency_key=key, rate_limit=rate,
+                                              max_queued=limits.max_queued_per_tenant)  # fmt: skip
+    if isinstance(outcome, SuanwangError):
+        raise outcome
+    stored, created, commit = outcome
+    if created:
+        if commit is not None and commit.ok:
+            offer = orjson.loads(stored.get("decision") or "{}").get("chosen") or {}
+            assignment = held_assignment(stored["id"], spec, offer, commit)
+            await publish_runs(deps.publish_assignments, {stored["site"]: [assignment]})
+            deps.metrics.holds.labels("used").inc()
+            deps.metrics.placements.labels(stored.get("hub", ""), stored.get("arch", "")).inc()
+            log.info("job.submitted", job=stored["id"], tenant=spec.tenant, hold=spec.hold, site=stored["site"],
+                     attempt=commit.attempt)  # fmt: skip
+        else:
+            deps.kick.set()
+            log.warning("job.hold_not_taken", job=stored["id"], tenant=spec.tenant, hold=spec.hold,
+                        refusal=commit.refusal.value if commit and commit.refusal else None)  # fmt: skip
     response = json_response(job_view(stored), 202 if created else 200)
     response.headers["Location"] = f"/v1/jobs/{stored['id']}"
     if not created:
@@ -132,6 +169,8 @@ async def submit_batch(request: web.Request) -> web.Response:
     for i, item in enumerate(items):
         try:
             spec = _spec_of(request, item)
+            if spec.hold is not None:
+                raise InvalidInput("a job with a hold is submitted on its own (POST /v1/jobs)", "hold")
         except SuanwangError as exc:
             inner = getattr(exc, "field", None)
             field = f"jobs[{i}]" + (f".{inner}" if inner else "")
@@ -177,6 +216,7 @@ async def quote_job(request: web.Request) -> web.Response:
     (shared by every replica); the answer holds at most `MAX_CANDIDATES` candidates (`?limit=` for fewer)."""
     deps = request.app[DEPS]
     limit = _query_int(request, "limit", MAX_CANDIDATES, 1, MAX_CANDIDATES)
+    hold, hold_site, hold_ttl_s = hold_request(request)
     spec = await _read_spec(request)
     caller, limits = auth.identity_of(request), deps.limits
     if caller.id and deps.buckets is not None:
@@ -185,7 +225,11 @@ async def quote_job(request: web.Request) -> web.Response:
             seconds = max(1, math.ceil(wait_ms / 1000))
             raise TooManyRequests(f"too many quotes: at most {limits.quote_rate:g}/s in bursts of {limits.quote_burst} "
                                   f"per token; retry in {seconds} s", seconds, code="quote_rate_limited")  # fmt: skip
-    return json_response(quote_view(await deps.quoter(new_job_id(), spec), limit))
+    quoted = await deps.quoter(new_job_id(), spec)
+    view = quote_view(quoted, limit)
+    if hold:
+        view["hold"] = await hold_offer(request, spec, quoted, hold_site, hold_ttl_s)
+    return json_response(view)
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -253,8 +297,10 @@ ROUTES = (
     Route("POST", "/v1/jobs:batch", submit_batch, "Submit up to 1,000 jobs, each accepted or refused on its own",
           role="user", ok=(200, "JobBatchResult"), errors=(400, 413, 415), params=(TENANT_HEADER_PARAM, _KEY_PARAM),
           body=JobBatch),
-    Route("POST", "/v1/quote", quote_job, "Where a job would go now, taking no capacity", role="user",
-          ok=(200, "Quote"), errors=(400, 413, 415, 429), params=(TENANT_HEADER_PARAM, _CANDIDATES_PARAM),
+    Route("POST", "/v1/quote", quote_job, "Where a job would go now; with `hold`, reserve the best place at the "
+          "quoted price for a short time (submit the job with the `hold` id)", role="user",
+          ok=(200, "Quote"), errors=(400, 409, 413, 415, 429),
+          params=(TENANT_HEADER_PARAM, _CANDIDATES_PARAM, *HOLD_PARAMS),
           body=JobSpec),
     Route("GET", "/v1/jobs", list_jobs, "The tenant's jobs, newest first", role="user", ok=(200, "JobList"),
           errors=(400,), params=(_STATE_PARAM, _LIMIT_PARAM, TENANT_QUERY_PARAM, TENANT_HEADER_PARAM)),

@@ -60,6 +60,14 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "Health": _obj(["status", "redis", "mqtt"], status={"enum": ["ok", "degraded"]}, redis=BOOL, mqtt=BOOL),
     "Quote": OBJ,
+    "Hold": _obj(
+        ["id", "state", "tenant", "site", "hub", "model", "devices", "price_cny_per_hour", "created", "expires"],
+        id=STR, state={"enum": ["held", "used", "expired", "released"]}, tenant=STR, site=STR, hub=STR, model=STR,
+        arch=STR, devices=INT, price_cny_per_hour={"type": "number"}, cost_cny_per_hour={"type": "number"},
+        created=STR, expires=STR, expires_in_s={"type": "number"}, offer=OBJ, job=NULLABLE_STR, for_job=NULLABLE_STR,
+        ended=STR, reason=STR,
+    ),
+    "HoldList": _obj(["holds"], holds={"type": "array", "items": ref("Hold")}),
     "DashboardSummary": _obj(
         ["queue", "waiting", "recent_jobs"], queue=OBJ, waiting=OBJ, recent_jobs={"type": "array"}
     ),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import AwareDatetime, Field, StrictBool, field_validator, model_validator
 
 from broker.model.stacks import parse_requirement
 from common.errors import InvalidInput
@@ -48,11 +49,11 @@ class Resources(Strict):
     count: int | None = Field(default=None, ge=1, le=100_000, description="Devices wanted, one model at one site")
     equivalent: Equivalent | None = Field(default=None, description="Compute wanted instead of a device count")
     min_memory_gb: float = Field(default=0, ge=0, le=100_000, description="Per device")
-    same_site: bool = Field(default=True, description="All devices at one site (a gang); placements always are")
+    same_site: StrictBool = Field(default=True, description="All devices at one site (a gang); placements always are")
     interconnect: tuple[Annotated[str, Field(max_length=32)], ...] = Field(
         default=(), max_length=8, description="Any of these interconnects (nvlink, hccs, infiniband, roce ...)"
     )
-    whole_nodes: bool = Field(default=False, description="Take whole servers (multiples of the pool's per_node)")
+    whole_nodes: StrictBool = Field(default=False, description="Take whole servers (multiples of the pool's per_node)")
 
     @model_validator(mode="after")
     def _one_amount(self) -> Resources:
@@ -100,6 +101,11 @@ class Policy(StrEnum):
 ScoreName = Literal["price", "latency", "speed", "green", "packing", "west"]
 
 
+# what a job may change between its quote and its submission without losing the quote's hold
+_NOT_PLACEMENT = {"name", "labels", "tenant", "priority", "deadline", "policy", "weights", "duration_hours", "hold",
+                  "preemptible", "grace_s"}  # fmt: skip
+
+
 class JobSpec(Strict):
     name: str = Field(default="job", min_length=1, max_length=128)
     workload: Literal["training", "inference", "hpc", "rendering", "batch", "general"] = "general"
@@ -111,7 +117,7 @@ class JobSpec(Strict):
         default=None, gt=0, le=1_000_000, description="Per device-hour, or per reference-device-hour for equivalent"
     )
     residency: Residency = Residency()
-    domestic_only: bool = Field(default=False, description="Only domestic chips and CPUs (信创)")
+    domestic_only: StrictBool = Field(default=False, description="Only domestic chips and CPUs (信创)")
     policy: Policy = Policy.BALANCED
     weights: dict[ScoreName, Annotated[float, Field(ge=0, le=100)]] = Field(
         default_factory=dict, description="Override the policy's score weights"
@@ -125,6 +131,19 @@ class JobSpec(Strict):
     labels: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=256)]] = Field(
         default_factory=dict, max_length=32
     )
+    hold: Identifier | None = Field(
+        default=None, description="A hold from POST /v1/quote?hold=true: place the job there, at the quoted price"
+    )
+    preemptible: StrictBool = Field(
+        default=False, description="May give way to higher-priority work (after a grace period to checkpoint)"
+    )
+    grace_s: float = Field(default=60, ge=0, le=3600, description="Seconds a preemptible job gets to checkpoint")
+
+    def placement_hash(self) -> str:
+        """A digest of what decides where the job may run and how much it takes (resources, software, origin,
+        caps, residency, data): a hold is good only for a job asking what the quote it came from asked."""
+        asked = self.model_dump_json(exclude=_NOT_PLACEMENT)
+        return hashlib.sha256(asked.encode()).hexdigest()[:24]
 
     @field_validator("software")
     @classmethod

@@ -56,6 +56,7 @@ class Placement:
     # the runners-up to take in order when the chosen pool cannot take the job at commit (another replica
     # was faster): (site, hub, model, count, price, latency_ms, arch) each
     alternatives: tuple[tuple[str, str, str, int, float, float, str], ...] = ()
+    hold: str = ""  # a hold whose devices the job takes (hold.lua), at the hold's price
 
 
 class Applied(IntEnum):
@@ -74,6 +75,8 @@ class Refusal(StrEnum):
     NOT_QUEUED = "not_queued"  # cancelled, or placed by another replica
     SITE_NOT_ONLINE = "site_not_online"
     TENANT_LIMIT = "tenant_limit"  # the tenant would hold more devices than its limit
+    HOLD_NOT_STANDING = "hold_not_standing"  # the hold was used, ended, or is for another placement
+    TOO_MANY_HOLDS = "too_many_holds"  # the tenant has the most standing holds allowed
 
 
 @dataclass(frozen=True, slots=True)

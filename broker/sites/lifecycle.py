@@ -49,8 +49,8 @@ async def requeue_site(store: Store, publish: PublishAssignments, site: str, rea
 
 
 async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> Counter[str]:
-    """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, and give back
-    the work of silent sites. Returns how many jobs moved, by reason."""
+    """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, end holds past
+    their time, and give back the work of silent sites. Returns how many jobs moved, by reason."""
     now = await store.clock_ms()
     moved: Counter[str] = Counter()
     overdue = await store.overdue_assignments(now)
@@ -72,6 +72,9 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
             if result == "failed":
                 moved["deadline"] += 1
                 log.info("job.deadline_passed", job=job)
+    due_holds = await store.due_holds(now)
+    if due_holds:  # each checked against Redis's clock by the script that ends it
+        moved["hold_expired"] += sum(await store.expire_holds([hold for hold, _ in due_holds]))
     for site in await store.silent_sites(now - site_ttl_ms):
         if await store.set_site_status(site, "stale", expect="online"):
             log.warning("site.silent", site=site)
@@ -91,7 +94,10 @@ async def run_sweeper(
                 kick.set()
             if metrics is not None:
                 for reason, n in moved.items():
-                    metrics.rejections.labels(reason).inc(n)
+                    if reason == "hold_expired":
+                        metrics.holds.labels("expired").inc(n)
+                    else:
+                        metrics.rejections.labels(reason).inc(n)
                 await metrics.observe_redis(store)
         except Exception as exc:  # Redis away: try again next round
             log.warning("sweep.failed", error=str(exc), error_type=type(exc).__name__)

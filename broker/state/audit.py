@@ -41,6 +41,7 @@ PAGE = 500
 RETRIES = 5  # consistent re-reads of a suspect before it is reported as unconfirmed
 Row = tuple[str, str, str, int, str]  # state, site, model, count, tenant
 Places = tuple[bool, bool, bool, bool]  # in the queue, its tenant's window, its tenant's parked set, its site's set
+_SiteState = tuple[dict[str, int], dict[str, Row | None], dict[str, Row | None]]  # capacity, jobs, holds
 T = TypeVar("T")
 
 
@@ -90,13 +91,21 @@ def _capacity(raw: Mapping[Any, Any]) -> dict[str, int]:
     return out
 
 
-def site_findings(site: str, cap: Mapping[str, int], rows: Mapping[str, Row | None]
-                  ) -> tuple[list[Violation], Counter[str]]:  # fmt: skip
-    """What is wrong at one site, from its capacity hash and the records of the jobs in its set (None: no
-    record); and the devices each tenant holds there."""
+def site_findings(site: str, cap: Mapping[str, int], rows: Mapping[str, Row | None],
+                  holds: Mapping[str, Row | None] | None = None) -> tuple[list[Violation], Counter[str]]:  # fmt: skip
+    """What is wrong at one site, from its capacity hash, the records of the jobs in its set and of the
+    holds in its set of holds (None: no record); and the devices each tenant holds there (a standing
+    hold's devices are counted like a job's)."""
     out: list[Violation] = []
     held: Counter[str] = Counter()
     by_tenant: Counter[str] = Counter()
+    for hold, row in (holds or {}).items():
+        if row is None or row[0] != "held" or row[1] != site:
+            what = f"{row[0]} at {row[1]}" if row is not None else "without a record"
+            out.append(Violation("hold_placement", hold, f"{what} yet in the holds of {site}"))
+        else:
+            held[row[2]] += row[3]
+            by_tenant[row[4]] += row[3]
     for job, row in rows.items():
         if row is None:
             out.append(Violation("unknown_job", job, f"held by {site} but has no record"))
@@ -112,8 +121,8 @@ def site_findings(site: str, cap: Mapping[str, int], rows: Mapping[str, Row | No
         if allocated < 0:
             out.append(Violation("negative_allocation", subject, f"allocated {allocated}"))
         if allocated != held[model]:
-            out.append(Violation("allocation_mismatch", subject,
-                                 f"allocated counter {allocated} but jobs held there hold {held[model]}"))  # fmt: skip
+            out.append(Violation("allocation_mismatch", subject, f"allocated counter {allocated} but the jobs and "
+                                 f"holds there hold {held[model]}"))  # fmt: skip
         if allocated > usable:
             out.append(_over(subject, total, external, allocated, cap.get(f"p:{model}")))
     return out, by_tenant
@@ -213,32 +222,46 @@ class _Audit:
     async def _rows(self, jobs: Sequence[str]) -> dict[str, Row | None]:
         return {job: row for job, (row, _places) in (await self._jobs_read(jobs)).items()}
 
-    async def _site_state(self, sites: Sequence[str]) -> dict[str, tuple[dict[str, int], dict[str, Row | None]]]:
-        """Each site's capacity hash and the records of the jobs in its set."""
+    async def _site_state(self, sites: Sequence[str]) -> dict[str, _SiteState]:
+        """Each site's capacity hash, the records of the jobs in its set and of its standing holds."""
         pipe = self.redis.pipeline(transaction=False)
         for site in sites:
             pipe.hgetall(self.k.capacity(site))
             pipe.sscan(self.k.site_jobs(site), 0, count=self.page)
+            pipe.smembers(self.k.site_holds(site))  # a few at most: holds last a minute or so
         raw = await pipe.execute()
         members: dict[str, set[str]] = {}
+        holds: dict[str, list[str]] = {site: sorted(text(h) for h in raw[3 * i + 2]) for i, site in enumerate(sites)}
         for i, site in enumerate(sites):
-            cursor, first = raw[2 * i + 1]
+            cursor, first = raw[3 * i + 1]
             members[site] = {text(j) for j in first}
             while cursor:  # a site holding more jobs than a page
                 cursor, more = await self.redis.sscan(self.k.site_jobs(site), cursor, count=self.page)
                 members[site].update(text(j) for j in more)
         rows = await self._rows(sorted({j for m in members.values() for j in m}))
-        return {site: (_capacity(raw[2 * i]), {j: rows[j] for j in members[site]}) for i, site in enumerate(sites)}
+        hold_rows = await self._hold_rows(sorted({h for hs in holds.values() for h in hs}))
+        return {site: (_capacity(raw[3 * i]), {j: rows[j] for j in members[site]},
+                       {h: hold_rows[h] for h in holds[site]}) for i, site in enumerate(sites)}  # fmt: skip
+
+    async def _hold_rows(self, holds: Sequence[str]) -> dict[str, Row | None]:
+        """Holds as rows: state, site, model, count, tenant (None: no record)."""
+        if not holds:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for hold in holds:
+            pipe.hmget(self.k.hold(hold), "state", "site", "model", "count", "tenant")
+        return {hold: _row(raw) for hold, raw in zip(holds, await pipe.execute(), strict=True)}
 
     # --------------------------------------------------------------------------------------------- checks
 
     async def _sites(self) -> None:
         """Capacity counters against the jobs each site holds; devices held per tenant."""
         async for sites in self._zscan(self.k.sites):
-            for site, (cap, rows) in (await self._site_state(sites)).items():
-                found, by_tenant = site_findings(site, cap, rows)
+            for site, (cap, rows, holds) in (await self._site_state(sites)).items():
+                found, by_tenant = site_findings(site, cap, rows, holds)
                 if found:
-                    keys = [self.k.capacity(site), self.k.site_jobs(site)]  # every change there writes both
+                    # every change there writes the capacity and the jobs' or the holds' set
+                    keys = [self.k.capacity(site), self.k.site_jobs(site), self.k.site_holds(site)]
                     state = await self._watched(keys, partial(self._site_state, [site]))
                     if state is None:
                         self.report.add([_unconfirmed(site, "its capacity")])
@@ -304,14 +327,17 @@ class _Audit:
                 for job, row in (await self._rows(jobs)).items():
                     if row is not None and row[0] in HOLDING:
                         holding[job] = row[3]
-            return counted, sum(holding.values())
+            holds = [text(h) for h in await self.redis.zrange(self.k.tenant_holds(tenant), 0, -1)]
+            standing = await self._hold_rows(holds)
+            return counted, sum(holding.values()) + sum(r[3] for r in standing.values() if r and r[0] == "held")
 
         # every allocation and release of the tenant writes its usage counter
         result = await self._watched([self.k.tenant_usage], read)
         if result is None:
             return [_unconfirmed(tenant, "its device count")]
         counted, held = result
-        return [] if counted == held else [Violation("tenant_usage", tenant, f"counted {counted}, jobs hold {held}")]
+        return [] if counted == held else [Violation("tenant_usage", tenant,
+                                                     f"counted {counted}, its jobs and holds hold {held}")]
 
     async def _queue(self) -> None:
         await self._members_exist(self.k.queue)
@@ -350,7 +376,7 @@ class _Audit:
             logged: dict[str, str] = {}
             for _id, fields in entries:  # newest first
                 job = text(fields.get(b"job"))
-                if text(fields.get(b"type")) != "released" and job not in seen and job not in logged:
+                if job and text(fields.get(b"type")) != "released" and job not in seen and job not in logged:
                     logged[job] = text(fields.get(b"state"))
             seen.update(logged)
             for job, row in (await self._rows(list(logged))).items():

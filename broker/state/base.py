@@ -12,7 +12,8 @@ from redis.exceptions import NoScriptError
 
 from broker.state.keys import Keys
 
-SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads")
+SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads",
+           "hold")
 
 
 class StoreBase:
@@ -37,6 +38,7 @@ class StoreBase:
         self._waiting: AsyncScript = scripts["waiting"]
         self._heads: AsyncScript = scripts["heads"]
         self._archive: AsyncScript = scripts["archive"]
+        self._hold: AsyncScript = scripts["hold"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
@@ -72,3 +74,24 @@ class StoreBase:
                     raise reply
         return replies
 
+
+    async def run_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        """Run (script, keys, args) calls in one MULTI/EXEC, so nothing runs between them; the replies in order,
+        errors as exception objects.
+
+        A script Redis does not know answers NOSCRIPT inside the transaction while the others still run; it is
+        loaded and the calls from the first such one on run again in a second transaction. That is safe only
+        for calls each fenced on what the ones before them did (a script that finds no job does nothing)."""
+        replies = await self._exec_atomically(calls)
+        missing = next((i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)), None)
+        if missing is not None:
+            for script in {id(c[0]): c[0] for c in calls[missing:]}.values():
+                script.sha = await self.redis.script_load(script.script)
+            replies[missing:] = await self._exec_atomically(calls[missing:])
+        return replies
+
+    async def _exec_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=True)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))

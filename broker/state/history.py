@@ -14,7 +14,9 @@ page by page, and each job's events are run through the lifecycle they must foll
 - a job ends, is queued, or is live at the end of the log, and then its record still holds it
   (`unfinished`); a job in the log has a record, or an archived one once it ended (`lost`);
 - every allocation's hub and province satisfy the job's `residency`, judged by the site's registered
-  hub and cluster when it is registered (`residency`).
+  hub and cluster when it is registered (`residency`);
+- a hold is taken once and ends once, used by one job (whose allocation is the hold's site, model and
+  count) or expired or released, never two of them (`hold`); the violation names the hold.
 
 The stream is capped (`MAXLEN ~ events_maxlen`), so its oldest entries may be gone: a job whose first
 event in the log is not its submission is checked from where its history begins (`partial_jobs`), and
@@ -49,7 +51,8 @@ HOLDING = ("assigned", "running")
 LIVE_EVENTS = ("accepted", "running", "released")  # of the live attempt
 EVENTS = ("queued", "allocated", *LIVE_EVENTS, "requeued", *FINAL)
 KINDS = ("attempt_order", "double_live", "unreleased", "after_final", "unfinished", "lost", "missing_start",
-         "residency", "site_run")  # fmt: skip
+         "residency", "site_run", "hold")  # fmt: skip
+HOLD_ENDS = ("hold_expired", "hold_released")
 
 
 class SiteRun(NamedTuple):
@@ -129,16 +132,47 @@ def _ms(event_id: bytes, fields: dict[bytes, bytes]) -> float:
     return float(ts) if ts is not None else float(event_id.split(b"-")[0])
 
 
+@dataclass
+class _Hold:
+    """One hold's history so far: what it took, and how it ended (None: standing)."""
+
+    pool: tuple[str, str, int]  # site, model, count
+    ended: str | None = None
+
+
 class _Checker:
     def __init__(self) -> None:
         self.tracks: dict[str, _Track] = {}
+        self.holds: dict[str, _Hold] = {}
         self.violations: list[HistoryViolation] = []
+
+    def _hold(self, kind: str, fields: dict[bytes, bytes], eid: str) -> None:
+        """A hold's event: taken, used by an allocation, or ended."""
+        hold = text(fields.get(b"hold"))
+        pool = (text(fields.get(b"site")), text(fields.get(b"model")), _int(fields.get(b"count")) or 0)
+        known = self.holds.get(hold)
+        if kind == "held":
+            if known is not None:
+                self.flag(hold, "hold", f"taken again at {eid}")
+            self.holds[hold] = _Hold(pool)
+            return
+        if known is None:  # taken before the log begins
+            self.holds[hold] = _Hold(pool, "used" if kind == "allocated" else kind)
+            return
+        if known.ended is not None:
+            self.flag(hold, "hold", f"{kind} at {eid} after it had ended ({known.ended})")
+        elif kind == "allocated" and pool != known.pool:
+            self.flag(hold, "hold", f"used at {eid} for {pool[2]} {pool[1]} at {pool[0]}, but it held {known.pool[2]} "
+                                    f"{known.pool[1]} at {known.pool[0]}")  # fmt: skip
+        known.ended = known.ended or ("used" if kind == "allocated" else kind)
 
     def flag(self, job: str, kind: str, detail: str) -> None:
         self.violations.append(HistoryViolation(job, kind, detail))
 
     def feed(self, event_id: bytes, fields: dict[bytes, bytes]) -> None:
         kind, job = text(fields.get(b"type")), text(fields.get(b"job"))
+        if kind == "held" or kind in HOLD_ENDS or (kind == "allocated" and fields.get(b"hold")):
+            self._hold(kind, fields, text(event_id))
         if not job:
             return
         if kind not in EVENTS:  # a kind of event this checker does not know: no rule to apply

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.commands.core import AsyncScript
 
 from broker.model.job import JobSpec, JobState
 from broker.model.records import Commit, Placement, Refusal
 from broker.state.archive import read_archived
 from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
-from common.errors import Conflict, StoreUnavailable, SuanwangError, TooManyRequests
+from common.errors import Conflict, HoldNotStanding, StoreUnavailable, SuanwangError, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
 # one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
@@ -31,7 +32,8 @@ def queue_score(priority: str, created_ms: int) -> int:
 
 
 # allocate.lua's return codes (an attempt number >= 1 means committed)
-_REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT}
+_REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
+             -4: Refusal.HOLD_NOT_STANDING}
 
 
 def _commit(result: int | list[int]) -> Commit:
@@ -197,11 +199,12 @@ class JobQueue(StoreBase):
         bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
         keys = [k.job(item.job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
                 k.events, k.deadlines, idem_key, k.job_history(item.job_id), k.queue_depth, bucket,
-                k.tenant_state(spec.tenant, JobState.QUEUED.value)]  # fmt: skip
+                k.tenant_state(spec.tenant, JobState.QUEUED.value), k.hold(spec.hold or "-")]  # fmt: skip
         args: list[Any] = [item.job_id, qscore, created, spec.tenant, deadline, IDEMPOTENCY_TTL_S if key else "",
                            body_hash, self.events_maxlen, rate_limit.per_s if rate_limit else "",
                            rate_limit.burst if rate_limit else "",
-                           max_queued if max_queued is not None else ""]  # fmt: skip
+                           max_queued if max_queued is not None else "", spec.hold or "",
+                           spec.placement_hash() if spec.hold else ""]  # fmt: skip
         for name, value in fields.items():
             args += [name, value]
         return keys, args, fields
@@ -221,6 +224,12 @@ class JobQueue(StoreBase):
         if flag == -3:
             return TooManyRequests(f"tenant {item.spec.tenant} already has {existing} queued jobs, the most allowed "
                                    f"(max_queued_per_tenant {max_queued})", code="tenant_queue_full")  # fmt: skip
+        if flag == -4:
+            return HoldNotStanding(f"hold {item.spec.hold} is {existing}: quote again (POST /v1/quote?hold=true)",
+                                   existing)  # fmt: skip
+        if flag == -5:
+            return Conflict(f"hold {item.spec.hold} was quoted for another job: submit what was quoted (resources, "
+                            "software, origin, caps, residency and data as in the quote)", code="hold_mismatch")
         if flag < 0:
             return Conflict(f"Idempotency-Key {item.idempotency_key!r} was used for a different job ({existing})")
         return None
@@ -358,19 +367,19 @@ class JobQueue(StoreBase):
         """Commit placements in one round trip; per placement the attempt it became, or why it was refused."""
         if not placements:
             return []
-        k = self.keys
-        calls = [
-            (self._allocate,
-             [k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events, k.sites, k.clock,
-              k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits, k.job_history(p.job),
-              k.prefix + ":", k.queue_depth,
-              *[key for alt in p.alternatives for key in (k.capacity(alt[0]), k.site_jobs(alt[0]), k.site(alt[0]))]],
-             [p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms, self.events_maxlen,
-              p.hub, p.arch, p.decision, *[value for alt in p.alternatives for value in alt]])
-            for p in placements
-        ]  # fmt: skip
+        calls = [self._allocate_call(p, accept_timeout_ms) for p in placements]
         async with translated():
             return [_commit(r) for r in await self.run_scripts(calls)]
+
+    def _allocate_call(self, p: Placement, accept_timeout_ms: int) -> tuple[AsyncScript, list[str], list[Any]]:
+        k = self.keys
+        return (self._allocate,
+                [k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events, k.sites,
+                 k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits, k.job_history(p.job),
+                 k.prefix + ":", k.queue_depth, k.hold(p.hold or "-"),
+                 *[key for alt in p.alternatives for key in (k.capacity(alt[0]), k.site_jobs(alt[0]), k.site(alt[0]))]],
+                [p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms, self.events_maxlen,
+                 p.hub, p.arch, p.decision, p.hold, *[value for alt in p.alternatives for value in alt]])  # fmt: skip
 
     async def transition(
         self, job_id: str, action: str, site: str = "", attempt: int | str = "", reason: str = ""

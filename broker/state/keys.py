@@ -143,6 +143,27 @@ class Keys:
         Trimmed to the usage retention (the tenant's own stream, `tenant_usage_log`, is not)."""
         return f"{self.prefix}:usage"
 
+    # holds ---------------------------------------------------------------------------------------
+    def hold(self, hold: str) -> str:
+        """Hash: a quote's devices reserved at its price until `expires` (ms): state (held, used, expired,
+        released), tenant, site, hub, model, arch, count, price, latency_ms, created, expires, resources (the
+        hash of the quoted job's resources and origin), offer (JSON: the quoted candidate), job (once used),
+        for (the job a preemption holds the devices for), ended; kept a day after it ends."""
+        return f"{self.prefix}:hold:{hold}"
+
+    @property
+    def holds(self) -> str:
+        """Sorted set: standing hold -> when it expires (ms), for the sweeper."""
+        return f"{self.prefix}:holds"
+
+    def tenant_holds(self, tenant: str) -> str:
+        """Sorted set: the tenant's standing holds -> when they expire (ms)."""
+        return f"{self.prefix}:tenant:{tenant}:holds"
+
+    def site_holds(self, site: str) -> str:
+        """Set of the standing holds at a site (their devices are in the site's `a:<model>` counters)."""
+        return f"{self.prefix}:site:{site}:holds"
+
     # identities --------------------------------------------------------------------------------
     def token(self, digest: str) -> str:
         """Hash per API token, keyed by the token's SHA-256 (the token itself is never stored): id, role,

@@ -14,11 +14,11 @@ from redis.backoff import ExponentialBackoff
 
 from broker.state.archive import JobArchive, Retention
 from broker.state.connection import translated
+from broker.state.holds import Hold, HoldBook, HoldOption, TakenHold
 from broker.state.jobs import (
     IDEMPOTENCY_TTL_S,
     PRIORITY_HANDICAP_MS,
     PRIORITY_RANK,
-    JobQueue,
     Submission,
     SubmitRate,
     queue_score,
@@ -31,14 +31,17 @@ __all__ = [
     "IDEMPOTENCY_TTL_S",
     "PRIORITY_HANDICAP_MS",
     "PRIORITY_RANK",
+    "Hold",
+    "HoldOption",
     "Store",
     "Submission",
     "SubmitRate",
+    "TakenHold",
     "queue_score",
 ]
 
 
-class Store(SiteState, JobQueue, JobArchive):
+class Store(SiteState, HoldBook, JobArchive):
     @classmethod
     def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64,
                  retention: Retention | None = None) -> Store:  # fmt: skip

@@ -273,5 +273,6 @@ async def test_a_user_sees_no_other_tenants_jobs_usage_or_stream(start: Start) -
 
 
 def test_limits_default_to_the_documented_values() -> None:
-    """2 quotes/s in bursts of 10 per token, 30 failed authentications per minute per address."""
-    assert dataclasses.astuple(Limits())[3:] == (2.0, 10, 30)
+    """2 quotes/s in bursts of 10 per token, 30 failed authentications per minute per address; holds of 60 s
+    (at most 600 s), 20 standing per tenant; 30 s for a site to accept a job placed from a hold."""
+    assert dataclasses.astuple(Limits())[3:] == (2.0, 10, 30, 60.0, 600.0, 20, 30.0)

@@ -16,6 +16,7 @@ EXPECTED_ROLES = {
     ("GET", "/v1/jobs"): "user",
     ("GET", "/v1/jobs/{id}"): "user", ("DELETE", "/v1/jobs/{id}"): "user", ("GET", "/v1/hubs"): "user",
     ("GET", "/v1/usage"): "user",
+    ("GET", "/v1/holds"): "user", ("GET", "/v1/holds/{id}"): "user", ("DELETE", "/v1/holds/{id}"): "user",
     ("GET", "/v1/sites"): "operator", ("GET", "/v1/sites/{id}"): "operator",
     ("GET", "/v1/allocations/stream"): "operator", ("GET", "/v1/dashboard/summary"): "operator",
     ("GET", "/v1/dashboard/places"): "operator", ("GET", "/v1/dashboard/jobs/{id}/events"): "operator",

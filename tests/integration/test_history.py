@@ -318,6 +318,33 @@ async def test_a_job_that_moves_while_the_log_is_read_is_not_judged_by_its_older
     assert (report.violations, report.events, report.live_jobs) == ((), 2, 1)
 
 
+async def test_a_hold_is_taken_once_and_ends_once(store: Store, log: Log) -> None:
+    """A hold used by a job and then expired, one used for other devices than it held, and one taken twice are
+    violations named by the hold; a hold used once, and one released once, are not."""
+
+    async def hold_event(kind: str, hold: str, site: str = GUIZHOU, count: int = 8, job: str = "") -> None:
+        fields: dict[str, Any] = {"type": kind, "hold": hold, "site": site, "model": MODEL, "count": count,
+                                  "tenant": "default", "ts": T0}  # fmt: skip
+        if job:
+            fields |= {"job": job, "state": "assigned", "attempt": 1, "hub": "guizhou"}
+        await store.redis.xadd(store.keys.events, fields)
+
+    for hold in ("used", "twice_ended", "other_pool", "released", "taken_twice"):
+        await hold_event("held", hold)
+    await log.add("queued", "j1")
+    await hold_event("allocated", "used", job="j1")
+    await log.add("queued", "j2")
+    await hold_event("allocated", "twice_ended", job="j2")
+    await hold_event("hold_expired", "twice_ended")
+    await log.add("queued", "j3")
+    await hold_event("allocated", "other_pool", count=4, job="j3")
+    await hold_event("hold_released", "released")
+    await hold_event("held", "taken_twice")
+    report = await check_history(store)
+    assert {(v.job, v.kind) for v in report.violations if v.kind == "hold"} == {
+        ("twice_ended", "hold"), ("other_pool", "hold"), ("taken_twice", "hold")}
+
+
 def test_every_kind_is_tested() -> None:
     """Each kind the checker can report is one a test above provokes."""
     source = open(__file__, encoding="utf-8").read()

@@ -2,15 +2,19 @@
 -- runners-up may follow, each tried in order when the pools before it cannot take the job now.
 -- KEYS: job, capacity, queue, site_jobs, assigned, events, sites, clock, site, queued_tenants, tenant_usage,
 --       tenant_limits, history, prefix ('{ns}:'; the tenant's queue key is derived from the job's tenant),
---       queue_depth, then per runner-up: its capacity, site_jobs and site keys
+--       queue_depth, hold (the hold's key, or any key when there is none), then per runner-up: its capacity,
+--       site_jobs and site keys
 -- ARGV: job_id, site_id, model, count, price, latency_ms, now_ms ('' for Redis's clock), accept_timeout_ms,
---       events_maxlen, hub, arch, decision (JSON: the scores and runners-up that decided), then per
---       runner-up: site_id, hub, model, count, price, latency_ms, arch
+--       events_maxlen, hub, arch, decision (JSON: the scores and runners-up that decided), hold_id ('' for
+--       none), then per runner-up: site_id, hub, model, count, price, latency_ms, arch
+-- With a hold (hold.lua), the job takes the hold's devices at the hold's price, and only if the hold is
+-- still standing, is its tenant's, is for this job (when it names one) and is for this site, model and
+-- count; its devices are already counted in the pool and the tenant's usage. A hold takes no runners-up.
 -- Returns {attempt, seq, choice} on success: the job's attempt number (>= 1), the run's place in the site's
 -- assignment sequence (what a reconcile list is stamped with) and which pool took it (0: the chosen one,
 -- i: the i-th runner-up); else the first pool's refusal: 0 when it has too little free (the caller's view
 -- was stale); -1 when the job is no longer queued; -2 when the site is not online; -3 when the job's tenant
--- would hold more devices than its limit.
+-- would hold more devices than its limit; -4 when the hold is not standing or not for this placement.
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then
   return -1
 end
@@ -18,9 +22,19 @@ local job = redis.call('HMGET', KEYS[1], 'tenant', 'origin', 'name', 'priority')
 local tenant = job[1]
 local limit = redis.call('HGET', KEYS[12], tenant)
 local held = limit and tonumber(redis.call('HGET', KEYS[11], tenant) or '0')
+local hold_id = ARGV[13]
+if hold_id ~= '' then
+  local h = redis.call('HMGET', KEYS[16], 'state', 'tenant', 'site', 'model', 'count', 'for', 'price')
+  if h[1] ~= 'held' or h[2] ~= tenant or h[3] ~= ARGV[2] or h[4] ~= ARGV[3] or tonumber(h[5]) ~= tonumber(ARGV[4])
+      or (h[6] and h[6] ~= '' and h[6] ~= ARGV[1]) then
+    return -4
+  end
+  ARGV[5] = h[7]  -- the price the hold was quoted at
+  limit = nil  -- the hold's devices are in the tenant's usage already
+end
 local pools = {{KEYS[2], KEYS[4], KEYS[9], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[10], ARGV[11]}}
-for i = 0, (#KEYS - 15) / 3 - 1 do
-  local k, a = 16 + 3 * i, 13 + 7 * i
+for i = 0, (hold_id == '' and (#KEYS - 16) / 3 or 0) - 1 do
+  local k, a = 17 + 3 * i, 14 + 7 * i
   pools[#pools + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[a], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
     ARGV[a + 5], ARGV[a + 1], ARGV[a + 6]}
 end
@@ -32,7 +46,7 @@ for i, pool in ipairs(pools) do
   else
     cap = redis.call('HMGET', pool[1], 't:' .. pool[5], 'x:' .. pool[5], 'a:' .. pool[5])
     local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3] or '0')
-    if free < tonumber(pool[6]) then
+    if hold_id == '' and free < tonumber(pool[6]) then
       code = 0
     elseif limit and held + tonumber(pool[6]) > tonumber(limit) then
       code = -3
@@ -77,16 +91,25 @@ if now == '' then
   now = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 local deadline = tonumber(now) + tonumber(ARGV[8])
-redis.call('HINCRBY', KEYS[2], 'a:' .. model, count)
--- what the pool could hold when the broker last allocated there: allocated above it would be the broker's
--- fault, below it a site that shrank afterwards (audit tells them apart)
-redis.call('HSET', KEYS[2], 'p:' .. model, tonumber(cap[1] or '0') - tonumber(cap[2] or '0'))
-redis.call('HINCRBY', KEYS[11], tenant, count)
+if hold_id == '' then
+  redis.call('HINCRBY', KEYS[2], 'a:' .. model, count)
+  -- what the pool could hold when the broker last allocated there: allocated above it would be the broker's
+  -- fault, below it a site that shrank afterwards (audit tells them apart)
+  redis.call('HSET', KEYS[2], 'p:' .. model, tonumber(cap[1] or '0') - tonumber(cap[2] or '0'))
+  redis.call('HINCRBY', KEYS[11], tenant, count)
+else
+  -- the hold's devices pass to the job: the pool's counter and the tenant's usage stay as they are
+  redis.call('HSET', KEYS[16], 'state', 'used', 'job', ARGV[1], 'ended', now)
+  redis.call('PEXPIRE', KEYS[16], 86400000)
+  redis.call('ZREM', KEYS[14] .. 'holds', hold_id)
+  redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':holds', hold_id)
+  redis.call('SREM', KEYS[14] .. 'site:' .. site .. ':holds', hold_id)
+end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 local seq = redis.call('HINCRBY', KEYS[9], 'aseq', 1)
 redis.call('HSET', KEYS[1], 'state', 'assigned', 'site', site, 'hub', hub, 'model', model,
   'count', count, 'price', price, 'latency_ms', latency, 'updated', now, 'assigned_at', now,
-  'reason', '', 'arch', arch, 'decision', decision, 'aseq', seq)
+  'reason', '', 'arch', arch, 'decision', decision, 'aseq', seq, 'hold', hold_id)
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':queue', ARGV[1])
 redis.call('ZREM', KEYS[14] .. 'tenant:' .. tenant .. ':parked', ARGV[1])
@@ -102,9 +125,9 @@ redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[5], deadline, ARGV[1])
 redis.call('ZADD', KEYS[7], redis.call('INCR', KEYS[8]), site)
 redis.call('RPUSH', KEYS[13], cjson.encode({ts = tonumber(now), event = 'allocated', site = site,
-  model = model, count = count, attempt = attempt}))
+  model = model, count = count, attempt = attempt, hold = hold_id ~= '' and hold_id or nil}))
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[9], '*', 'type', 'allocated', 'job', ARGV[1],
   'state', 'assigned', 'site', site, 'hub', hub, 'arch', arch, 'model', model, 'count', count,
   'price', price, 'latency_ms', latency, 'attempt', attempt, 'tenant', tenant, 'origin', job[2],
-  'name', job[3], 'seq', seq, 'ts', now)
+  'name', job[3], 'seq', seq, 'hold', hold_id, 'ts', now)
 return {attempt, seq, choice - 1}

@@ -1,0 +1,202 @@
+"""Holds in Redis: a quote's devices reserved at the quoted price for a short time (hold.lua), handed to the
+job submitted with the hold in the same transaction that stores the job (submit.lua then allocate.lua), or
+given back when the hold expires or is released.
+
+Who holds which devices: a standing hold's devices are in its site's `a:<model>` counter and its tenant's
+usage, exactly as a job's are, and the hold is in the site's set of holds (what `audit` adds to the jobs'
+devices there). A hold ends once: used (its devices pass to one job), expired (by Redis's clock) or
+released; every script that ends it checks it is still standing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from broker.model.job import JobSpec
+from broker.model.records import Commit, Placement, Refusal
+from broker.state.connection import decode_hash, text, translated
+from broker.state.jobs import JobQueue, Submission, SubmitRate, _commit
+from common.errors import StoreUnavailable, SuanwangError
+
+# hold.lua's refusals of a take
+_TAKE_REFUSALS = {0: Refusal.STALE_VIEW, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
+                  -5: Refusal.TOO_MANY_HOLDS, -6: Refusal.HOLD_NOT_STANDING}  # fmt: skip
+DUE_BATCH = 500  # holds expired in one sweep round trip
+
+
+@dataclass(frozen=True)
+class HoldOption:
+    """One pool a hold may take, as the quote offered it."""
+
+    site: str
+    hub: str
+    model: str
+    arch: str
+    count: int
+    price: float
+    latency_ms: float
+    offer: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of_offer(cls, offer: dict[str, Any]) -> HoldOption:
+        """From a quote's candidate (`Candidate.as_dict`)."""
+        latency = offer.get("latency_ms")
+        return cls(offer["site"], offer["hub"], offer["model"], offer["arch"], int(offer["devices"]),
+                   float(offer["price_cny_per_hour"]), float(latency) if latency is not None else -1.0,
+                   offer)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A hold as stored."""
+
+    id: str
+    state: str  # held, used, expired, released
+    tenant: str
+    site: str
+    hub: str
+    model: str
+    arch: str
+    count: int
+    price: float
+    latency_ms: float
+    created_ms: int
+    expires_ms: int
+    resources: str
+    offer: dict[str, Any]
+    job: str = ""
+    for_job: str = ""
+    ended_ms: int = 0
+    reason: str = ""
+
+    @classmethod
+    def of_hash(cls, raw: dict[str, str]) -> Hold:
+        return cls(
+            id=raw["id"], state=raw["state"], tenant=raw["tenant"], site=raw["site"], hub=raw.get("hub", ""),
+            model=raw["model"], arch=raw.get("arch", ""), count=int(raw["count"]), price=float(raw["price"]),
+            latency_ms=float(raw.get("latency_ms") or -1), created_ms=int(raw["created"]),
+            expires_ms=int(raw["expires"]), resources=raw.get("resources", ""),
+            offer=orjson.loads(raw["offer"]) if raw.get("offer") else {}, job=raw.get("job", ""),
+            for_job=raw.get("for", ""), ended_ms=int(raw.get("ended") or 0), reason=raw.get("reason", ""),
+        )  # fmt: skip
+
+    @property
+    def standing(self) -> bool:
+        return self.state == "held"
+
+
+@dataclass(frozen=True)
+class TakenHold:
+    """What a take did: the hold, which option it took (0: the first), or why none could be held."""
+
+    hold: Hold | None
+    choice: int = 0
+    refusal: Refusal | None = None
+
+
+class HoldBook(JobQueue):
+    async def take_hold(self, hold_id: str, tenant: str, options: Sequence[HoldOption], ttl_ms: int, resources: str,
+                        *, max_holds: int | None = None, for_job: str = "", now_ms: int | None = None
+                        ) -> TakenHold:  # fmt: skip
+        """Reserve the first of `options` that can be held now, for `ttl_ms`, atomically; or say why the first
+        could not."""
+        args: list[Any] = ["take", hold_id, tenant, ttl_ms, max_holds if max_holds is not None else "", resources,
+                           self.events_maxlen, for_job, now_ms if now_ms is not None else ""]  # fmt: skip
+        for o in options:
+            args += [o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms, orjson.dumps(o.offer).decode()]
+        async with translated():
+            reply = await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args)
+        if not isinstance(reply, list):
+            return TakenHold(None, refusal=_TAKE_REFUSALS[int(reply)])
+        hold = await self.get_hold(hold_id)
+        return TakenHold(hold, choice=int(reply[0]))
+
+    async def release_hold(self, hold_id: str, tenant: str = "", reason: str = "released") -> bool:
+        """Give a standing hold's devices back (only the tenant's own when `tenant` is given)."""
+        args: list[Any] = ["release", hold_id, tenant, reason, self.events_maxlen, ""]
+        async with translated():
+            return bool(await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args))
+
+    async def expire_holds(self, hold_ids: Sequence[str], now_ms: int | None = None) -> list[bool]:
+        """End the holds whose time is up (each checked by the script against Redis's clock), in one round trip."""
+        calls = [(self._hold, [self.keys.hold(h), self.keys.prefix + ":"],
+                  ["expire", h, "its time was up", self.events_maxlen, now_ms if now_ms is not None else ""])
+                 for h in hold_ids]  # fmt: skip
+        async with translated():
+            return [bool(r) for r in await self.run_scripts(calls)]
+
+    async def due_holds(self, at_ms: int, limit: int = DUE_BATCH) -> list[tuple[str, str]]:
+        """(hold, the job it is for or '') of standing holds whose time is up at `at_ms`, soonest first."""
+        async with translated():
+            ids = [text(h) for h in await self.redis.zrangebyscore(self.keys.holds, "-inf", at_ms, 0, limit)]
+            if not ids:
+                return []
+            pipe = self.redis.pipeline(transaction=False)
+            for h in ids:
+                pipe.hget(self.keys.hold(h), "for")
+            fors = await pipe.execute()
+        return [(h, text(f)) for h, f in zip(ids, fors, strict=True)]
+
+    async def get_hold(self, hold_id: str) -> Hold | None:
+        async with translated():
+            raw = await self.redis.hgetall(self.keys.hold(hold_id))
+        return Hold.of_hash(decode_hash(raw)) if raw else None
+
+    async def list_holds(self, tenant: str | None = None, limit: int = 100) -> list[Hold]:
+        """Standing holds (of one tenant, or all), soonest to expire first."""
+        index = self.keys.tenant_holds(tenant) if tenant is not None else self.keys.holds
+        async with translated():
+            ids = await self.redis.zrange(index, 0, limit - 1)
+            if not ids:
+                return []
+            pipe = self.redis.pipeline(transaction=False)
+            for h in ids:
+                pipe.hgetall(self.keys.hold(text(h)))
+            raws = await pipe.execute()
+        return [Hold.of_hash(decode_hash(raw)) for raw in raws if raw]
+
+    async def standing_holds(self) -> int:
+        async with translated():
+            return int(await self.redis.zcard(self.keys.holds))
+
+    async def submit_held(self, job_id: str, spec: JobSpec, accept_timeout_ms: int, *,
+                          idempotency_key: str | None = None, rate_limit: SubmitRate | None = None,
+                          max_queued: int | None = None
+                          ) -> tuple[dict[str, str], bool, Commit | None] | SuanwangError:  # fmt: skip
+        """Store a job submitted with a hold and give it the hold's devices, in one transaction: the job is
+        stored only while the hold stands and was quoted for what it asks (submit.lua), and is then placed
+        exactly there, at the hold's price (allocate.lua). Returns (record, created, commit), or the error
+        that refused it (an idempotent replay returns the job it made, with no commit)."""
+        if spec.hold is None:
+            raise ValueError("submit_held needs a job with a hold")
+        item = Submission(job_id, spec, idempotency_key)
+        keys, args, fields = self._submission(item, rate_limit, max_queued)
+        calls: list[tuple[Any, Sequence[Any], Sequence[Any]]] = [(self._submit, keys, args)]
+        hold = await self.get_hold(spec.hold)  # what the caller believes; both scripts check it
+        if hold is not None:
+            record = orjson.dumps({"chosen": hold.offer, "runners_up": [], "hold": hold.id}).decode()
+            placement = Placement(job_id, hold.site, hold.hub, hold.model, hold.count, hold.price, hold.latency_ms,
+                                  arch=hold.arch, decision=record, hold=hold.id)  # fmt: skip
+            calls.append(self._allocate_call(placement, accept_timeout_ms))
+        async with translated():
+            replies = await self.run_atomically(calls)
+            if isinstance(replies[0], Exception):
+                raise StoreUnavailable(f"Redis error: {replies[0]}")
+            existing, flag, *stamped = replies[0]
+            outcome = self._submitted(item, fields, text(existing), int(flag), stamped, rate_limit, max_queued)
+            if isinstance(outcome, SuanwangError):
+                return outcome
+            if outcome is None:  # an idempotent replay: the job the first request made
+                job = await self.get_job(text(existing))
+                if job is None:
+                    return StoreUnavailable("the job an Idempotency-Key names no longer exists")
+                return job, False, None
+            if isinstance(replies[1], Exception):
+                raise StoreUnavailable(f"Redis error: {replies[1]}")
+            commit = _commit(replies[1])
+            job = await self.get_job(job_id)
+        return (job or fields), True, commit
