@@ -22,6 +22,7 @@ log = logs.get("adapters.ledger")
 
 # (job, attempt) keys remembered after they finish, so late QoS 1 duplicates are still ignored.
 FINISHED_MEMORY = 100_000
+CHECKPOINT_S = 1.0  # the longest a simulated job takes to checkpoint when it is preempted
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Ledger:
         for item in batch.assignments:
             if item.action == "cancel":
                 self._cancel(item)
+            elif item.action == "preempt":
+                self._preempt(item)
             else:
                 self._start(item)
 
@@ -131,6 +134,14 @@ class Ledger:
         await asyncio.sleep(seconds)
         self.link.emit(key[0], key[1], SiteEventKind.COMPLETED)
         log.info("job completed", site=self.link.site, job=key[0], attempt=key[1])
+
+    def _preempt(self, item: Assignment) -> None:
+        """Checkpoint and stop within the grace period: the work stops after half of it (at most
+        `CHECKPOINT_S`), its devices free before the broker hands them to the work that preempted it."""
+        delay = min(item.grace_s or 0.0, 2 * CHECKPOINT_S) / 2
+        stop = Assignment(job=item.job, attempt=item.attempt, action="cancel")
+        asyncio.get_running_loop().call_later(delay, self._cancel, stop)
+        log.info("job preempted", site=self.link.site, job=item.job, attempt=item.attempt, grace_s=item.grace_s)
 
     def _cancel(self, item: Assignment) -> None:
         for key in [k for k in self.held if k[0] == item.job and k[1] <= item.attempt]:

@@ -100,7 +100,7 @@ class SlurmExecutor:
             try:
                 if isinstance(item, Assignments):
                     await self._reconcile(item)
-                elif item.action == "cancel":
+                elif item.action in ("cancel", "preempt"):  # Slurm's KillWait is the job's grace to checkpoint
                     await self._cancel(item)
                 else:
                     await self._submit(item)

@@ -38,6 +38,8 @@ class Metrics:
                              ["outcome"], registry=r)  # fmt: skip
         self.holds_standing = Gauge("suanwang_holds_standing", "Holds standing now (their devices reserved)",
                                     registry=r)  # fmt: skip
+        self.preemptions = Counter("suanwang_preemptions", "Jobs preempted (given back to the queue) for "
+                                   "higher-priority work", registry=r)  # fmt: skip
         self.mqtt_in = Counter("suanwang_mqtt_messages", "MQTT messages received, by type", ["type"], registry=r)
         self.mqtt_dropped = Counter("suanwang_mqtt_dropped", "MQTT messages dropped, by reason", ["reason"], registry=r)
         self.redis_rtt = Histogram(

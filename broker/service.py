@@ -19,6 +19,7 @@ from broker.matching.quote import quote
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.model.job import JobSpec
+from broker.scheduling.preemption import Preemptor
 from broker.scheduling.scheduler import Scheduler
 from broker.sites.ingest import Ingest
 from broker.sites.lifecycle import run_sweeper
@@ -103,7 +104,9 @@ async def start_broker(settings: Settings) -> Broker:
                     max_message_bytes=settings.max_message_bytes)  # fmt: skip
     scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
                           accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics,
-                          reserve_after_s=settings.reserve_after_s, replica=settings.replica)  # fmt: skip
+                          reserve_after_s=settings.reserve_after_s, replica=settings.replica,
+                          preemptor=Preemptor(store, publish_assignments, metrics, settings.max_preemptions)
+                          if settings.max_preemptions > 0 else None)  # fmt: skip
     feed = EventFeed(store)
 
     broker = Broker(settings, store, scheduler, ingest, mqtt, feed, stop)
@@ -112,7 +115,8 @@ async def start_broker(settings: Settings) -> Broker:
         asyncio.create_task(ingest.run(stop), name="ingest"),
         asyncio.create_task(scheduler.run(stop, mqtt.connected), name="scheduler"),
         asyncio.create_task(
-            run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop, metrics=metrics), name="sweep"
+            run_sweeper(store, publish_assignments, settings.site_ttl_s, kick, stop, metrics=metrics,
+                        accept_timeout_s=settings.accept_timeout_s), name="sweep"
         ),
         asyncio.create_task(feed.run(stop), name="feed"),
     ]

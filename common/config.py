@@ -29,6 +29,7 @@ _NUMBER_VARS: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
     ("hold_ttl_s", "SUANWANG_HOLD_TTL", float, "a number of seconds"),
     ("hold_max_ttl_s", "SUANWANG_HOLD_MAX_TTL", float, "a number of seconds"),
     ("max_holds_per_tenant", "SUANWANG_MAX_HOLDS_PER_TENANT", int, "a number"),
+    ("max_preemptions", "SUANWANG_MAX_PREEMPTIONS", int, "a number"),
 )  # fmt: skip
 
 
@@ -132,6 +133,8 @@ class Settings:
     hold_ttl_s: float = 60.0
     hold_max_ttl_s: float = 600.0
     max_holds_per_tenant: int = 20
+    # Times a preemptible job may be preempted before it is no longer preemptible; 0 turns preemption off.
+    max_preemptions: int = 3
     # Hours a finished job stays in the hot set (listings, state indexes) before it is archived.
     finished_retention_hours: float = 168.0
     # Days the global usage log keeps (operators' reads across tenants, the dashboard's revenue).
@@ -160,6 +163,8 @@ class Settings:
         if self.finished_retention_hours <= 0 or self.archive_retention_days < 0:
             raise InvalidInput("finished_retention_hours must be positive and archive_retention_days not negative",
                                "finished_retention_hours")  # fmt: skip
+        if self.max_preemptions < 0:
+            raise InvalidInput("max_preemptions must not be negative", "max_preemptions")
         if not 0 < self.hold_ttl_s <= self.hold_max_ttl_s or self.max_holds_per_tenant < 1:
             raise InvalidInput("hold_ttl_s must be positive and at most hold_max_ttl_s, and max_holds_per_tenant at "
                                "least 1", "hold_ttl_s")  # fmt: skip

@@ -101,7 +101,10 @@ class SiteEvent(Strict):
 class Assignment(Strict):
     job: Identifier
     attempt: int
-    action: Literal["run", "cancel"] = "run"
+    # run; cancel (stop now); preempt (checkpoint and stop within `grace_s`: the job was given back to the
+    # queue for higher-priority work, and its devices go to that work when the grace period ends)
+    action: Literal["run", "cancel", "preempt"] = "run"
+    grace_s: float | None = Field(default=None, ge=0, le=3600)
     model: Model | None = None
     count: int = 0
     duration_hours: float = 0

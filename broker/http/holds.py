@@ -16,11 +16,10 @@ from broker.http.responses import json_response
 from broker.http.routes import ID, TENANT_QUERY_PARAM, Route, param
 from broker.http.views import iso, offer_view
 from broker.model.job import JobSpec
-from broker.model.records import Commit, Refusal
+from broker.model.records import Refusal
 from broker.state.holds import Hold, HoldOption
 from common import logs
 from common.errors import Conflict, InvalidInput, MessagingUnavailable, NotFound
-from common.protocol import Assignment
 
 log = logs.get("suanwang.holds")
 
@@ -104,17 +103,6 @@ async def hold_offer(request: web.Request, spec: JobSpec, quote: dict[str, Any],
     log.info("hold.taken", hold=taken.hold.id, tenant=spec.tenant, site=taken.hold.site, model=taken.hold.model,
              count=taken.hold.count, ttl_s=ttl_s, choice=taken.choice)  # fmt: skip
     return hold_view(taken.hold)
-
-
-def held_assignment(job_id: str, spec: JobSpec, offer: dict[str, Any], commit: Commit) -> Assignment:
-    """What the site is told to run for a job placed from a hold: the quoted pool, the duration scaled from
-    the quote's to the job's."""
-    quoted = float(offer.get("duration_hours") or spec.duration_hours)
-    hours = float(offer.get("est_hours") or spec.duration_hours) * spec.duration_hours / quoted
-    return Assignment(job=job_id, attempt=commit.attempt, action="run", model=offer["model"],
-                      count=int(offer["devices"]), duration_hours=round(hours, 4), name=spec.name,
-                      workload=spec.workload, stack=offer.get("stack"), image=offer.get("image"),
-                      seq=commit.seq)  # fmt: skip
 
 
 async def _visible_hold(request: web.Request) -> Hold:

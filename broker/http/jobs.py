@@ -13,12 +13,12 @@ from pydantic import Field
 
 from broker.http import auth
 from broker.http.deps import DEPS
-from broker.http.holds import HOLD_PARAMS, desk_of, held_assignment, hold_offer, hold_request
+from broker.http.holds import HOLD_PARAMS, desk_of, hold_offer, hold_request
 from broker.http.responses import error_body, json_body, json_response, status_of
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
 from broker.http.views import MAX_CANDIDATES, job_view, quote_view
 from broker.model.job import JobSpec, JobState
-from broker.sites.assignments import publish_runs, tell_site_to_cancel
+from broker.sites.assignments import held_assignment, publish_runs, tell_site_to_cancel
 from broker.state.jobs import Submission, SubmitRate
 from common import logs
 from common.errors import Conflict, InvalidInput, NotFound, SuanwangError, TooManyRequests

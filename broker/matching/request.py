@@ -84,6 +84,7 @@ class Request:
     policy: str = "balanced"
     weights: tuple[tuple[str, float], ...] = ()
     avoid_sites: frozenset[str] = frozenset()  # sites that just gave the job back: used only if nothing else fits
+    priority: str = "normal"  # high, normal or low: what a preemption weighs (matching itself ignores it)
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.units is None):
@@ -105,6 +106,7 @@ class Request:
             allow_provinces=frozenset(p.lower() for p in res.allow_provinces),
             deny_provinces=frozenset(p.lower() for p in res.deny_provinces),
             domestic_only=spec.domestic_only, policy=spec.policy.value, weights=tuple(sorted(spec.weights.items())),
+            priority=spec.priority.value,
         )  # fmt: skip
 
     def relaxed(self, **changes: Unpack[RequestChanges]) -> Request:

@@ -77,6 +77,8 @@ class Refusal(StrEnum):
     TENANT_LIMIT = "tenant_limit"  # the tenant would hold more devices than its limit
     HOLD_NOT_STANDING = "hold_not_standing"  # the hold was used, ended, or is for another placement
     TOO_MANY_HOLDS = "too_many_holds"  # the tenant has the most standing holds allowed
+    VICTIM_MOVED = "victim_moved"  # a job a preemption would stop moved, ended or changed meanwhile
+    NO_CASCADE = "no_cascade"  # a job that was preempted does not preempt others
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from broker.metrics import Metrics
 from broker.model.records import Commit, Placement, Refusal
 from broker.scheduling.backfill import Backfill
 from broker.scheduling.intake import Batch, Intake
+from broker.scheduling.preemption import Preemptor
 from broker.sites.assignments import PublishAssignments, publish_runs
 from broker.state.store import Store
 from common import logs
@@ -89,6 +90,7 @@ class Scheduler:
         metrics: Metrics | None = None,
         reserve_after_s: float = 30.0,
         replica: str = "",
+        preemptor: Preemptor | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.store = store
@@ -99,6 +101,7 @@ class Scheduler:
         self.kick = kick or asyncio.Event()
         self.intake = Intake(store, batch, replica)
         self.backfill = Backfill(store, reserve_after_s)
+        self.preemptor = preemptor
         self.placed = 0
         # held by a pass from its refresh to the undo of its refused placements, and by every other
         # refresh: a refresh between an optimistic take and its undo would count the take twice
@@ -173,6 +176,8 @@ class Scheduler:
         batch see them gone."""
         plan = Plan()
         self.backfill.begin_pass()
+        if self.preemptor is not None:
+            self.preemptor.begin_pass()
         now = time.time() * 1000
         version = self.snapshot.version
         results = match_in_turn(batch.requests, self.snapshot, keep=COMMIT_KEEP,
@@ -180,6 +185,12 @@ class Scheduler:
         for req, result in zip(batch.requests, results, strict=True):
             if isinstance(result, NoFit):
                 message = result.message
+                if self.preemptor is not None and self.preemptor.may_try(req, now):
+                    preempting = await self.preemptor.consider(req, self.snapshot)
+                    if preempting is not None:
+                        plan.reasons[req.job_id] = message + preempting
+                        plan.parked.add(req.job_id)  # its hold is handed to it when the grace period ends
+                        continue
                 if self.backfill.may_reserve(req, self.intake.created.get(req.job_id), now):
                     message += await self.backfill.reserve(req, self.snapshot, now)
                 if self.intake.unfit(req.job_id, version, message):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
+from broker.model.job import JobSpec
+from broker.model.records import Commit
 from common import logs
 from common.protocol import Assignment, assignments_payload
 
@@ -50,3 +52,21 @@ async def publish_runs(publish: PublishAssignments, by_site: Mapping[str, Sequen
             log.warning("assignment.publish_failed", site=site, error=str(exc))
 
     await asyncio.gather(*(one(site, items) for site, items in by_site.items()))
+
+
+def held_assignment(job_id: str, spec: JobSpec, offer: dict[str, Any], commit: Commit) -> Assignment:
+    """What a site is told to run for a job placed from a hold: the held pool, for the duration the quote
+    estimated there, scaled from the quoted job's duration to this job's."""
+    quoted = float(offer.get("duration_hours") or spec.duration_hours)
+    hours = float(offer.get("est_hours") or spec.duration_hours) * spec.duration_hours / quoted
+    return Assignment(job=job_id, attempt=commit.attempt, action="run", model=offer["model"],
+                      count=int(offer["devices"]), duration_hours=round(hours, 4), name=spec.name,
+                      workload=spec.workload, stack=offer.get("stack"), image=offer.get("image"),
+                      seq=commit.seq)  # fmt: skip
+
+
+def preempt_payload(site: str, jobs: Iterable[tuple[str, int]], grace_s: float) -> bytes:
+    """An assignments message telling `site` to checkpoint and stop these (job, attempt) pairs within
+    `grace_s`: they were given back to the queue for higher-priority work."""
+    items = (Assignment(job=job, attempt=attempt, action="preempt", grace_s=grace_s) for job, attempt in jobs)
+    return assignments_payload(site, items)

@@ -10,7 +10,14 @@ import asyncio
 from collections import Counter
 
 from broker.metrics import Metrics
-from broker.sites.assignments import PublishAssignments, reconcile_payload, tell_site_to_cancel
+from broker.model.job import JobSpec
+from broker.sites.assignments import (
+    PublishAssignments,
+    held_assignment,
+    publish_runs,
+    reconcile_payload,
+    tell_site_to_cancel,
+)
 from broker.state.store import Store
 from common import logs
 
@@ -48,7 +55,26 @@ async def requeue_site(store: Store, publish: PublishAssignments, site: str, rea
     return len(back)
 
 
-async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> Counter[str]:
+async def hand_over(store: Store, publish: PublishAssignments, hold: str, accept_timeout_ms: int) -> bool:
+    """Give a preemption's hold to the job it is for (fenced: the hold standing, the job queued) and tell the
+    site to run it; a hold that cannot be given (the job was cancelled or placed elsewhere meanwhile) is left
+    to expire, which gives its devices back."""
+    handed = await store.commit_hold(hold, accept_timeout_ms)
+    if handed is None:
+        return False
+    held, job, commit = handed
+    if not commit.ok:
+        log.info("preemption.not_handed_over", hold=hold, job=held.for_job, refusal=str(commit.refusal))
+        return False
+    spec = JobSpec.model_validate_json(job["spec"])
+    await publish_runs(publish, {held.site: [held_assignment(held.for_job, spec, held.offer, commit)]})
+    log.info("job.allocated", job=held.for_job, site=held.site, model=held.model, count=held.count,
+             attempt=commit.attempt, hold=hold)  # fmt: skip
+    return True
+
+
+async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int,
+                accept_timeout_ms: int = 30_000) -> Counter[str]:  # fmt: skip
     """One maintenance pass: expire unaccepted assignments, fail jobs past their deadline, end holds past
     their time, and give back the work of silent sites. Returns how many jobs moved, by reason."""
     now = await store.clock_ms()
@@ -73,7 +99,10 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
                 moved["deadline"] += 1
                 log.info("job.deadline_passed", job=job)
     due_holds = await store.due_holds(now)
-    if due_holds:  # each checked against Redis's clock by the script that ends it
+    for hold, for_job in due_holds:  # a preemption's grace period is over: the devices go to the job
+        if for_job and await hand_over(store, publish, hold, accept_timeout_ms):
+            moved["preempted_for"] += 1
+    if due_holds:  # each checked against Redis's clock by the script that ends it (a handed-over one is used)
         moved["hold_expired"] += sum(await store.expire_holds([hold for hold, _ in due_holds]))
     for site in await store.silent_sites(now - site_ttl_ms):
         if await store.set_site_status(site, "stale", expect="online"):
@@ -85,17 +114,19 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int) -> 
 
 async def run_sweeper(
     store: Store, publish: PublishAssignments, site_ttl_s: float, kick: asyncio.Event, stop: asyncio.Event,
-    every_s: float = 1.0, metrics: Metrics | None = None,
+    every_s: float = 1.0, metrics: Metrics | None = None, accept_timeout_s: float = 30.0,
 ) -> None:  # fmt: skip
     while not stop.is_set():
         try:
-            moved = await sweep(store, publish, int(site_ttl_s * 1000))
+            moved = await sweep(store, publish, int(site_ttl_s * 1000), int(accept_timeout_s * 1000))
             if moved:
                 kick.set()
             if metrics is not None:
                 for reason, n in moved.items():
                     if reason == "hold_expired":
                         metrics.holds.labels("expired").inc(n)
+                    elif reason == "preempted_for":
+                        metrics.holds.labels("used").inc(n)
                     else:
                         metrics.rejections.labels(reason).inc(n)
                 await metrics.observe_redis(store)

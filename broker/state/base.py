@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 from broker.state.keys import Keys
 
 SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads",
-           "hold")
+           "hold", "preempt")
 
 
 class StoreBase:
@@ -39,6 +39,7 @@ class StoreBase:
         self._heads: AsyncScript = scripts["heads"]
         self._archive: AsyncScript = scripts["archive"]
         self._hold: AsyncScript = scripts["hold"]
+        self._preempt: AsyncScript = scripts["preempt"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()

@@ -22,6 +22,9 @@ from broker.state.connection import decode_hash, text, translated
 from broker.state.jobs import JobQueue, Submission, SubmitRate, _commit
 from common.errors import StoreUnavailable, SuanwangError
 
+# preempt.lua's refusals
+_PREEMPT_REFUSALS = {-1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
+                     -4: Refusal.VICTIM_MOVED, -5: Refusal.NO_CASCADE, 0: Refusal.STALE_VIEW}  # fmt: skip
 # hold.lua's refusals of a take
 _TAKE_REFUSALS = {0: Refusal.STALE_VIEW, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
                   -5: Refusal.TOO_MANY_HOLDS, -6: Refusal.HOLD_NOT_STANDING}  # fmt: skip
@@ -98,7 +101,76 @@ class TakenHold:
     refusal: Refusal | None = None
 
 
+@dataclass(frozen=True)
+class Holding:
+    """A job holding devices at a site, as a preemption weighs it."""
+
+    job: str
+    attempt: int
+    state: str
+    model: str
+    count: int
+    priority: str
+    tenant: str
+    preemptible: bool
+    since_ms: int  # started, else assigned
+    grace_ms: int
+
+
 class HoldBook(JobQueue):
+    async def holdings(self, sites: Sequence[str]) -> dict[str, list[Holding]]:
+        """The jobs holding devices at each of `sites`: two round trips."""
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for site in sites:
+                pipe.smembers(self.keys.site_jobs(site))
+            members = [[text(j) for j in m] for m in await pipe.execute()]
+            pipe = self.redis.pipeline(transaction=False)
+            for jobs in members:
+                for job in jobs:
+                    pipe.hmget(self.keys.job(job), "state", "site", "attempt", "model", "count", "priority", "tenant",
+                               "preemptible", "started_at", "assigned_at", "grace_ms")  # fmt: skip
+            rows = iter(await pipe.execute())
+        out: dict[str, list[Holding]] = {}
+        for site, jobs in zip(sites, members, strict=True):
+            found = out[site] = []
+            for job in jobs:
+                state, at, attempt, model, count, priority, tenant, preemptible, started, assigned, grace = (
+                    text(v) for v in next(rows))  # fmt: skip
+                if state in ("assigned", "running") and at == site:
+                    since = int(started or assigned or 0)
+                    found.append(Holding(job, int(attempt), state, model, int(count or 0), priority, tenant,
+                                         preemptible == "1", since, int(grace or 0)))  # fmt: skip
+        return out
+
+    async def preempt(self, job_id: str, hold_id: str, option: HoldOption, grace_ms: int, max_preemptions: int,
+                      victims: Sequence[tuple[str, int]]) -> tuple[int, Refusal | None]:  # fmt: skip
+        """Stop `victims` (job, attempt) at the option's pool and hold their devices for `job_id` until the grace
+        period ends, all at once or not at all (preempt.lua); (when the hold ends, or 0), and why not."""
+        o = option
+        args: list[Any] = [job_id, hold_id, o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms,
+                           orjson.dumps(o.offer).decode(), grace_ms, max_preemptions, self.events_maxlen]  # fmt: skip
+        for job, attempt in victims:
+            args += [job, attempt]
+        async with translated():
+            reply = await self._preempt(keys=[self.keys.prefix + ":"], args=args)
+        if isinstance(reply, list):
+            return int(reply[1]), None
+        return 0, _PREEMPT_REFUSALS[int(reply)]
+
+    async def commit_hold(self, hold_id: str, accept_timeout_ms: int) -> tuple[Hold, dict[str, str], Commit] | None:
+        """Give a preemption's hold to the job it is for, at the hold's price (allocate.lua); (hold, job, commit)
+        when it was given, None when there is no such hold or job. A refused commit leaves the hold standing."""
+        hold = await self.get_hold(hold_id)
+        if hold is None or not hold.for_job:
+            return None
+        record = orjson.dumps({"chosen": hold.offer, "runners_up": [], "hold": hold.id}).decode()
+        placement = Placement(hold.for_job, hold.site, hold.hub, hold.model, hold.count, hold.price, hold.latency_ms,
+                              arch=hold.arch, decision=record, hold=hold.id)  # fmt: skip
+        (commit,) = await self.allocate([placement], accept_timeout_ms)
+        job = await self.get_job(hold.for_job)
+        return (hold, job, commit) if job is not None else None
+
     async def take_hold(self, hold_id: str, tenant: str, options: Sequence[HoldOption], ttl_ms: int, resources: str,
                         *, max_holds: int | None = None, for_job: str = "", now_ms: int | None = None
                         ) -> TakenHold:  # fmt: skip
