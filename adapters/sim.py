@@ -102,8 +102,13 @@ async def run_sim(
             raise ValueError(f"unknown site ids for hub {hub}: {sorted(unknown)}")
         seeds = [s for s in seeds if s.id in wanted]
     sims = build_sites(mqtt, seeds, time_scale=time_scale, interval=interval, fail_rate=fail_rate, seed=seed)
-    stop = stop or asyncio.Event()
     log.info("simulated sites starting", hub=hub, sites=len(sims), mqtt=f"{mqtt.host}:{mqtt.port}")
+    await run_sites(sims, stop)
+
+
+async def run_sites(sims: list[SimSite], stop: asyncio.Event | None = None) -> None:
+    """Run simulated sites until `stop` is set (or the task is cancelled), then take them offline."""
+    stop = stop or asyncio.Event()
     links = [asyncio.create_task(sim.link.run(), name=f"site-{sim.link.site}") for sim in sims]
     waiter = asyncio.create_task(stop.wait())
     try:

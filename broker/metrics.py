@@ -40,6 +40,12 @@ class Metrics:
                                     registry=r)  # fmt: skip
         self.preemptions = Counter("suanwang_preemptions", "Jobs preempted (given back to the queue) for "
                                    "higher-priority work", registry=r)  # fmt: skip
+        self.data_moves = Counter("suanwang_data_moves", "Placements whose datasets must be moved to the site, by "
+                                  "the site's hub", ["hub"], registry=r)  # fmt: skip
+        self.data_transfer_hours = Histogram(
+            "suanwang_data_transfer_hours", "Estimated hours to move a placed job's data to its site", registry=r,
+            buckets=(0.1, 0.5, 1, 2, 4, 8, 12, 24, 48, 96),
+        )  # fmt: skip
         self.mqtt_in = Counter("suanwang_mqtt_messages", "MQTT messages received, by type", ["type"], registry=r)
         self.mqtt_dropped = Counter("suanwang_mqtt_dropped", "MQTT messages dropped, by reason", ["reason"], registry=r)
         self.redis_rtt = Histogram(
@@ -55,6 +61,11 @@ class Metrics:
             "suanwang_utilization_ratio", "(allocated + external) / total, by hub and architecture",
             ["hub", "arch"], registry=r,
         )  # fmt: skip
+        self.site_reliability = Gauge(
+            "suanwang_site_reliability_score", "Each site's reliability score, 0-100 (what it delivered of its "
+            "recent work), as in the replica's view", ["site"], registry=r,
+        )  # fmt: skip
+        self._reliability_shown: dict[str, float] = {}
 
     async def observe_redis(self, store: Store) -> None:
         started = time.perf_counter()
@@ -81,6 +92,16 @@ class Metrics:
             self.capacity.labels(hub, arch, "external").set(external)
             self.capacity.labels(hub, arch, "allocated").set(allocated)
             self.utilization.labels(hub, arch).set((allocated + external) / total if total else 0.0)
+        self.observe_reliability(snapshot)
+
+    def observe_reliability(self, snapshot: Snapshot) -> None:
+        """Every site's reliability score as the snapshot holds it; only scores that moved since the last
+        scrape are set again (at 100,000 sites, setting each costs more than the scrape's other gauges)."""
+        shown = self._reliability_shown
+        for site, info in snapshot.sites.items():
+            if shown.get(site) != info.reliability:
+                shown[site] = info.reliability
+                self.site_reliability.labels(site).set(info.reliability)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

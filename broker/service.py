@@ -34,7 +34,7 @@ from broker.state.tokens import Tokens
 from common import logs, topics
 from common.config import Settings, redact_url
 from common.errors import InvalidInput
-from regions import load_geography
+from regions import load_geography, load_transfer
 
 log = logs.get("suanwang.broker")
 
@@ -82,6 +82,7 @@ class Broker:
 
 async def start_broker(settings: Settings) -> Broker:
     """Start every part of a replica and return once HTTP is listening."""
+    transfer = load_transfer().with_egress(dict(settings.egress_cny_per_gb))  # a bad hub stops it here
     retention = Retention(finished_hours=settings.finished_retention_hours, usage_days=settings.usage_retention_days,
                           archive_days=settings.archive_retention_days)  # fmt: skip
     store = Store.from_url(settings.redis_url, settings.namespace, retention=retention)
@@ -102,7 +103,7 @@ async def start_broker(settings: Settings) -> Broker:
     publish_assignments = mqtt.publish_assignments
     ingest = Ingest(store, publish_assignments, kick, geo, metrics, gate=gate,
                     max_message_bytes=settings.max_message_bytes)  # fmt: skip
-    scheduler = Scheduler(store, Snapshot(geo), publish_assignments, batch=settings.batch,
+    scheduler = Scheduler(store, Snapshot(geo, transfer=transfer), publish_assignments, batch=settings.batch,
                           accept_timeout_s=settings.accept_timeout_s, kick=kick, metrics=metrics,
                           reserve_after_s=settings.reserve_after_s, replica=settings.replica,
                           preemptor=Preemptor(store, publish_assignments, metrics, settings.max_preemptions)
@@ -133,6 +134,7 @@ async def start_broker(settings: Settings) -> Broker:
     async def scrape() -> None:
         async with scheduler.view() as snapshot:
             metrics.observe_capacity(snapshot)
+        metrics.holds_standing.set(await store.standing_holds())
 
     tokens = Tokens(store.redis, store.keys)
     app = make_app(Deps(

@@ -88,6 +88,21 @@ def redact_url(url: str) -> str:
     return url.replace(f":{parts.password}@", ":***@", 1)
 
 
+def parse_prices(text: str, var: str) -> tuple[tuple[str, float], ...]:
+    """`hub=price,hub=price` (CNY per GB) as pairs; InvalidInput naming `var` when malformed."""
+    pairs: list[tuple[str, float]] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        hub, sep, price = item.partition("=")
+        try:
+            value = float(price)
+        except ValueError:
+            value = -1.0
+        if not sep or not hub.strip() or not value >= 0:
+            raise InvalidInput(f"{var} must be hub=price pairs separated by commas (CNY per GB), got {item!r}", var)
+        pairs.append((hub.strip(), value))
+    return tuple(pairs)
+
+
 def parse_http(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
@@ -145,6 +160,8 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     mirror: str = "events"
+    # Egress price per GB sent out of a hub, overriding the seeded estimates: (hub, CNY per GB) pairs.
+    egress_cny_per_gb: tuple[tuple[str, float], ...] = ()
     replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -196,6 +213,7 @@ class Settings:
             "tls_cert": env.get("SUANWANG_TLS_CERT") or None,
             "tls_key": env.get("SUANWANG_TLS_KEY") or None,
             "mirror": env.get("SUANWANG_MIRROR", "events"),
+            "egress_cny_per_gb": parse_prices(env.get("SUANWANG_EGRESS_CNY_PER_GB", ""), "SUANWANG_EGRESS_CNY_PER_GB"),
         }
         for name, var, kind, what in _NUMBER_VARS:
             if var in env:

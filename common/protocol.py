@@ -66,6 +66,10 @@ class Capacity(Strict):
     latency_ms: dict[Identifier, Annotated[float, Field(ge=0, le=10_000)]] = Field(
         default_factory=dict, max_length=512, description="Measured round trip per origin; overrides the model"
     )
+    bandwidth_gbps: dict[Identifier, Annotated[float, Field(gt=0, le=10_000)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Measured sustained rate into the site from a hub or cluster; overrides the seeded matrix",
+    )
     ts: float | None = None
     boot: str | None = Field(default=None, min_length=1, max_length=64,
                              description="Changes when the adapter restarts: `seq` starts again with it")  # fmt: skip

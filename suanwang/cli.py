@@ -14,21 +14,18 @@ from rich.console import Console
 
 from adapters.commands import register as _register_adapters
 from common import logs
-from common.config import AUTH_MODES, DEFAULT_HTTP, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
+from common.config import AUTH_MODES, DEFAULT_MQTT, DEFAULT_REDIS, MqttTarget, Settings
 from common.errors import SuanwangError
+from suanwang.holds_cli import register as _register_holds
+from suanwang.options import http_option, json_option, redis_option, tenant_option, token_option
+from suanwang.quote_cli import register as _register_quote
+from suanwang.reliability_cli import register as _register_reliability
 from suanwang.security_cli import register as _register_security
 
 console = Console()
 
-redis_option = click.option("--redis", "redis_url", envvar="SUANWANG_REDIS_URL", show_envvar=True,
-                            help=f"Redis URL [default: {DEFAULT_REDIS}]")  # fmt: skip
 mqtt_option = click.option("--mqtt", "mqtt_url", envvar="SUANWANG_MQTT_URL", show_envvar=True,
                            help=f"MQTT URL, mqtt://user:pass@host:port [default: {DEFAULT_MQTT}]")  # fmt: skip
-http_option = click.option("--http", envvar="SUANWANG_HTTP", show_envvar=True, default=DEFAULT_HTTP,
-                           show_default=True, help="HTTP address host:port")  # fmt: skip
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-token_option = click.option("--token", envvar="SUANWANG_TOKEN", show_envvar=True, default=None,
-                            help="API token (suanwang token create)")  # fmt: skip
 log_option = click.option("--log-level", default="info", show_default=True,
                           type=click.Choice(["debug", "info", "warning", "error"]))  # fmt: skip
 
@@ -138,14 +135,16 @@ def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str
 @click.option("--rate", type=float, default=2.0, show_default=True, help="Sample jobs submitted per second")
 @click.option("--duration", type=float, default=None, help="Stop after this many seconds")
 @click.option("--quiet", is_flag=True, help="Do not print the live view")
+@click.option("--tour/--no-tour", default=True, show_default=True,
+              help="First show data gravity, a hold, a preemption and a failing site sinking in the ranking")
 @json_option
 def demo(redis_url: str | None, mqtt_url: str | None, http: str, sites_per_hub: int | None, time_scale: float,
-         rate: float, duration: float | None, quiet: bool, as_json: bool) -> None:  # fmt: skip
+         rate: float, duration: float | None, quiet: bool, tour: bool, as_json: bool) -> None:  # fmt: skip
     """The whole system on one machine: broker, simulated sites in all 8 hubs, sample jobs, live view."""
     from suanwang.demo import DemoOptions, run_demo
 
     logs.configure("error")
-    options = DemoOptions(redis_url, mqtt_url, http, sites_per_hub, time_scale, rate, duration, quiet=quiet)
+    options = DemoOptions(redis_url, mqtt_url, http, sites_per_hub, time_scale, rate, duration, quiet=quiet, tour=tour)
     summary = _run(run_demo(options, console))
     if as_json and summary is not None:
         _print_json(summary)
@@ -185,13 +184,22 @@ _register_adapters(adapter)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @http_option
 @token_option
-@click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
+@tenant_option
+@click.option("--hold", "hold_id", default=None, help="Place it on this hold (suanwang hold take), at its price")
 @json_option
-def submit(file: str, http: str, token: str | None, tenant: str | None, as_json: bool) -> None:
+def submit(file: str, http: str, token: str | None, tenant: str | None, hold_id: str | None, as_json: bool) -> None:
     """Submit the job in FILE.json (- for standard input)."""
     from suanwang.client import call
 
     body = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    if hold_id is not None:
+        try:
+            spec = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise click.UsageError(f"{file} is not JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise click.UsageError(f"{file} must hold a JSON object")
+        body = orjson.dumps({**spec, "hold": hold_id})
     job = _run(call(http, "POST", "/v1/jobs", body, tenant=tenant, token=token))
     if as_json:
         _print_json(job)
@@ -203,7 +211,7 @@ def submit(file: str, http: str, token: str | None, tenant: str | None, as_json:
 @http_option
 @click.option("--state", default=None, help="Only jobs in this state")
 @click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--tenant", envvar="SUANWANG_TENANT", default=None)
+@tenant_option
 @token_option
 @json_option
 def jobs(http: str, state: str | None, limit: int, tenant: str | None, token: str | None, as_json: bool) -> None:
@@ -420,6 +428,9 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
 
 
 _register_security(main, _run, _print_json)
+_register_holds(main, _run, _print_json)
+_register_quote(main, _run, _print_json)
+_register_reliability(main, _run, _print_json)
 
 if __name__ == "__main__":
     main()

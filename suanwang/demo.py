@@ -14,13 +14,14 @@ import aiohttp
 import orjson
 from rich.console import Console
 
-from adapters.sim import run_sim
+from adapters.sim import build_sites, run_sim, run_sites
 from broker.service import Broker, start_broker
 from broker.state.tokens import Tokens
 from common.config import MqttTarget, Settings
 from regions import load_geography
 from suanwang.samples import sample_job
 from suanwang.servers import EmbeddedMqtt, MosquittoServer, RedisServer, mosquitto_available
+from suanwang.tour import run_tour, tour_sites
 from suanwang.view import event_line
 
 SHOWN = {"allocated", "completed", "failed", "requeued", "cancelled"}
@@ -40,6 +41,7 @@ class DemoOptions:
     quiet: bool = False
     summary_json: bool = False
     embedded_mqtt: str = "auto"  # auto (mosquitto if installed, else amqtt), mosquitto, amqtt
+    tour: bool = True  # show data gravity, a hold, a preemption and reliability first (suanwang.tour)
 
 
 class Servers:
@@ -149,6 +151,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
     tasks: list[asyncio.Task[Any]] = []
     broker: Broker | None = None
     placed_by_hub: Counter[str] = Counter()
+    tour: dict[str, Any] | None = None
     kinds: Counter[str] = Counter()
     try:
         redis_url, mqtt_url, share_group = await servers.start(options, console)
@@ -165,13 +168,22 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
                 )
             )
         users = tokens.users if tokens else {}
-        tasks.append(asyncio.create_task(_submit_jobs(broker.url, options.rate, options.seed, stop, users)))
+        if options.tour:
+            working, failing = tour_sites()
+            for seeds, fail_rate in ((working, 0.0), (failing, 1.0)):
+                sims = build_sites(target, list(seeds), time_scale=options.time_scale, interval=5.0,
+                                   fail_rate=fail_rate, seed=options.seed)  # fmt: skip
+                tasks.append(asyncio.create_task(run_sites(sims, stop)))
         if options.quiet:
             console.print(f"Broker HTTP API: {broker.url}", highlight=False)
             if tokens is not None:
                 console.print(f"Operator token: {tokens.operator}", highlight=False)
         else:
             _banner(console, broker, options, tokens)
+        if options.tour:
+            tour = await run_tour(broker.url, users, tokens.operator if tokens else None, options.time_scale,
+                                  Console(quiet=True) if options.quiet else console)  # fmt: skip
+        tasks.append(asyncio.create_task(_submit_jobs(broker.url, options.rate, options.seed, stop, users)))
         started = time.monotonic()
         async with broker.feed.subscribe() as subscription:
             while options.duration is None or time.monotonic() - started < options.duration:
@@ -195,4 +207,7 @@ async def run_demo(options: DemoOptions, console: Console | None = None) -> dict
         if broker is not None:
             await broker.close()
         await servers.stop()
-    return {"allocated_by_hub": dict(placed_by_hub), "events": dict(kinds)}
+    summary: dict[str, Any] = {"allocated_by_hub": dict(placed_by_hub), "events": dict(kinds)}
+    if tour is not None:
+        summary["tour"] = tour
+    return summary

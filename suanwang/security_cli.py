@@ -16,12 +16,11 @@ from broker.state.registry import DEFAULT_BROKER_USER, SiteRegistry, write_mosqu
 from broker.state.store import Store
 from broker.state.tokens import Tokens
 from common.config import DEFAULT_REDIS
+from suanwang.options import redis_option
 
 T = TypeVar("T")
 console = Console()
 
-redis_option = click.option("--redis", "redis_url", envvar="SUANWANG_REDIS_URL", show_envvar=True,
-                            help=f"Redis URL [default: {DEFAULT_REDIS}]")  # fmt: skip
 namespace_option = click.option("--namespace", envvar="SUANWANG_NAMESPACE", default="sw", show_default=True,
                                 help="Redis key namespace (one deployment per namespace)")  # fmt: skip
 

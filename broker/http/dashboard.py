@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from broker.http.deps import DEPS
+from broker.http.holds import hold_view
 from broker.http.responses import json_response
 from broker.http.routes import ID, STR, Route, param
 from broker.http.views import usage_totals
@@ -25,6 +26,7 @@ WEB_ROOT = Path(str(resources.files("broker.http.web")))
 QUEUE_SAMPLE = 2000  # queued jobs read for the waiting reasons; the head of the queue is what matters
 RECENT_EVENTS = 400  # newest log entries scanned for the recent jobs
 RECENT_JOBS = 15
+HOLDS_SHOWN = 10
 BACKFILL = 150  # events the page replays from the log when it opens
 DAY_MS = 24 * 3600 * 1000
 _NO_CACHE = {"Cache-Control": "no-cache"}
@@ -84,6 +86,19 @@ def recent_jobs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(jobs.values())
 
 
+async def holds_summary(request: web.Request, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Standing holds (the ten expiring soonest, of every tenant) and the preemptions among the newest events."""
+    desk = request.app[DEPS].holds
+    holds = await desk.list_holds(None, HOLDS_SHOWN + 1) if desk is not None else []
+    now = now_ms()
+    preempted = [e for e in events if e.get("type") == "requeued" and e.get("preempted_by")]
+    return {
+        "standing": [hold_view(h, now) for h in holds[:HOLDS_SHOWN]], "more": len(holds) > HOLDS_SHOWN,
+        "preemptions": [{"job": e["job"], "site": e.get("site"), "by": e["preempted_by"],
+                         "by_tenant": e.get("preempted_by_tenant"), "ts": e.get("ts")} for e in preempted[:5]],
+    }  # fmt: skip
+
+
 async def summary(request: web.Request) -> web.Response:
     """Queue depth by priority, why jobs wait, and the jobs that moved last, across every tenant."""
     queries = request.app[DEPS].queries
@@ -97,6 +112,7 @@ async def summary(request: web.Request) -> web.Response:
         "waiting": waiting_summary(sample.queued, now_ms()),
         "recent_jobs": recent_jobs(events),
         "revenue_24h_by_hub": usage_totals(day, "hub"),
+        "holds": await holds_summary(request, events),
         # replay from here so the feed opens with the latest events instead of empty
         "backfill_from": backfill["id"] if backfill else ("0-0" if events else None),
     })  # fmt: skip

@@ -16,6 +16,7 @@ from broker.metrics import Metrics
 from broker.model.identity import Identity
 from broker.model.job import JobSpec
 from broker.model.records import Commit, SiteRecord
+from broker.model.reliability import Reliability
 from broker.sites.assignments import PublishAssignments
 from broker.state.events import Subscription
 from broker.state.holds import Hold, HoldOption, TakenHold
@@ -57,6 +58,12 @@ class StateStore(Protocol):
     async def load_sites(self, ids: Sequence[str]) -> list[SiteRecord]: ...
 
     async def status_history(self, site: str) -> list[dict[str, Any]]: ...
+
+    async def reliability(self, site: str) -> Reliability:
+        """The site's reliability record, decayed to now."""
+
+    async def reset_reliability(self, site: str, who: str = "operator") -> bool | None:
+        """Forget the site's reliability record: whether it had one; None for an unknown site."""
 
     async def queue_depths(self) -> dict[str, int]: ...
 

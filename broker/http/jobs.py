@@ -17,7 +17,7 @@ from broker.http.holds import HOLD_PARAMS, desk_of, hold_offer, hold_request
 from broker.http.responses import error_body, json_body, json_response, status_of
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
 from broker.http.views import MAX_CANDIDATES, job_view, quote_view
-from broker.model.job import JobSpec, JobState
+from broker.model.job import SITE_PREFIX, JobSpec, JobState
 from broker.sites.assignments import held_assignment, publish_runs, tell_site_to_cancel
 from broker.state.jobs import Submission, SubmitRate
 from common import logs
@@ -51,6 +51,14 @@ def check_against_network(spec: JobSpec, geo: Geography) -> None:
         for province in getattr(spec.residency, name):
             if province.lower() not in provinces:
                 raise InvalidInput(f"unknown province {province!r}", f"residency.{name}")
+    names: set[str] = set()
+    for i, data in enumerate(spec.datasets):
+        if not data.location.startswith(SITE_PREFIX) and not geo.is_origin(data.location):
+            raise InvalidInput(f"unknown place {data.location!r} for dataset {data.name!r}: a city, cluster or hub id "
+                               "(GET /v1/hubs), or site:<id>", f"datasets.{i}.location")  # fmt: skip
+        if data.name in names:
+            raise InvalidInput(f"dataset {data.name!r} is named twice", f"datasets.{i}.name")
+        names.add(data.name)
 
 
 async def _read_spec(request: web.Request) -> JobSpec:

@@ -27,7 +27,7 @@ def _obj(required: list[str], **properties: Any) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
 
 
-STR, INT, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
+STR, INT, BOOL, NUM = {"type": "string"}, {"type": "integer"}, {"type": "boolean"}, {"type": "number"}
 OBJ = {"type": "object"}
 NULLABLE_STR = {"type": ["string", "null"]}
 
@@ -40,14 +40,19 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         id=STR, name=STR, state={"enum": [s.value for s in JobState]}, tenant=STR, priority=STR, workload=STR,
         origin=STR, resources=OBJ, software={"type": "array"}, residency=OBJ, attempts=INT, created=NULLABLE_STR,
         updated=NULLABLE_STR, allocation={"type": ["object", "null"]}, waiting=STR, reason=STR,
-        history={"type": "array", "items": OBJ},
+        history={"type": "array", "items": OBJ}, datasets={"type": "array", "items": OBJ},
     ),
     "JobList": _obj(["jobs"], jobs={"type": "array", "items": ref("Job")}),
     "JobBatchResult": _obj(["jobs"], jobs={"type": "array", "items": _obj(
         ["status"], status=INT, job=ref("Job"),
         error=_obj(["code", "message", "field"], code=STR, message=STR, field=NULLABLE_STR))}),
     "Site": _obj(["id", "hub", "status", "pools"], id=STR, hub=STR, cluster=NULLABLE_STR, status=STR,
-                 last_seen=NULLABLE_STR, pools={"type": "array", "items": OBJ}),
+                 last_seen=NULLABLE_STR, pools={"type": "array", "items": OBJ}, reliability=ref("Reliability")),
+    "Reliability": _obj(["score", "half_life_hours"], score=NUM, accepted=NUM, completed=NUM, timed_out=NUM,
+                        rejected=NUM, failed=NUM, lost=NUM, lost_device_hours=NUM, half_life_hours=NUM,
+                        updated=NULLABLE_STR),
+    "ReliabilityReset": _obj(["site", "had_record", "reliability"], site=STR, had_record=BOOL,
+                             reliability=ref("Reliability")),
     "SiteList": _obj(["sites"], sites={"type": "array", "items": ref("Site")}),
     "HubList": _obj(
         ["hubs"],
@@ -59,7 +64,23 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         },
     ),
     "Health": _obj(["status", "redis", "mqtt"], status={"enum": ["ok", "degraded"]}, redis=BOOL, mqtt=BOOL),
-    "Quote": OBJ,
+    "Offer": _obj(
+        ["site", "hub", "model", "devices", "price_cny_per_hour", "cost_cny_per_hour", "total_cost_cny", "score"],
+        site=STR, hub=STR, model=STR, arch=STR, devices=INT, free=INT, price_cny_per_hour=NUM, cost_cny_per_hour=NUM,
+        unit_price_cny_per_hour=NUM, latency_ms={"type": ["number", "null"]}, est_hours=NUM, score=NUM, scores=OBJ,
+        stack=NULLABLE_STR, image=NULLABLE_STR, reliability=NUM, transfer_hours=NUM, transfer_cost_cny=NUM,
+        finish_hours=NUM, compute_cost_cny=NUM, total_cost_cny=NUM,
+    ),
+    "DataGravity": _obj(
+        ["data_gb", "near", "moved", "places", "text"], data_gb=NUM,
+        near={"oneOf": [ref("Offer"), {"type": "null"}]}, moved={"oneOf": [ref("Offer"), {"type": "null"}]},
+        places=OBJ, cheaper={"enum": ["near", "moved"]}, sooner={"enum": ["near", "moved"]}, text=STR,
+    ),
+    "Quote": _obj(
+        [], candidates={"type": "array", "items": ref("Offer")}, feasible_sites=INT, waiting=STR,
+        reasons={"type": "array", "items": OBJ}, what_if={"type": "array", "items": OBJ},
+        data_gravity=ref("DataGravity"), hold=ref("Hold"),
+    ),
     "Hold": _obj(
         ["id", "state", "tenant", "site", "hub", "model", "devices", "price_cny_per_hour", "created", "expires"],
         id=STR, state={"enum": ["held", "used", "expired", "released"]}, tenant=STR, site=STR, hub=STR, model=STR,
@@ -69,7 +90,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "HoldList": _obj(["holds"], holds={"type": "array", "items": ref("Hold")}),
     "DashboardSummary": _obj(
-        ["queue", "waiting", "recent_jobs"], queue=OBJ, waiting=OBJ, recent_jobs={"type": "array"}
+        ["queue", "waiting", "recent_jobs"], queue=OBJ, waiting=OBJ, recent_jobs={"type": "array"},
+        holds=_obj(["standing", "preemptions"], standing={"type": "array", "items": ref("Hold")}, more=BOOL,
+                   preemptions={"type": "array", "items": OBJ}),
     ),
     "Places": _obj(
         ["hubs", "clusters", "cities"], hubs={"type": "array"}, clusters={"type": "array"}, cities={"type": "array"}

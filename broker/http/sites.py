@@ -6,10 +6,11 @@ from typing import Any
 
 from aiohttp import web
 
+from broker.http import auth
 from broker.http.deps import DEPS
 from broker.http.responses import json_response
 from broker.http.routes import ID, STR, Route, param
-from broker.http.views import iso, site_view
+from broker.http.views import iso, reliability_view, site_view
 from common.errors import NotFound
 
 
@@ -37,6 +38,18 @@ async def get_site(request: web.Request) -> web.Response:
         {"ts": iso(str(e["ts"])), "status": e["status"]} for e in await store.status_history(records[0].id)
     ]
     return json_response(view)
+
+
+async def reset_reliability(request: web.Request) -> web.Response:
+    """Forget the site's reliability record (an operator's decision, logged as a `reliability_reset` event):
+    it scores as a new site again, on every replica from its next view."""
+    store, site = request.app[DEPS].store, request.match_info["id"]
+    caller = auth.identity_of(request)
+    had = await store.reset_reliability(site, who=caller.id or caller.name or caller.role)
+    if had is None:
+        raise NotFound(f"no site {site}")
+    fresh = reliability_view(await store.reliability(site))
+    return json_response({"site": site, "had_record": had, "reliability": fresh})
 
 
 async def list_hubs(request: web.Request) -> web.Response:
@@ -70,4 +83,7 @@ ROUTES = (
           ok=(200, "SiteList"), params=(param("hub", "query", STR),)),
     Route("GET", "/v1/sites/{id}", get_site, "One site", role="operator", ok=(200, "Site"), errors=(404,),
           params=(ID,)),
+    Route("POST", "/v1/sites/{id}/reliability:reset", reset_reliability,
+          "Forget a site's reliability record: it scores as a new site again", role="operator",
+          ok=(200, "ReliabilityReset"), errors=(404,), params=(ID,)),
 )  # fmt: skip

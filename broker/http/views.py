@@ -17,13 +17,15 @@ import orjson
 from broker.matching.quote import TOP
 from broker.model.job import JobState
 from broker.model.records import SiteRecord
+from broker.model.reliability import Reliability
 
 MAX_CANDIDATES = TOP  # the most candidates a quote answers with
 MAX_WHAT_IF = 12  # the most what-ifs (one per constraint loosened; there are about that many)
 # What an offer shows: the market (a site's free devices and prices), nothing of who holds the rest.
 OFFER_FIELDS = ("site", "hub", "model", "arch", "devices", "free", "price_cny_per_hour", "cost_cny_per_hour",
                 "unit_price_cny_per_hour", "total_cost_cny", "latency_ms", "est_hours", "score", "scores", "stack",
-                "image")  # fmt: skip
+                "image", "transfer_hours", "transfer_cost_cny", "finish_hours", "compute_cost_cny",
+                "reliability")  # fmt: skip
 
 
 def iso(ms: str | None) -> str | None:
@@ -47,6 +49,9 @@ def quote_view(quote: dict[str, Any], candidates: int = MAX_CANDIDATES) -> dict[
     if "what_if" in view:
         view["what_if"] = [{**w, "best": offer_view(w["best"])} if "best" in w else dict(w)
                            for w in view["what_if"][:MAX_WHAT_IF]]  # fmt: skip
+    gravity = view.get("data_gravity")
+    if gravity is not None:  # the two options compared are offers like the others
+        view["data_gravity"] = {**gravity, **{k: offer_view(gravity[k]) for k in ("near", "moved") if gravity.get(k)}}
     return view
 
 
@@ -62,6 +67,7 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
         "max_latency_ms": spec["max_latency_ms"],
         "max_price_cny_per_hour": spec["max_price_cny_per_hour"], "duration_hours": spec["duration_hours"],
         "labels": spec["labels"], "attempts": int(job.get("attempt", 0)),
+        **({"datasets": spec["datasets"]} if spec.get("datasets") else {}),
         "created": iso(job.get("created")), "updated": iso(job.get("updated")),
         "allocation": None,
     }  # fmt: skip
@@ -83,6 +89,9 @@ def job_view(job: dict[str, str]) -> dict[str, Any]:
                 "stack": chosen["stack"], "image": chosen["image"],
                 "runners_up": [offer_view(r) for r in decision["runners_up"]],
             })  # fmt: skip
+            if chosen.get("transfer_hours") or chosen.get("transfer_cost_cny"):  # the job's data moves there
+                view["allocation"].update({k: chosen[k] for k in ("transfer_hours", "transfer_cost_cny",
+                                                                  "finish_hours", "total_cost_cny")})  # fmt: skip
     if state == JobState.QUEUED:
         view["waiting"] = job.get("reason") or "waiting for the matcher"
         if job.get("last_site"):
@@ -108,7 +117,14 @@ def site_view(record: SiteRecord) -> dict[str, Any]:
         "id": record.id, "hub": record.hub, "cluster": record.cluster or None, "status": record.status,
         "last_seen": iso(str(record.seen_ms)) if record.seen_ms else None, "pools": pools,
         "energy": meta.get("energy"), "measured_latency_ms": meta.get("latency_ms") or {},
+        "measured_bandwidth_gbps": meta.get("bandwidth_gbps") or {},
+        "reliability": reliability_view(record.reliability or Reliability()),
     }  # fmt: skip
+
+
+def reliability_view(r: Reliability) -> dict[str, Any]:
+    """A site's reliability: its score, the decayed counts it comes from, the half-life, when last counted."""
+    return {**r.as_dict(), "updated": iso(str(r.updated)) if r.updated else None}
 
 
 def usage_totals(records: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:

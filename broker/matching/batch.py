@@ -49,8 +49,9 @@ once per kind, not once per pass.
 
 Jobs the groups do not handle go to `match` on the live snapshot, which is exact by definition: sites to
 avoid (a job given back), an unknown origin, a packing-only policy, a mixed policy over a pool priced at
-zero. Plans' lookups, admitted tables and nearest-first segments outlive the batch
-(`batch_shared`), checked against the snapshot's structure and price and place orders.
+zero, a job with datasets (its price and speed scores count moving the data to each site). Plans' lookups,
+admitted tables and nearest-first segments outlive the batch (`batch_shared`), checked against the snapshot's
+structure and price and place orders.
 
 `match_in_turn` yields each result as soon as it is decided, so the caller may act between jobs (hold a
 pool for a blocked gang after a NoFit, which changes `exclude_for` for the jobs after it). The snapshot
@@ -120,6 +121,8 @@ class _Batch:
         snap = self.shared.snap
         if req.origin not in snap.origins or any(s in snap.sites for s in req.avoid_sites):
             return None
+        if req.datasets:
+            return None  # data to move: its transfer is per site and cluster, which no group prepares
         weights = self.shared.weights(req)
         single = len(weights) == 1
         order = next(iter(weights)) if single else max(weights, key=lambda k: weights[k])

@@ -66,7 +66,7 @@ class Group:
         self.weight_sum = self.plan.weight_sum
         self.single = self.scan.single is not None
         self.order = self.scan.order
-        self.static_keys = [k for k, _ in self.weights if k in ("speed", "green", "west")]
+        self.static_keys = [k for k, _ in self.weights if k in ("speed", "green", "west", "reliability")]
         ready = self.tables and self.plan.origin_known
         self.segments = shared.segments(self.plan, self.scan, self.tables) if ready else []
         self.seg_chunks = [-(-s[2].shape[0] // CHUNK) for s in self.segments]
@@ -92,6 +92,7 @@ class Group:
         self.free_version = 0  # bumps when a joined row's free count changes: NoFits are kept until then
         self.stacks: dict[int, tuple[Any, str | None]] = {}
         self.gens = [t.gen for t in self.tables]  # what the prepared rows were read from
+        self.reliability_seen = [t.reliability_version for t in self.tables]
 
     def _order_ignores_count(self) -> bool:
         """Whether every device count visits the tables in one order (cheapest first: unless two tables'
@@ -128,8 +129,32 @@ class Group:
             else:
                 free[pos] = now
         cols["free_mod"] = free % cols["per_node"]
+        self._reread_reliability()
         cols["g"] = shared.offset[np.asarray(self.tids, np.int64)[tab]] + row  # other tables may have grown
         return True
+
+    def _reread_reliability(self) -> None:
+        """Read the sites' reliability scores again, like the free counts: they move with sites' outcomes
+        without bumping a table's `gen`, so a kept group must not rank by the old ones."""
+        cols = self.cols
+        if "s:reliability" not in cols:
+            return
+        versions = [t.reliability_version for t in self.tables]
+        if versions == self.reliability_seen:
+            return  # no score in the group's tables moved
+        self.reliability_seen = versions
+        tab, row = cols["tab"], cols["row"]
+        now = np.empty(self.size, np.float64)
+        for ti, table in enumerate(self.tables):
+            pos = np.flatnonzero(tab == ti)
+            now[pos] = table.reliability[row[pos]]
+        if np.array_equal(now, cols["s:reliability"]):
+            return
+        cols["s:reliability"] = now
+        cols["t:reliability"] = self.plan.weights["reliability"] * now
+        self.fixed_terms["reliability"] = (now, cols["t:reliability"])
+        for variant in self.variants.values():
+            variant.fixed = None  # the proxy's sum of fixed terms
 
     def _stale(self, shared: Shared) -> bool:
         """Whether more than the counts changed in the group's tables since it was prepared."""
@@ -182,6 +207,8 @@ class Group:
                     cols["s:speed"] = self.scan._speeds(table, devices).astype(np.float64)
                 elif key == "green":
                     cols["s:green"] = table.green[prow].astype(np.float64)
+                elif key == "reliability":
+                    cols["s:reliability"] = table.reliability[prow]
                 else:
                     cols["s:west"] = 100.0 * self.snap.cluster_west[table.cluster[prow]]
             self.pending.append(cols)
@@ -546,7 +573,8 @@ class Group:
                          unit_price=cost / req.units if req.units is not None else price,
                          latency_ms=variant.latency.item(pos), est_hours=est if est == est else req.duration_hours,
                          score=total, scores=scores, stack=stack,
-                         image=requirement.image if requirement else None)  # fmt: skip
+                         image=requirement.image if requirement else None,
+                         reliability=float(table.reliability[row]))  # fmt: skip
 
     def _stack(self, table: PoolTable, row: int) -> tuple[Any, str | None]:
         """The requirement a pool satisfies first and the tag it satisfies it with (per stack set)."""

@@ -116,7 +116,10 @@ class Shared:
         """`Plan(req, snap, exclude=exclude)` for a request with no site to avoid, its lookups built once.
 
         A plan is its request, the job's tie-break seed, the exclusion, whether the origin is known, and
-        lookups made from the fields in `_PLAN_SHAPE`; plans that share those share the lookups."""
+        lookups made from the fields in `_PLAN_SHAPE`; plans that share those share the lookups. A job with
+        datasets gets a plan of its own (what moving its data costs depends on the sites of the moment)."""
+        if req.datasets:
+            return Plan(req, self.snap, exclude=exclude)
         key = tuple(getattr(req, name) for name in _PLAN_SHAPE)
         template = self._plans.get(key)
         if template is None:

@@ -135,6 +135,27 @@ def _residency_limited(plan: Plan) -> bool:
     return bool(req.allow_hubs or req.deny_hubs or req.allow_provinces or req.deny_provinces)
 
 
+def _data_label(req: Request) -> str:
+    if req.data_moves is not None:  # a quote's comparison of moving the data with leaving it
+        return "the data would stay where it is" if req.data_moves else "the data would have to move"
+    fixed = [f"{d.name} may not leave {d.location}" for d in req.datasets if not d.copyable]
+    return "data " + "; ".join(fixed) if fixed else "data that may not be copied is elsewhere"
+
+
+def _data_ok(plan: Plan, c: Chunk) -> np.ndarray:
+    data, moves = plan.data, plan.req.data_moves
+    if data is None:
+        return np.ones(c.rows.shape[0], np.bool_)
+    ok = data.allowed(c.table, c.rows) if data.restricted else np.ones(c.rows.shape[0], np.bool_)
+    if moves is not None:
+        ok &= data.rows(c.table, c.rows).moves == moves
+    return ok
+
+
+def _data_limited(plan: Plan) -> bool:
+    return plan.data is not None and (plan.data.restricted or plan.req.data_moves is not None)
+
+
 # (name, label from the request, what passes, whether this plan gives it anything to check), in order
 FILTERS: tuple[Filter, ...] = (
     RowFilter("offline", lambda req: "site offline", lambda plan, c: c.table.online[c.rows]),
@@ -153,6 +174,7 @@ FILTERS: tuple[Filter, ...] = (
               lambda plan: plan.req.min_memory_gb > 0),
     RowFilter("residency", lambda req: "outside the allowed hubs and provinces",
               lambda plan, c: plan.place_ok[c.table.cluster[c.rows]], _residency_limited),
+    RowFilter("data", _data_label, _data_ok, _data_limited),
     RowFilter("price", lambda req: f"price above {req.max_price:g} CNY/h" if req.max_price is not None else "price",
               _within_price, lambda plan: plan.req.max_price is not None),
     RowFilter("latency", lambda req: f"latency from {req.origin} above {req.max_latency_ms:g} ms"

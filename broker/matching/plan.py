@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 
+from broker.matching.data import DataPlan
 from broker.matching.request import Request
 from broker.matching.snapshot import PoolTable, Snapshot
 
@@ -40,6 +41,8 @@ class Plan:
         self.reference_perf = self._reference_perf()
         # the compute asked, in devices of performance 1 for the workload; None for a device count
         self.compute = req.units * self.reference_perf if req.units is not None else None
+        # the job's datasets: what moving them to each pool takes, and where those that may not move keep it
+        self.data = DataPlan.of(req, snap)
 
     def without_avoid(self) -> Plan:
         """The same plan with no site passed over (when nothing else fits, an avoided site will do)."""
@@ -78,6 +81,19 @@ class Plan:
     def price_floor(self, table: PoolTable) -> float:
         """The lowest cost per hour this table could offer (its cheapest row, before any filter)."""
         return float(table.price[table.by_price[0]]) * self.need(table) if table.size else math.inf
+
+    def est_hours(self, table: PoolTable, devices: np.ndarray) -> np.ndarray:
+        """The run's estimated hours on `devices` of the table's model: the scan's `_candidate` arithmetic."""
+        req, snap = self.req, self.snap
+        perf = self.speed_perf(table)
+        if req.units is not None and perf > 0:
+            est = req.duration_hours * req.units * self.reference_perf / (devices * perf)
+        elif req.models and perf > 0 and req.models[0] in snap.tables:
+            first = snap.tables[req.models[0]].perf_for(req.workload)
+            est = np.full(devices.shape[0], req.duration_hours * first / perf)
+        else:
+            est = np.full(devices.shape[0], req.duration_hours)
+        return np.where(np.isnan(est), req.duration_hours, est)
 
     def speed_perf(self, table: PoolTable) -> float:
         """Catalog performance for the job's workload: NaN when the model is unknown, 0 when rated unsuited."""

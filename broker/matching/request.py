@@ -24,8 +24,22 @@ POLICIES: dict[str, dict[str, float]] = {
     "greenest": {"green": 1.0},
 }
 # 东数西算: latency-tolerant work leans west when price and latency allow; sensitive work stays near.
-BALANCED_TOLERANT = {"price": 0.45, "latency": 0.1, "speed": 0.15, "green": 0.1, "packing": 0.1, "west": 0.1}
-BALANCED_SENSITIVE = {"price": 0.35, "latency": 0.45, "speed": 0.1, "packing": 0.1}
+# Both weigh the site's reliability (what it delivered of its recent work) at 0.1 on top, so of sites alike the
+# one that keeps losing work ranks lower (totals are divided by the weights' sum).
+BALANCED_TOLERANT = {"price": 0.45, "latency": 0.1, "speed": 0.15, "green": 0.1, "packing": 0.1, "west": 0.1,
+                     "reliability": 0.1}  # fmt: skip
+BALANCED_SENSITIVE = {"price": 0.35, "latency": 0.45, "speed": 0.1, "packing": 0.1, "reliability": 0.1}
+
+
+@dataclass(frozen=True, slots=True)
+class DataSet:
+    """Data a job reads (hashable): its size, where it is (a city, cluster or hub id, or `site:<id>`), and
+    whether it may be copied to where the job runs."""
+
+    name: str
+    size_gb: float
+    location: str
+    copyable: bool = True
 
 
 class RequestChanges(TypedDict, total=False):
@@ -54,6 +68,9 @@ class RequestChanges(TypedDict, total=False):
     policy: str
     weights: tuple[tuple[str, float], ...]
     avoid_sites: frozenset[str]
+    priority: str
+    datasets: tuple[DataSet, ...]
+    data_moves: bool | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +102,9 @@ class Request:
     weights: tuple[tuple[str, float], ...] = ()
     avoid_sites: frozenset[str] = frozenset()  # sites that just gave the job back: used only if nothing else fits
     priority: str = "normal"  # high, normal or low: what a preemption weighs (matching itself ignores it)
+    datasets: tuple[DataSet, ...] = ()
+    # only pools where the job's data would move (True) or stay (False); None for either (quotes compare both)
+    data_moves: bool | None = None
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.units is None):
@@ -107,6 +127,7 @@ class Request:
             deny_provinces=frozenset(p.lower() for p in res.deny_provinces),
             domestic_only=spec.domestic_only, policy=spec.policy.value, weights=tuple(sorted(spec.weights.items())),
             priority=spec.priority.value,
+            datasets=tuple(DataSet(d.name, d.size_gb, d.location, d.copyable) for d in spec.datasets),
         )  # fmt: skip
 
     def relaxed(self, **changes: Unpack[RequestChanges]) -> Request:
@@ -141,15 +162,35 @@ class Candidate:
     scores: dict[str, float]
     stack: str | None = None
     image: str | None = None
+    transfer_hours: float = 0.0  # moving the job's data to the site
+    transfer_cost: float = 0.0  # CNY, egress for that move
+    reliability: float = 100.0  # the site's reliability score (broker.model.reliability), weighted or not
+
+    @property
+    def finish_hours(self) -> float:
+        """Transfer, then the run."""
+        return self.est_hours + self.transfer_hours
+
+    @property
+    def compute_cost(self) -> float:
+        return self.cost_per_hour * self.est_hours
+
+    @property
+    def total_cost(self) -> float:
+        """The run for its estimated hours and the data's move."""
+        return self.compute_cost + self.transfer_cost
 
     def as_dict(self) -> dict[str, object]:
         return {
             "site": self.site, "hub": self.hub, "model": self.model, "arch": self.arch, "devices": self.devices,
             "free": self.free, "price_cny_per_hour": self.price, "cost_cny_per_hour": round(self.cost_per_hour, 4),
-            "unit_price_cny_per_hour": round(self.unit_price, 4),
+            "unit_price_cny_per_hour": round(self.unit_price, 4), "reliability": self.reliability,
             "latency_ms": round(self.latency_ms, 2) if math.isfinite(self.latency_ms) else None,
             "est_hours": round(self.est_hours, 3), "score": round(self.score, 2),
             "scores": {k: round(v, 2) for k, v in self.scores.items()}, "stack": self.stack, "image": self.image,
+            "transfer_hours": round(self.transfer_hours, 3), "transfer_cost_cny": round(self.transfer_cost, 2),
+            "finish_hours": round(self.finish_hours, 3), "compute_cost_cny": round(self.compute_cost, 2),
+            "total_cost_cny": round(self.total_cost, 2),
         }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from broker.matching.data import DataRows
 from broker.matching.explain import explain
 from broker.matching.filters import Active, Chunk
 from broker.matching.plan import Plan
@@ -73,6 +74,8 @@ class _Scan:
         perfs = [p for t in tables if (p := plan.speed_perf(t)) > 0]
         self.best_perf = max(perfs) if perfs else float("nan")
         self.lat_ref = plan.req.max_latency_ms or LATENCY_REF_MS
+        # per kept chunk (by id) of a job with data: its transfer, estimated hours, and total cost
+        self._moving: dict[int, tuple[DataRows, np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------------------------ visiting order
 
@@ -82,6 +85,9 @@ class _Scan:
         out: list[tuple[float, PoolTable, np.ndarray, bool]] = []
         for table in self.tables:
             if table.size == 0:
+                continue
+            if plan.data is not None and order in ("price", "speed"):
+                out += self._data_segments(table)
                 continue
             rows = table.by_price
             if order == "price":  # key: minus the cost; whole nodes round per row, so rows are not in cost order
@@ -110,6 +116,36 @@ class _Scan:
             groups.append((self._latency_score(float(self.plan.snap.cluster_latency[c, o])), table, rows, True))
         return groups
 
+    def _data_segments(self, table: PoolTable) -> list[tuple[float, PoolTable, np.ndarray, bool]]:
+        """A job with data, visited cheapest (or fastest) total first: the rows of each cluster, whose transfer is
+        the cluster's (so price order is still key order), then the rows of sites that hold data or measured
+        their rate, with a bound from their own values. Moving data only lowers a key, so bounds hold."""
+        plan, data, whole = self.plan, self.plan.data, self.plan.req.whole_nodes
+        assert data is not None
+        rows = table.by_price
+        special = data.special_rows(table, rows)
+        groups: list[tuple[np.ndarray, int | None]] = []
+        if special.any():
+            groups.append((rows[special], None))
+            rows = rows[~special]
+        clusters = table.cluster[rows]
+        groups += [(rows[clusters == c], int(c)) for c in np.unique(clusters)]
+        need = plan.need(table)
+        est = float(plan.est_hours(table, np.array([need], np.int64))[0])
+        out: list[tuple[float, PoolTable, np.ndarray, bool]] = []
+        for part, c in groups:
+            if c is None:
+                moving = data.rows(table, part)
+                hours, cost = float(np.min(moving.hours)), float(np.min(moving.cost))
+            else:
+                hours, cost = float(data.cluster_hours[c]), float(data.cluster_cost[c])
+            if self.order == "price":
+                bound = -(float(table.price[part[0]]) * need * est + cost)
+            else:
+                bound = 100.0 if whole else self._speed(table, need) * est / (est + hours)
+            out.append((bound, table, part, c is not None and not whole))
+        return out
+
     def run(self, limit: int) -> None:
         for bound, table, rows, in_order in self.segments():
             if self.single and self.parts and bound < self.best_key - 1e-9 and not self.exhaustive:
@@ -137,8 +173,25 @@ class _Scan:
     def _key(self, part: Chunk) -> np.ndarray:
         """The single score a one-score policy ranks by (price: minus the cost, so higher is better)."""
         if self.order == "price":
-            return -part.cost
+            return -self._price_basis(part)
         return self._scores(part, 1.0)[self.order]
+
+    def _moved(self, part: Chunk) -> tuple[DataRows, np.ndarray, np.ndarray] | None:
+        """For a job with data: moving it to each row of `part`, the run's hours there, and the total cost."""
+        data = self.plan.data
+        if data is None:
+            return None
+        found = self._moving.get(id(part))
+        if found is None:
+            moving = data.rows(part.table, part.rows)
+            est = self.plan.est_hours(part.table, part.devices)
+            found = self._moving[id(part)] = (moving, est, part.cost * est + moving.cost)
+        return found
+
+    def _price_basis(self, part: Chunk) -> np.ndarray:
+        """What the price score compares: the cost per hour, or with data the total (the run and the move)."""
+        moved = self._moved(part)
+        return part.cost if moved is None else moved[2]
 
     # ------------------------------------------------------------------------------------ scoring
 
@@ -170,13 +223,19 @@ class _Scan:
         per_node = table.per_node[rows]
         remainder = devices % per_node
         fits_partial = (part.free % per_node) >= remainder
+        moved = self._moved(part)
+        speed = self._speeds(table, devices)
+        if moved is not None:  # the total cost; and the speed score scaled by the run's share of the finish time
+            cost = moved[2]
+            speed = speed * moved[1] / (moved[1] + moved[0].hours)
         return {
             "price": np.where(cost > 0, 100.0 * best_cost / np.maximum(cost, 1e-12), 100.0),
             "latency": np.where(known, 100.0 * np.clip(1.0 - safe / self.lat_ref, 0.0, 1.0), 0.0),
-            "speed": self._speeds(table, devices),
+            "speed": speed,
             "green": table.green[rows].astype(np.float64),
             "packing": np.where((remainder == 0) | fits_partial, 100.0, 100.0 * remainder / per_node),
             "west": 100.0 * self.plan.snap.cluster_west[table.cluster[rows]],
+            "reliability": table.reliability[rows],
         }  # fmt: skip
 
     # ------------------------------------------------------------------------------------ ranking
@@ -184,7 +243,7 @@ class _Scan:
     def ranked(self, keep: int) -> list[Candidate]:
         """Score every kept row, best first, one candidate per site."""
         plan = self.plan
-        best_cost = min(float(np.min(part.cost)) for part in self.parts)
+        best_cost = min(float(np.min(self._price_basis(part))) for part in self.parts)
         entries: list[tuple[float, int, int, int]] = []
         scored_parts = []
         for p, part in enumerate(self.parts):
@@ -233,9 +292,12 @@ class _Scan:
         else:
             est = req.duration_hours
         named = {k: scores[k] for k in plan.weights}
+        moved = self._moved(part)
         return Candidate(site=site, hub=snap.sites[site].hub, model=table.model, arch=table.arch, row=row,
                          devices=devices, free=int(part.free[i]), price=float(part.price[i]),
                          cost_per_hour=float(part.cost[i]), unit_price=float(part.unit_price[i]),
                          latency_ms=float(part.latency[i]), est_hours=est if est == est else req.duration_hours,
-                         score=total, scores=named, stack=stack,
-                         image=requirement.image if requirement else None)  # fmt: skip
+                         score=total, scores=named, stack=stack, image=requirement.image if requirement else None,
+                         transfer_hours=float(moved[0].hours[i]) if moved else 0.0,
+                         transfer_cost=float(moved[0].cost[i]) if moved else 0.0,
+                         reliability=float(table.reliability[row]))  # fmt: skip

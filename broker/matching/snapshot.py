@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from broker.model.records import SiteRecord
+from broker.model.reliability import Reliability, reliability_score, site_score
 from broker.model.stacks import split_tag
-from regions import Device, Geography, LatencyModel, load_devices
+from regions import Device, Geography, LatencyModel, TransferModel, load_devices, load_transfer
 
 UNKNOWN_PLACE = "?"
+AGE_EVERY_MS = 60_000  # how often (Redis time) the view decays the reliability of sites with a bad record
 
 
 @dataclass
@@ -33,6 +35,8 @@ class SiteInfo:
     status: str
     meta_version: int
     energy: Mapping[str, float] = field(default_factory=dict)
+    reliability: float = 100.0  # the score (broker.model.reliability) as of the view's last read or aging
+    bandwidth_gbps: Mapping[str, float] = field(default_factory=dict)  # measured rate into the site, per hub/cluster
 
 
 def green_score(energy: Mapping[str, float]) -> float:
@@ -47,7 +51,7 @@ class PoolTable:
     """Numeric columns for the pools of one device model."""
 
     COLUMNS = ("site_code", "site_hash", "cluster", "memory_gb", "price", "total", "external", "allocated", "per_node",
-               "online", "green", "stackset", "interconnect", "measured")  # fmt: skip
+               "online", "green", "stackset", "interconnect", "measured", "reliability")  # fmt: skip
 
     def __init__(self, model: str, arch: str, device: Device | None, capacity: int = 16) -> None:
         self.model, self.arch, self.device = model, arch, device
@@ -73,6 +77,10 @@ class PoolTable:
         self.stackset = np.zeros(capacity, np.int32)
         self.interconnect = np.zeros(capacity, np.int32)
         self.measured = np.zeros(capacity, np.bool_)
+        # the site's reliability score: a score like green, but read afresh by kept batch groups (it moves with
+        # every outcome at a site with a bad record), so it does not bump `gen`
+        self.reliability = np.full(capacity, 100.0, np.float64)
+        self.reliability_version = 0  # bumps when a row's reliability score changes
         self.measured_ms: dict[int, Mapping[str, float]] = {}
         self._by_price: np.ndarray | None = None
         self._by_cluster: tuple[np.ndarray, dict[int, np.ndarray]] | None = None
@@ -97,6 +105,7 @@ class PoolTable:
         self.size += 1
         self.keys.append(site)
         self.index[site] = row
+        self.reliability[row] = 100.0
         self.site_hash[row] = zlib.crc32(site.encode())
         self._by_price = self._by_cluster = None
         self.gen += 1
@@ -107,6 +116,11 @@ class PoolTable:
             self.price[row] = price
             self._by_price = self._by_cluster = None
             self.gen += 1
+
+    def set_reliability(self, row: int, score: float) -> None:
+        if self.reliability[row] != score:
+            self.reliability[row] = score
+            self.reliability_version += 1
 
     def set_place(self, row: int, cluster: int, measured: bool) -> None:
         if self.cluster[row] != cluster or self.measured[row] != measured:
@@ -149,9 +163,13 @@ class Snapshot:
     """Every site and pool the matcher may choose from."""
 
     def __init__(self, geography: Geography, latency: LatencyModel | None = None,
-                 devices: Mapping[str, Device] | None = None) -> None:  # fmt: skip
+                 devices: Mapping[str, Device] | None = None,
+                 transfer: TransferModel | None = None) -> None:  # fmt: skip
         self.geography = geography
         self.devices = load_devices() if devices is None else devices
+        self.transfer = load_transfer() if transfer is None else transfer
+        # hub or cluster id -> site code -> the rate (Gbps) the site measured from there
+        self.bandwidth: dict[str, dict[int, float]] = {}
         latency = latency or LatencyModel()
         self.origins: dict[str, int] = {}
         for name in (*geography.cities, *geography.clusters, *geography.hubs):
@@ -180,6 +198,9 @@ class Snapshot:
         self.interconnects: list[str] = []
         self._interconnect_ids: dict[str, int] = {}
         self.version = 0  # highest site change version applied
+        # the reliability records of sites scoring below 100, as last read, which `age_reliability` decays
+        self.unreliable: dict[str, Reliability] = {}
+        self.reliability_aged = 0  # Redis time (ms) of the last aging
         self.structure = 0  # bumps when tables, stack sets or interconnects are added
 
     # -------------------------------------------------------------------------------- lookups
@@ -231,6 +252,29 @@ class Snapshot:
 
     # -------------------------------------------------------------------------------- updates
 
+    def age_reliability(self, now_ms: int) -> int:
+        """Decay the reliability of sites with a bad record to `now_ms` (Redis time), at most once every
+        `AGE_EVERY_MS`: a site that gets no work, so has no new event, still recovers in the view as it does
+        in Redis. Only sites scoring below 100 are visited. Returns how many scores changed."""
+        if now_ms - self.reliability_aged < AGE_EVERY_MS:
+            return 0
+        self.reliability_aged = now_ms
+        changed = 0
+        for site, record in list(self.unreliable.items()):
+            info = self.sites[site]
+            score = site_score(record, now_ms)
+            if score >= 100.0:
+                del self.unreliable[site]
+            if score == info.reliability:
+                continue
+            info.reliability = score
+            changed += 1
+            for table in self.tables.values():
+                row = table.index.get(site)
+                if row is not None:
+                    table.set_reliability(row, score)
+        return changed
+
     def apply(self, record: SiteRecord) -> None:
         """Bring one site up to date from its Redis record."""
         info = self.sites.get(record.id)
@@ -241,6 +285,12 @@ class Snapshot:
             self.sites[record.id] = info
             self.site_names.append(record.id)
         info.status = record.status
+        if record.reliability is not None:
+            info.reliability = reliability_score(record.reliability)
+            if info.reliability < 100.0:
+                self.unreliable[record.id] = record.reliability
+            else:
+                self.unreliable.pop(record.id, None)
         if record.meta is not None:
             self._apply_meta(info, record)
         online = record.status == "online"
@@ -250,6 +300,7 @@ class Snapshot:
                 continue
             model = table.model
             table.total[row], table.external[row], table.allocated[row] = record.counts(model)
+            table.set_reliability(row, info.reliability)
             if table.online[row] != online:
                 table.online[row] = online
                 table.gen += 1
@@ -259,6 +310,13 @@ class Snapshot:
         moved = info.hub != record.hub
         info.hub, info.cluster, info.meta_version = record.hub, record.cluster, record.meta_version
         info.energy = meta.get("energy", {})
+        bandwidth: Mapping[str, float] = meta.get("bandwidth_gbps") or {}
+        if bandwidth or info.bandwidth_gbps:
+            for key in info.bandwidth_gbps:
+                self.bandwidth.get(key, {}).pop(info.code, None)
+            for key, gbps in bandwidth.items():
+                self.bandwidth.setdefault(key, {})[info.code] = float(gbps)
+            info.bandwidth_gbps = bandwidth
         cluster = record.cluster or next(iter(self.geography.hubs[record.hub].clusters), UNKNOWN_PLACE) \
             if record.hub in self.geography.hubs else UNKNOWN_PLACE  # fmt: skip
         cluster_code = self.clusters.get(cluster, self.clusters[UNKNOWN_PLACE])
@@ -276,6 +334,7 @@ class Snapshot:
             table.set_price(row, pool["price_cny_per_hour"])
             table.per_node[row] = pool["per_node"]
             table.green[row] = green
+            table.set_reliability(row, info.reliability)
             table.stackset[row] = self.stackset_id(tuple(pool.get("stacks", ())))
             table.interconnect[row] = self.interconnect_id(pool.get("interconnect", "none"))
             if measured:

@@ -90,6 +90,22 @@ class Residency(Strict):
     deny_provinces: tuple[Annotated[str, Field(max_length=32)], ...] = Field(default=(), max_length=40)
 
 
+MAX_DATASET_GB = 10_000_000  # 10 PB
+MAX_DATASETS = 16
+SITE_PREFIX = "site:"
+
+
+class Dataset(Strict):
+    """Data the job reads: how big it is, where it is now, and whether it may be copied elsewhere."""
+
+    name: str = Field(min_length=1, max_length=128)
+    size_gb: float = Field(gt=0, le=MAX_DATASET_GB, description="Decimal GB (1 TB = 1,000 GB), at most 10 PB")
+    location: Annotated[str, Field(min_length=1, max_length=72, pattern=r"^(site:)?[a-z0-9][a-z0-9._-]*$")] = Field(
+        description="A city, cluster or hub id (as `origin` takes), or `site:<id>`"
+    )
+    copyable: StrictBool = Field(default=True, description="False: the job runs only where the data is")
+
+
 class Policy(StrEnum):
     BALANCED = "balanced"
     CHEAPEST = "cheapest"
@@ -98,7 +114,7 @@ class Policy(StrEnum):
     GREENEST = "greenest"
 
 
-ScoreName = Literal["price", "latency", "speed", "green", "packing", "west"]
+ScoreName = Literal["price", "latency", "speed", "green", "packing", "west", "reliability"]
 
 
 # what a job may change between its quote and its submission without losing the quote's hold
@@ -117,6 +133,9 @@ class JobSpec(Strict):
         default=None, gt=0, le=1_000_000, description="Per device-hour, or per reference-device-hour for equivalent"
     )
     residency: Residency = Residency()
+    datasets: tuple[Dataset, ...] = Field(
+        default=(), max_length=MAX_DATASETS, description="Data the job reads: moving it counts in time and cost"
+    )
     domestic_only: StrictBool = Field(default=False, description="Only domestic chips and CPUs (信创)")
     policy: Policy = Policy.BALANCED
     weights: dict[ScoreName, Annotated[float, Field(ge=0, le=100)]] = Field(

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple
 
+from broker.model.reliability import Reliability
+
 _KINDS = ("t:", "x:", "a:")
 
 
@@ -108,6 +110,7 @@ class SiteRecord:
     meta_version: int
     meta: dict[str, Any] | None
     capacity: dict[str, int]
+    reliability: Reliability | None = None  # decayed to when it was read; None: not read
 
     def counts(self, model: str) -> PoolCounts:
         return pool_counts(self.capacity, model)

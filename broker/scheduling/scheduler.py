@@ -125,6 +125,7 @@ class Scheduler:
         sites a round trip: a first load of 100,000 sites in one piece would leave the process holding about
         600 MB more than it needs once the replies are gone."""
         changed = await self.store.changed_sites(self.snapshot.version)
+        self.snapshot.age_reliability(self.store.time_seen)  # sites with no new event recover too
         if not changed:
             return 0
         sites = [site for site, _ in changed]
@@ -224,6 +225,9 @@ class Scheduler:
                 self.metrics.fallbacks.inc()
             created = self.intake.placed(req.job_id)
             self.metrics.placements.labels(taken.hub, taken.arch).inc()
+            if taken.transfer_hours > 0:
+                self.metrics.data_moves.labels(taken.hub).inc()
+                self.metrics.data_transfer_hours.observe(taken.transfer_hours)
             if created:
                 self.metrics.submit_to_allocation.observe(max(time.time() - created / 1000, 0.0))
             by_site[taken.site].append(assignment_of(req, decision, commit))

@@ -13,6 +13,7 @@ from redis.commands.core import AsyncScript
 
 from broker.model.job import JobSpec, JobState
 from broker.model.records import Commit, Placement, Refusal
+from broker.model.reliability import HALF_LIFE_MS
 from broker.state.archive import read_archived
 from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
@@ -194,6 +195,7 @@ class JobQueue(StoreBase):
             "name": spec.name, "origin": spec.origin, "priority": spec.priority.value,
             "created": str(created), "updated": str(created), "attempt": "0", "qscore": str(qscore),
             "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
+            **({"preemptible": "1", "grace_ms": str(int(spec.grace_s * 1000))} if spec.preemptible else {}),
         }  # fmt: skip
         idem_key = k.idempotency(spec.tenant, key) if key else k.idempotency("-", "-")
         bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
@@ -393,7 +395,7 @@ class JobQueue(StoreBase):
             (self._transition,
              [k.job(job_id), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
               k.tenant_usage, k.deadlines, k.job_history(job_id), k.queue_depth, k.usage],
-             [job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts])
+             [job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts, HALF_LIFE_MS])
             for job_id, action, site, attempt, reason in actions
         ]  # fmt: skip
         async with translated():

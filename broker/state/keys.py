@@ -31,6 +31,11 @@ class Keys:
         """List of the site's status changes (JSON: ts, status), the last 100."""
         return f"{self.prefix}:site:{site}:status-log"
 
+    def site_reliability(self, site: str) -> str:
+        """Hash: the site's decayed reliability counters (broker.model.reliability.COUNTERS) and `t`, the ms
+        of their last update; kept by transition.lua, deleted by an operator's reset."""
+        return f"{self.prefix}:site:{site}:rel"
+
     def site_jobs(self, site: str) -> str:
         """Set of jobs holding capacity at the site (assigned or running)."""
         return f"{self.prefix}:site:{site}:jobs"

@@ -10,9 +10,9 @@ from typing import Any, cast
 import orjson
 
 from broker.model.records import Applied, SiteRecord
-from broker.state.base import StoreBase
 from broker.state.connection import text, translated
 from broker.state.keys import Keys
+from broker.state.reliability import SiteReliability, redis_ms, reliability_of
 from common.errors import StoreUnavailable
 from common.protocol import Capacity, Pool
 
@@ -23,10 +23,11 @@ _METAS_KEPT = 4096
 
 
 def _site_meta(cap: Capacity) -> bytes:
-    """The site's metadata as stored (its pools without their counts, energy, latency), JSON with sorted keys.
-    Kept by content: heartbeats repeat it with only their counts changed, and encoding it is most of the cost
-    of preparing a message for Redis."""
-    key = (tuple(map(_POOL_META, cap.pools)), cap.energy, tuple(cap.latency_ms.items()))
+    """The site's metadata as stored (its pools without their counts, energy, latency, measured bandwidth), JSON
+    with sorted keys. Kept by content: heartbeats repeat it with only their counts changed, and encoding it is
+    most of the cost of preparing a message for Redis."""
+    key = (tuple(map(_POOL_META, cap.pools)), cap.energy, tuple(cap.latency_ms.items()),
+           tuple(cap.bandwidth_gbps.items()))  # fmt: skip
     meta = _METAS.get(key)
     if meta is None:
         if len(_METAS) >= _METAS_KEPT:
@@ -36,6 +37,7 @@ def _site_meta(cap: Capacity) -> bytes:
                 "pools": [p.model_dump(mode="json", exclude={"total", "in_use_external"}) for p in cap.pools],
                 "energy": cap.energy.model_dump(),
                 "latency_ms": cap.latency_ms,
+                **({"bandwidth_gbps": cap.bandwidth_gbps} if cap.bandwidth_gbps else {}),
             },
             option=orjson.OPT_SORT_KEYS,
         )
@@ -49,7 +51,9 @@ def _capacity_keys(k: Keys, site: str) -> tuple[str, ...]:
             k.wake)  # fmt: skip
 
 
-class SiteState(StoreBase):
+class SiteState(SiteReliability):
+    time_seen = 0  # Redis's clock (ms) as of the last changed_sites()
+
     async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> Applied:
         """Record a capacity message, unless its seq is not newer than the last one applied."""
         keys, args = self._capacity_call(cap, at_ms)
@@ -84,13 +88,16 @@ class SiteState(StoreBase):
     async def changed_sites(self, since: int) -> list[tuple[str, int]]:
         """Sites changed after version `since`, with their versions, oldest first. Also reads the `wake`
         generation first (into `wake_seen`): a job found unplaceable on the view this loads is parked at it,
-        so any capacity change after this read wakes the job again."""
+        so any capacity change after this read wakes the job again. And Redis's clock (into `time_seen`), that
+        the view's reliability scores decay by."""
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.keys.wake)
             pipe.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True)
-            wake, raw = await pipe.execute()
+            pipe.time()
+            wake, raw, now = await pipe.execute()
         self.wake_seen = int(wake or 0)
+        self.time_seen = redis_ms(now)
         rows = cast(list[tuple[bytes, float]], raw)
         return [(text(site), int(version)) for site, version in rows]
 
@@ -99,16 +106,22 @@ class SiteState(StoreBase):
             return [text(s) for s in await self.redis.zrange(self.keys.sites, 0, -1)]
 
     async def load_sites(self, ids: Sequence[str], known_meta: dict[str, int] | None = None) -> list[SiteRecord]:
-        """Load sites in one round trip (two when pool metadata changed since `known_meta` versions)."""
+        """Load sites in one round trip (two when pool metadata changed since `known_meta` versions), each with
+        its reliability record decayed to Redis's clock as of the read."""
         if not ids:
             return []
         k = self.keys
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
+            pipe.time()
             for site in ids:
                 pipe.hmget(k.site(site), "hub", "cluster", "status", "seen", "mv")
                 pipe.hgetall(k.capacity(site))
-            raw = await pipe.execute()
+                pipe.hgetall(k.site_reliability(site))
+            now, *flat = await pipe.execute()
+            read_ms = redis_ms(now)
+            raw = [item for i, item in enumerate(flat) if i % 3 != 2]
+            rels = flat[2::3]
             known = known_meta or {}
             need_meta = [
                 site for i, site in enumerate(ids)
@@ -130,6 +143,7 @@ class SiteState(StoreBase):
                 SiteRecord(
                     id=site, hub=text(hub), cluster=text(cluster), status=text(status) or "unknown",
                     seen_ms=int(seen or 0), meta_version=int(mv or 0), meta=metas.get(site), capacity=capacity,
+                    reliability=reliability_of(rels[i], read_ms),
                 )
             )  # fmt: skip
         return records

@@ -13,6 +13,8 @@ import aiohttp
 import orjson
 import pytest
 
+from tests.support import eventually
+
 if TYPE_CHECKING:
     from tests.browser.conftest import Dashboard
 
@@ -123,14 +125,54 @@ async def test_hub_and_site_pages_show_pools(dashboard: Dashboard) -> None:
     await page.click("#hub-neimenggu")
     await page.wait_for_selector("#panel-body h1[data-hub='neimenggu']", timeout=5000)
     assert "内蒙古枢纽" in (await page.text_content("#panel-body h1") or "")
+    # each listed site shows its reliability score, 1-100
+    scores = await page.eval_on_selector_all("#panel-body .reliability", "ns => ns.map(n => Number(n.textContent))")
+    assert scores and all(1.0 <= x <= 100.0 for x in scores), scores
     await page.click("#panel-body a[href='#/site/horinger-01']")
     await page.wait_for_selector("#panel-body h1[data-site='horinger-01']", timeout=5000)
     assert await page.evaluate("location.hash") == "#/site/horinger-01"
     pools = await page.eval_on_selector_all("#panel-body table tbody tr .stack", "nodes => nodes.length")
     assert pools >= 3
     assert "online" in (await page.text_content("#panel-body h1 .badge") or "")
+    score = await page.text_content("#panel-body dl.kv .reliability")
+    assert score is not None and 1.0 <= float(score) <= 100.0
     await page.goto(dashboard.url + "/#/job/j-no-such-job")
     await page.wait_for_selector("#panel-body .error", timeout=5000)
     assert "no job" in (await page.text_content("#panel-body .error") or "")
     # Only the deliberate 404 above may have been logged.
     assert all("404" in e for e in dashboard.console.errors), dashboard.console.errors
+
+
+async def test_standing_holds_and_a_jobs_data_move_are_shown(dashboard: Dashboard, http: aiohttp.ClientSession) -> None:
+    """A hold taken over the API is listed among the standing holds with its site and price; the page of a job
+    with a dataset shows the data and what moving it to the job's site takes."""
+    page = dashboard.page
+    headers = {"Content-Type": "application/json", "X-Suanwang-Tenant": "acme"}
+    async with http.post("/v1/quote", params={"hold": "true"}, data=orjson.dumps(job("shanghai", "GPU", 8)),
+                         headers=headers) as response:  # fmt: skip
+        quoted = await response.json()
+        assert response.status == 200, quoted
+    hold = quoted["hold"]
+    row = page.locator(f"#holds tr[data-hold='{hold['id']}']")
+    await row.wait_for(timeout=10_000)  # the summary is read every 2 s
+    text = await row.text_content() or ""
+    assert hold["site"] in text and hold["model"] in text and "acme" in text
+
+    # data in Wuhan (no hub's) is nowhere yet: it moves to whichever site the job gets
+    data = [{"name": "corpus", "size_gb": 5000, "location": "wuhan"}]
+    job_id = await submit(http, job("shanghai", "GPU", 8, name="with-data", datasets=data))
+
+    async def placed() -> dict[str, Any] | None:
+        async with http.get(f"/v1/jobs/{job_id}") as response:
+            view = await response.json()
+        return view["allocation"] if view.get("allocation") else None
+
+    allocation = await eventually(placed, "the job with data placed")
+    assert allocation["transfer_hours"] > 0 and allocation["total_cost_cny"] > allocation["transfer_cost_cny"] > 0
+    await page.goto(f"{dashboard.url}/#/job/{job_id}")
+    await page.wait_for_selector(f"#panel-body h1[data-job='{job_id}']", timeout=5000)
+    body = await page.text_content("#panel-body") or ""
+    assert "corpus: 5,000 GB at wuhan" in body
+    shown = await page.text_content("#panel-body .allocation .data-move") or ""
+    assert f"{allocation['transfer_hours']:.1f} h of transfer" in shown and "in all" in shown
+    assert dashboard.console.errors == []

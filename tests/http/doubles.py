@@ -4,6 +4,7 @@ enough state for the routes under test to behave as they do against Redis."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -14,6 +15,7 @@ import orjson
 from broker.model.identity import Identity
 from broker.model.job import JobSpec
 from broker.model.records import SiteRecord
+from broker.model.reliability import Reliability
 from broker.state.events import Subscription, id_after
 from broker.state.jobs import Submission, SubmitRate
 from broker.state.queries import JobEvents, QueueSample
@@ -110,6 +112,17 @@ class MemoryStore:
 
     async def status_history(self, site: str) -> list[dict[str, Any]]:
         return list(self.site_statuses.get(site, []))
+
+    async def reliability(self, site: str) -> Reliability:
+        record = self.sites.get(site)
+        return (record.reliability if record else None) or Reliability()
+
+    async def reset_reliability(self, site: str, who: str = "operator") -> bool | None:
+        record = self.sites.get(site)
+        if record is None:
+            return None
+        self.sites[site] = dataclasses.replace(record, reliability=Reliability())
+        return record.reliability is not None and record.reliability != Reliability()
 
     async def queue_depths(self) -> dict[str, int]:
         queued = [j["priority"] for j in self.jobs.values() if j["state"] == "queued"]

@@ -165,7 +165,8 @@ def offer(site: str, **extra: Any) -> dict[str, Any]:
     return {"site": site, "hub": "guizhou", "model": "A100-80G", "arch": "GPU", "devices": 8, "free": 56,
             "price_cny_per_hour": 10.0, "cost_cny_per_hour": 80.0, "unit_price_cny_per_hour": 10.0,
             "total_cost_cny": 80.0, "latency_ms": 5.0, "est_hours": 1.0, "score": 90.0, "scores": {"price": 100},
-            "stack": None, "image": None, **extra}  # fmt: skip
+            "stack": None, "image": None, "reliability": 100.0, "transfer_hours": 0.0, "transfer_cost_cny": 0.0,
+            "finish_hours": 1.0, "compute_cost_cny": 80.0, **extra}  # fmt: skip
 
 
 async def many_offers(job_id: str, spec: JobSpec) -> dict[str, Any]:

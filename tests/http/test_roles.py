@@ -18,6 +18,7 @@ EXPECTED_ROLES = {
     ("GET", "/v1/usage"): "user",
     ("GET", "/v1/holds"): "user", ("GET", "/v1/holds/{id}"): "user", ("DELETE", "/v1/holds/{id}"): "user",
     ("GET", "/v1/sites"): "operator", ("GET", "/v1/sites/{id}"): "operator",
+    ("POST", "/v1/sites/{id}/reliability:reset"): "operator",
     ("GET", "/v1/allocations/stream"): "operator", ("GET", "/v1/dashboard/summary"): "operator",
     ("GET", "/v1/dashboard/places"): "operator", ("GET", "/v1/dashboard/jobs/{id}/events"): "operator",
     ("GET", "/metrics"): "operator",

@@ -6,9 +6,13 @@ is used once; users and operators see holds; audit and the history checker agree
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from broker.service import Broker
@@ -132,3 +136,33 @@ async def test_a_held_job_is_not_taken_in_a_batch(http: aiohttp.ClientSession) -
 async def test_an_unknown_hold_is_refused(http: aiohttp.ClientSession) -> None:
     status, answer = await call(http, "POST", "/v1/jobs", body(hold="hnothere"))
     assert (status, answer["error"]["code"]) == (409, "hold_unknown"), answer
+
+
+async def cli(*args: str) -> tuple[int, Any]:
+    """Run `suanwang ARGS --json` in its own process; its exit status and printed JSON."""
+    pipe = asyncio.subprocess.PIPE
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "suanwang.cli", *args, "--json",
+                                                stdout=pipe, stderr=pipe)  # fmt: skip
+    out, err = await proc.communicate()
+    return proc.returncode or 0, orjson.loads(out) if out.strip() else err.decode()
+
+
+async def test_the_command_line_holds_submits_on_the_hold_and_lists_holds(
+    broker: Broker, http: aiohttp.ClientSession, own_mosquitto: MosquittoServer, tmp_path: Path
+) -> None:
+    job_file = tmp_path / "job.json"
+    job_file.write_bytes(orjson.dumps(body()))
+    address = broker.url
+    async with sites(own_mosquitto, SITES):
+        await all_online(http, {s[0] for s in SITES})
+        status, taken = await cli("hold", "take", str(job_file), "--ttl", "30", "--http", address)
+        assert status == 0, taken
+        hold = taken["hold"]
+        assert hold["site"] == "guian-h1" and hold["expires_in_s"] <= 30
+        status, listed = await cli("hold", "list", "--http", address)
+        assert status == 0 and [h["id"] for h in listed["holds"]] == [hold["id"]]
+        status, job = await cli("submit", str(job_file), "--hold", hold["id"], "--http", address)
+        assert status == 0, job
+        assert (job["state"], job["allocation"]["site"]) == ("assigned", "guian-h1")
+        status, shown = await cli("hold", "show", hold["id"], "--http", address)
+        assert status == 0 and shown["state"] == "used" and shown["job"] == job["id"]

@@ -18,7 +18,6 @@ from common.protocol import Assignments
 from suanwang.servers import MosquittoServer
 from tests.integration.test_end_to_end import job_events
 from tests.integration.test_quote_api import all_online, call, job_when, pool, sites
-from tests.support import eventually
 
 SITE = [("guian-p1", "guizhou", "guian", [pool("A100-80G", price=10.0, total=8)])]
 

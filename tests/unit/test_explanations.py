@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from broker.matching import FILTERS, Decision, NoFit, Plan, Request, explain, match
-from broker.matching.request import RequestChanges
+from broker.matching.request import DataSet, RequestChanges
 from broker.matching.snapshot import Snapshot
 from broker.model.records import SiteRecord
 from broker.model.stacks import parse_requirement
@@ -117,6 +117,7 @@ RULED_OUT: dict[str, tuple[tuple[S, ...], dict[str, Any], dict[str, Any]]] = {
     "interconnect": ((S(),), {"interconnect": ("hccs",)}, {}),
     "memory": ((S(),), {"min_memory_gb": 96.0}, {}),
     "residency": ((S(),), {"allow_hubs": frozenset({"yangtze"})}, {}),
+    "data": ((S(),), {"datasets": (DataSet("corpus", 100.0, "shanghai", copyable=False),)}, {}),
     "price": ((S(),), {"max_price": 5.0}, {}),
     "latency": ((S(),), {"max_latency_ms": 5.0}, {}),
     "capacity": ((S(pools=(P(total=16, allocated=12),)),), {"count": 8}, {}),

@@ -230,7 +230,8 @@ def test_decision_carries_the_chosen_pool_facts():
     c = result.chosen
     expected = ("a", "guizhou", "H800", "GPU", 50, 12.5, 21.0)
     assert (c.site, c.hub, c.model, c.arch, c.free, c.price, c.latency_ms) == expected
-    assert set(c.scores) == {"price", "latency", "speed", "packing"}  # the balanced policy for general work
+    # the balanced policy for general work
+    assert set(c.scores) == {"price", "latency", "speed", "packing", "reliability"}
     assert all(0 <= v <= 100 for v in c.scores.values())
     assert result.runners_up == ()
 

@@ -444,10 +444,10 @@ def test_balanced_steers_tolerant_work_west_and_keeps_sensitive_work_near(worklo
 WEIGHTS = [
     pytest.param("cheapest", {"price": 0, "latency": 1}, "near", {"latency"}, id="cheapest-turned-nearest"),
     pytest.param("nearest", {"green": 100}, "green", {"latency", "green"}, id="nearest-outweighed-by-green"),
-    pytest.param("balanced", {"price": 100}, "cheap", {"price", "latency", "speed", "packing"},
+    pytest.param("balanced", {"price": 100}, "cheap", {"price", "latency", "speed", "packing", "reliability"},
                  id="balanced-price-heavy"),
-    pytest.param("balanced", {"price": 0, "latency": 0, "speed": 0, "packing": 0, "green": 1}, "green", {"green"},
-                 id="balanced-only-green"),
+    pytest.param("balanced", {"price": 0, "latency": 0, "speed": 0, "packing": 0, "reliability": 0, "green": 1},
+                 "green", {"green"}, id="balanced-only-green"),
 ]  # fmt: skip
 
 

@@ -150,6 +150,18 @@ async function pollSites() {
   for (const s of sites) if (s.cluster) state.siteCluster.set(s.id, s.cluster);
 }
 
+function renderHolds(holds) {
+  $('holds-note').textContent = holds.standing.length ? `${holds.standing.length}${holds.more ? '+' : ''} standing` : '';
+  $('holds').innerHTML = holds.standing.length
+    ? holds.standing.map((h) => `<tr data-hold="${esc(h.id)}"><td>${esc(h.site)}</td>`
+      + `<td>${fmt.int(h.devices)}× ${esc(h.model)}</td><td>${fmt.price(h.price_cny_per_hour)}</td>`
+      + `<td class="muted">${esc(h.for_job ? `preemption for ${h.for_job}` : h.tenant)} · ${Math.round(h.expires_in_s)} s</td></tr>`).join('')
+    : '<tr><td class="muted">no standing holds</td></tr>';
+  $('preemptions').innerHTML = holds.preemptions.map((p) => `<li data-job="${esc(p.job)}">`
+    + `<a href="#/job/${esc(p.job)}">${esc(p.job)}</a> gave way at ${esc(p.site ?? '')} to `
+    + `<a href="#/job/${esc(p.by)}">${esc(p.by)}</a> (${esc(p.by_tenant ?? '')})</li>`).join('');
+}
+
 function renderSummary(summary) {
   const q = summary.queue;
   $('stat-queue').textContent = fmt.int(q.total);
@@ -163,6 +175,7 @@ function renderSummary(summary) {
     ? w.reasons.slice(0, 5).map((r) => `<li title="${esc(r.reason)}"><b>${fmt.int(r.jobs)}</b> ${esc(r.reason)}`
       + `<span class="bar" style="width:${((r.jobs / top) * 100).toFixed(0)}%"></span></li>`).join('')
     : '<li class="none">nothing is waiting</li>';
+  renderHolds(summary.holds ?? { standing: [], preemptions: [] });
   const revenue = summary.revenue_24h_by_hub ?? [];
   $('revenue').innerHTML = revenue.length
     ? revenue.map((r) => `<tr data-hub="${esc(r.hub)}"><td>${esc(r.hub)}</td><td>¥${fmt.int(Math.round(r.cost_cny))}</td>`

@@ -73,9 +73,10 @@ export class Feed {
     const devices = e.model ? `${esc(e.count)}× <span class="arch-tag arch-${esc(e.arch ?? '')}">${esc(e.model)}</span>` : '';
     const title = [e.hub, e.reason].filter(Boolean).join(': ');
     const why = title ? ` title="${esc(title)}"` : '';
-    return `<tr class="${fresh ? 'new' : ''}" data-job="${esc(e.job)}" data-type="${esc(e.type)}"${why}>`
+    const subject = e.job ? `<a href="#/job/${esc(e.job)}">${esc(e.job)}</a>` : esc(e.hold ?? ''); // holds have no job
+    return `<tr class="${fresh ? 'new' : ''}" data-job="${esc(e.job ?? '')}" data-type="${esc(e.type)}"${why}>`
       + `<td>${fmt.time(e.ts)}</td><td><span class="badge ${esc(e.type)}">${esc(e.type)}</span></td>`
-      + `<td><a href="#/job/${esc(e.job)}">${esc(e.job)}</a></td><td>${esc(e.tenant ?? '')}</td>`
+      + `<td>${subject}</td><td>${esc(e.tenant ?? '')}</td>`
       + `<td>${where}</td><td>${devices}</td><td>${e.price != null ? fmt.price(e.price) : ''}</td>`
       + `<td>${e.latency_ms != null && e.latency_ms >= 0 ? Number(e.latency_ms).toFixed(0) : ''}</td></tr>`;
   }

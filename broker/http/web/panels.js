@@ -18,6 +18,11 @@ function stack(pool) {
 const kv = (pairs) => `<dl class="kv">${pairs.map(([k, v]) => `<dt>${esc(k)}</dt><dd>${v}</dd>`).join('')}</dl>`;
 const badge = (state) => `<span class="badge ${esc(state)}">${esc(state)}</span>`;
 const siteLink = (id) => `<a href="#/site/${esc(id)}">${esc(id)}</a>`;
+// A site's reliability score (0-100, what it delivered of its recent work), coloured by how it ranks.
+const reliability = (r) => (r ? `<span class="reliability ${r.score >= 90 ? 'good' : r.score >= 60 ? 'fair' : 'poor'}"`
+  + ` title="accepted ${r.accepted} · completed ${r.completed} · timed out ${r.timed_out} · rejected ${r.rejected}`
+  + ` · failed ${r.failed} · lost ${r.lost} (${r.lost_device_hours} device-h) · half-life ${r.half_life_hours} h">`
+  + `${Number(r.score).toFixed(1)}</span>` : '–');
 
 async function sitePage(id, ctx) {
   const site = await getJSON(`/v1/sites/${encodeURIComponent(id)}`);
@@ -33,6 +38,7 @@ async function sitePage(id, ctx) {
     + `<div class="sub">${esc(hub ? `${hub.name_zh} ${hub.name_en}` : site.hub)}${site.cluster ? ` · ${esc(site.cluster)}` : ''}</div>`
     + kv([
       ['last seen', `${fmt.ago(site.last_seen)} <span class="muted">${esc(site.last_seen ?? '')}</span>`],
+      ['reliability', reliability(site.reliability)],
       ['PUE', esc(energy.pue ?? '–')],
       ['green share', fmt.pct(energy.green_share)],
       ['tariff', energy.tariff_cny_per_kwh != null ? `${energy.tariff_cny_per_kwh} CNY/kWh` : '–'],
@@ -58,7 +64,7 @@ async function hubPage(id, ctx) {
     const used = s.pools.reduce((n, p) => n + p.allocated + p.in_use_external, 0);
     const models = [...new Set(s.pools.map((p) => p.model))].join(', ');
     return `<tr><td>${siteLink(s.id)}</td><td>${badge(s.status)}</td><td>${esc(s.cluster ?? '')}</td><td>${fmt.pct(total ? used / total : 0)}</td>`
-      + `<td>${fmt.int(total)}</td><td class="muted">${esc(models)}</td></tr>`;
+      + `<td>${fmt.int(total)}</td><td>${reliability(s.reliability)}</td><td class="muted">${esc(models)}</td></tr>`;
   }).join('');
   ctx.hubs.set(hub.id, hub);
   return `<h1 data-hub="${esc(hub.id)}">${esc(hub.name_zh)}</h1><div class="sub">${esc(hub.name_en)} · ${hub.side === 'east' ? '东 east' : '西 west'}</div>`
@@ -69,8 +75,8 @@ async function hubPage(id, ctx) {
     ])
     + `<h3>Capacity</h3><table><thead><tr><th>arch</th><th>allocated / external</th><th>free</th><th>alloc</th><th>ext</th><th>total</th></tr></thead>`
     + `<tbody>${caps || '<tr><td colspan="6" class="muted">no capacity reported</td></tr>'}</tbody></table>`
-    + `<h3>Sites</h3><table><thead><tr><th>site</th><th>status</th><th>cluster</th><th>in use</th><th>devices</th><th>models</th></tr></thead>`
-    + `<tbody>${rows || '<tr><td colspan="6" class="muted">no sites</td></tr>'}</tbody></table>`;
+    + `<h3>Sites</h3><table><thead><tr><th>site</th><th>status</th><th>cluster</th><th>in use</th><th>devices</th><th>reliability</th><th>models</th></tr></thead>`
+    + `<tbody>${rows || '<tr><td colspan="7" class="muted">no sites</td></tr>'}</tbody></table>`;
 }
 
 function scoreCells(c) {
@@ -98,6 +104,9 @@ async function jobPage(id) {
       ['price', `${fmt.price(a.price_cny_per_hour)} CNY/device-h · ${fmt.price(a.cost_cny_per_hour)} CNY/h`],
       ['latency', `${Number(a.latency_ms).toFixed(1)} ms`],
       ['score', a.score != null ? `<b>${Number(a.score).toFixed(1)}</b>` : '–'],
+      ...(a.transfer_hours != null ? [['data moved', `<span class="data-move">${Number(a.transfer_hours).toFixed(1)} h of transfer`
+        + ` · ¥${fmt.int(Math.round(a.transfer_cost_cny))} egress · finishes in ${Number(a.finish_hours).toFixed(1)} h`
+        + ` · ¥${fmt.int(Math.round(a.total_cost_cny))} in all</span>`]] : []),
       ['assigned · started', `${esc(a.assigned_at ?? '–')} · ${esc(a.started_at ?? '–')}`],
     ]) + (named ? `<h3>Scores that decided</h3><div class="scores">${named}</div>` : '')
       + `<h3>Runner-up sites</h3><table class="candidates"><thead><tr><th>site</th><th>hub</th><th>model</th><th>¥/h</th><th>ms</th>`
@@ -115,6 +124,8 @@ async function jobPage(id) {
       ['workload', esc(job.workload)],
       ['asks for', `${esc(r.arch ?? (r.archs ?? []).join('/'))} × ${esc(r.count ?? '')} ${esc((r.models ?? []).join(', '))}`],
       ['from', esc(job.origin)],
+      ...((job.datasets ?? []).length ? [['data', job.datasets.map((d) => `${esc(d.name)}: ${fmt.int(d.size_gb)} GB at `
+        + `${esc(d.location)}${d.copyable === false ? ' <span class="muted">(stays there)</span>' : ''}`).join('<br>')]] : []),
       ['limits', `${job.max_latency_ms != null ? `≤ ${job.max_latency_ms} ms` : 'any latency'} · `
         + `${job.max_price_cny_per_hour != null ? `≤ ${job.max_price_cny_per_hour} CNY/h` : 'any price'}`],
       ['duration', `${job.duration_hours} h`],

@@ -2,7 +2,7 @@
 -- KEYS: job, queue, assigned, events, sites, clock, prefix ('{ns}:'; keys that depend on the job's site
 --       or tenant are derived from it), queued_tenants, tenant_usage, deadlines, history, queue_depth, usage
 -- ARGV: job_id, action, site_id ('' = any), attempt ('' = any), reason, now_ms ('' for Redis's clock),
---       events_maxlen, max_attempts
+--       events_maxlen, max_attempts, reliability half-life in ms ('' = a day)
 -- action: accepted | running | completed | failed | rejected | lost | requeue | expire | cancel | deadline
 --   lost: the holder site says it does not hold the job (it lost it in a restart): back to the queue
 --   expire: back to the queue only if still unaccepted past its deadline in the assigned set
@@ -14,6 +14,11 @@
 -- Derived from the prefix as well: the tenant's index of jobs by state (every change of state moves the job
 -- between them), the `finished` set (a final state lists the job by finish time, for the archive sweep)
 -- and the tenant's own usage stream (a copy of each usage record).
+-- Reliability: the holder site's record `site:<id>:rel` (broker.model.reliability) counts what the site did
+-- with the work, in this same step: accepted, completed, timed_out (expire), rejected, failed, lost (a `lost`
+-- event, or a `requeue` of a lost site's assigned or running work) and lost_device_hours (running work
+-- lost: devices x hours since it started). Every counter is decayed to `now` (halving every half-life)
+-- before the event is added; `t` is the time of the last update.
 local job_id, action, site, attempt, reason, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 if now == '' then
   local t = redis.call('TIME')  -- one clock for every replica, the one deadlines were set by
@@ -70,6 +75,25 @@ local function release()
   event('released', state, reason)
 end
 
+local RELIABILITY = {'accepted', 'completed', 'timed_out', 'rejected', 'failed', 'lost', 'lost_device_hours'}
+local function rely(kind, device_hours)
+  local key = prefix .. 'site:' .. holder .. ':rel'
+  local r = redis.call('HMGET', key, 't', unpack(RELIABILITY))
+  local t = tonumber(r[1] or now)
+  local half = tonumber(ARGV[9] or '') or 86400000
+  local factor = 2 ^ (-math.max(tonumber(now) - t, 0) / half)
+  local out, bad = {'t', string.format('%.0f', math.max(t, tonumber(now)))}, 0
+  for i, name in ipairs(RELIABILITY) do
+    local v = tonumber(r[i + 1] or '0') * factor
+    if name == kind then v = v + 1 end
+    if name == 'lost_device_hours' then v = v + device_hours elseif i > 2 then bad = bad + v end
+    out[#out + 1] = name
+    out[#out + 1] = string.format('%.17g', v)
+  end
+  redis.call('HSET', key, unpack(out))
+  return bad
+end
+
 local function unqueue()
   if redis.call('ZREM', KEYS[2], job_id) == 1 then
     redis.call('HINCRBY', KEYS[12], j[9], -1)
@@ -100,6 +124,9 @@ if action == 'accepted' then
   if state ~= 'assigned' or redis.call('HEXISTS', KEYS[1], 'accepted_at') == 1 then return '' end
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HSET', KEYS[1], 'accepted_at', now, 'updated', now)
+  if rely('accepted', 0) > 0.001 then  -- the score moves only for a site with something bad on record
+    redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
+  end
   event('accepted', 'assigned', '')
   return 'assigned'
 elseif action == 'running' then
@@ -111,7 +138,8 @@ elseif action == 'running' then
   return 'running'
 elseif action == 'completed' or action == 'failed' then
   if not holding then return '' end
-  release()
+  release()  -- marks the site changed, so every replica reads its reliability again
+  rely(action, 0)
   bill(action)
   return finish(action, reason)
 elseif action == 'rejected' or action == 'requeue' or action == 'expire' or action == 'lost' then
@@ -122,6 +150,14 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' or acti
     if not due or tonumber(due) > tonumber(now) then return '' end
   end
   release()
+  if action == 'expire' then
+    rely('timed_out', 0)
+  elseif action == 'rejected' then
+    rely('rejected', 0)
+  else  -- work the site lost: running work counts its devices x hours since it started
+    local started = tonumber(j[12] or '')
+    rely('lost', (state == 'running' and started) and math.max(tonumber(now) - started, 0) / 3600000 * tonumber(j[5]) or 0)
+  end
   if tonumber(j[3] or '0') >= tonumber(ARGV[8]) then
     return finish('failed', 'gave up after ' .. j[3] .. ' attempts; last: ' .. reason)
   end
