@@ -121,7 +121,7 @@ def build_adapter(
     reader = READERS[source](config, files)
     link = SiteLink(
         mqtt, config.site, config.hub, [], cluster=config.cluster, energy=site_energy(config),
-        interval=heartbeat or config.heartbeat,
+        bandwidth_gbps=config.bandwidth_gbps, interval=heartbeat or config.heartbeat,
     )  # fmt: skip
     executor = None
     if source == "slurm":

@@ -53,6 +53,7 @@ class SiteLink:
         *,
         cluster: str | None = None,
         energy: Energy | Mapping[str, float] | None = None,
+        bandwidth_gbps: Mapping[str, float] | None = None,
         on_assignments: AssignmentHandler | None = None,
         interval: float = 5.0,
         keepalive: int = 15,
@@ -70,6 +71,7 @@ class SiteLink:
         self.max_backoff = max_backoff
         self._pools: tuple[Pool, ...] = ()
         self._energy = Energy()
+        self._bandwidth: dict[str, float] = dict(bandwidth_gbps or {})
         self._last_seq = 0
         self.boot = secrets.token_hex(8)  # a new one per process: the broker restarts its seq order with it
         self._changed = asyncio.Event()
@@ -97,6 +99,17 @@ class SiteLink:
         # Validate the whole message now so a bad inventory fails here, not in the heartbeat loop.
         self._capacity_message(validated, seq=0)
         self._pools = validated
+        self._changed.set()
+
+    def set_bandwidth(self, gbps: Mapping[str, float]) -> None:
+        """The sustained rates measured into the site, per hub or cluster id (they win over the broker's seeded
+        matrix); published with the next capacity message, at once if connected."""
+        previous, self._bandwidth = self._bandwidth, dict(gbps)
+        try:
+            self._capacity_message(self._pools, seq=0)
+        except ValueError:
+            self._bandwidth = previous
+            raise
         self._changed.set()
 
     def undelivered(self) -> list[bytes]:
@@ -165,6 +178,7 @@ class SiteLink:
             seq=seq,
             pools=pools,
             energy=self._energy,
+            bandwidth_gbps=self._bandwidth,
             ts=time.time(),
             boot=self.boot,
         )

@@ -3,6 +3,7 @@
     site = "guian-gpu-01"            # the site id the broker shows
     hub = "guizhou"                  # a hub id from GET /v1/hubs
     cluster = "guian"                # optional; must belong to the hub
+    bandwidth_gbps = { yangtze = 25 } # optional: measured rate into the site per hub or cluster (Gbps)
     interval = 30                    # seconds between inventory reads
     [models]                         # a tool's name for a device -> catalog model
     "gpu:a100" = "A100-80G"
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -98,6 +99,8 @@ class SiteConfig(_Strict):
     interval: float = Field(default=30.0, gt=0, le=86_400, description="Seconds between inventory reads")
     heartbeat: float = Field(default=5.0, gt=0, le=3_600, description="Seconds between capacity heartbeats")
     energy: Energy | None = None
+    bandwidth_gbps: dict[Identifier, Annotated[float, Field(gt=0, le=10_000)]] = Field(
+        default_factory=dict, description="Measured sustained rate into the site from a hub or cluster id, Gbps")
     models: dict[str, Model] = Field(default_factory=dict)
     pools: dict[Model, PoolOverride] = Field(default_factory=dict)
     nvidia: NvidiaOptions = NvidiaOptions()
