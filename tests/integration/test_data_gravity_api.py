@@ -191,6 +191,10 @@ async def test_a_placed_job_shows_the_transfer_of_its_data(
         assert allocation["total_cost_cny"] == pytest.approx(8 * 10.0 * 10 + egress(200.0))
         assert allocation["finish_hours"] == pytest.approx(10 + seeded_hours(200.0), abs=1e-3)
         assert view["datasets"] == body(200.0)["datasets"]
+        async with http.get("/metrics") as response:
+            metrics = (await response.read()).decode()
+        assert 'suanwang_data_moves_total{hub="gansu"} 1.0' in metrics
+        assert "suanwang_data_transfer_hours_count 1.0" in metrics
 
 
 # --------------------------------------------------------------------------- bad datasets
