@@ -74,8 +74,9 @@ class _Scan:
         perfs = [p for t in tables if (p := plan.speed_perf(t)) > 0]
         self.best_perf = max(perfs) if perfs else float("nan")
         self.lat_ref = plan.req.max_latency_ms or LATENCY_REF_MS
-        # per kept chunk (by id) of a job with data: its transfer, estimated hours, and total cost
-        self._moving: dict[int, tuple[DataRows, np.ndarray, np.ndarray]] = {}
+        # per chunk of a job with data (by id, with the chunk itself: an id is reused once its chunk is freed):
+        # its transfer, estimated hours, and total cost
+        self._moving: dict[int, tuple[Chunk, DataRows, np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------------------------ visiting order
 
@@ -182,11 +183,11 @@ class _Scan:
         if data is None:
             return None
         found = self._moving.get(id(part))
-        if found is None:
+        if found is None or found[0] is not part:
             moving = data.rows(part.table, part.rows)
             est = self.plan.est_hours(part.table, part.devices)
-            found = self._moving[id(part)] = (moving, est, part.cost * est + moving.cost)
-        return found
+            found = self._moving[id(part)] = (part, moving, est, part.cost * est + moving.cost)
+        return found[1:]
 
     def _price_basis(self, part: Chunk) -> np.ndarray:
         """What the price score compares: the cost per hour, or with data the total (the run and the move)."""

@@ -8,8 +8,6 @@ datasets are refused naming the field.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,11 +17,9 @@ import pytest
 
 from adapters.site import SiteLink
 from broker.service import Broker
-from common.config import MqttTarget
-from common.protocol import Assignments
 from regions import load_transfer
 from suanwang.servers import MosquittoServer
-from tests.integration.test_quote_api import all_online, call, job_when, pool, submit
+from tests.integration.test_quote_api import all_online, call, job_when, pool, sites, submit
 from tests.support import eventually
 
 TB40 = 40_000.0
@@ -37,29 +33,8 @@ SITES = [
 @asynccontextmanager
 async def network(mqtt: MosquittoServer) -> AsyncIterator[dict[str, SiteLink]]:
     """The SITES over real MQTT, accepting and starting whatever they are assigned; by id."""
-    links: dict[str, SiteLink] = {}
-    for site, hub, cluster, pools in SITES:
-        link = SiteLink(MqttTarget.from_url(mqtt.url), site, hub, pools, cluster=cluster, interval=1.0)
-
-        def accept(batch: Assignments, link: SiteLink = link) -> None:
-            for item in batch.assignments:
-                if item.action == "run":
-                    link.emit(item.job, item.attempt, "accepted")
-                    link.emit(item.job, item.attempt, "running")
-
-        link.on_assignments = accept
-        links[site] = link
-    tasks = [asyncio.create_task(link.run(), name=f"site-{link.site}") for link in links.values()]
-    try:
-        yield links
-    finally:
-        for link in links.values():
-            link.stop()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with sites(mqtt, SITES) as links:
+        yield {link.site: link for link in links}
 
 
 def body(size_gb: float = TB40, *, copyable: bool = True, location: str = "shanghai", **extra: Any) -> dict[str, Any]:
