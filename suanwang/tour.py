@@ -29,8 +29,8 @@ from regions.catalog import build_fleet
 T = TypeVar("T")
 STEP_TIMEOUT_S = 60.0
 POLL_S = 0.2
-PREEMPT_MODEL = "H200"  # the one tour site with it: an urgent job for all of it must preempt
-RANK_MODEL = "H100"  # two tour sites alike, one failing every job
+PREEMPT_MODEL = "H20"  # the one tour site with it: an urgent job for all of it must preempt
+RANK_MODEL = "L40S"  # two tour sites alike, one failing every job
 GAUGE = 16
 
 

@@ -48,25 +48,43 @@ class Inventory:
 
 
 # Product-name patterns (matched on the upper-cased name) -> catalog model. Order matters: the more
-# specific pattern first (A100 80 GB before A100, GB200 before B200).
+# specific pattern first (A100 80 GB before A100, GB200 before B200, K100-AI before K100). Short names are
+# fenced on both sides ((?<![A-Z0-9]) ... (?![A-Z0-9])) so A10 is not A100/A10G, A30 not A3000, H20 not
+# H200, L40S not L40; GV100/GA100/GH100 (lspci chip names before the bracketed product) never match.
+_V100 = r"(?<![A-Z0-9])(?<!MR[\s_-])(?<!BI[\s_-])V100"  # not Iluvatar's MR-V100 / BI-V100
 _NAME_PATTERNS: tuple[tuple[str, str], ...] = (
-    (r"(?<![A-Z0-9])A100\b.*\b80\s*G", "A100-80G"),
-    (r"(?<![A-Z0-9])A100", "A100-40G"),
+    (r"(?<![A-Z0-9])A100(?![0-9]).*\b80\s*G", "A100-80G"),
+    (r"(?<![A-Z0-9])A100(?![0-9])", "A100-40G"),  # not the RTX A1000 workstation card
     (r"(?<![A-Z0-9])A800", "A800"),
+    (r"(?<![A-Z0-9])A10(?![A-Z0-9])", "A10"),  # the A10G (AWS) is another part: left to the site's mapping
+    (r"(?<![A-Z0-9])A30(?![A-Z0-9])", "A30"),
     (r"(?<![A-Z0-9])H800", "H800"),
     (r"(?<![A-Z0-9])H100", "H100"),
     (r"(?<![A-Z0-9])H200", "H200"),  # not GH200 (Grace Hopper), which the catalog lacks
+    (r"(?<![A-Z0-9])H20(?![A-Z0-9])", "H20"),
     (r"GB200", "GB200"),
     (r"\bB200", "B200"),
     (r"\bL20\b", "L20"),
+    (r"(?<![A-Z0-9])L40S(?![A-Z0-9])", "L40S"),  # the L40 and L4 are not in the catalog
     (r"RTX[\s_-]*4090|\b4090\b", "RTX-4090"),
     (r"\bT4\b", "T4"),
+    # Iluvatar before NVIDIA's V100. V100S exists only with 32 GB; a V100 without a size is the 16 GB part.
+    (r"(?<![A-Z0-9])MR[\s_-]*V100(?![0-9])", "Iluvatar-MR-V100"),
+    (r"(?<![A-Z0-9])BI[\s_-]*V100(?![0-9])", "Iluvatar-BI-V100"),
+    (r"(?<![A-Z0-9])BI[\s_-]*V150(?![0-9])", "Iluvatar-BI-V150"),
+    (_V100 + r"(?:S(?![A-Z0-9])|(?![A-Z0-9]).*(?<![0-9])32\s*G)", "V100-32G"),
+    (_V100 + r"(?![A-Z0-9])", "V100-16G"),
+    (r"910C|910_93\d\d", "Ascend-910C"),  # Ascend910_93xx: CANN's SoC names for the A3 (910C) dies
     (r"910B", "Ascend-910B"),
     (r"310P", "Ascend-310P"),
     (r"MLU[\s_-]*370", "MLU370-X8"),
     (r"MLU[\s_-]*590", "MLU590"),
     (r"\bZ100", "Hygon-DCU-Z100"),
+    (r"(?<![A-Z0-9])K100[\s_-]*AI(?![A-Z0-9])", "Hygon-DCU-K100-AI"),
     (r"\bK100", "Hygon-DCU-K100"),
+    (r"MXC[\s_-]*500(?![0-9])|METAX.*(?<![A-Z0-9])C500(?![0-9])", "MetaX-C500"),
+    (r"(?<![A-Z0-9])BR[\s_-]*100(?![0-9])", "Biren-BR100"),
+    (r"(?<![A-Z0-9])BR[\s_-]*104(?![0-9])", "Biren-BR104"),
     # Bare "P800"/"R200" only for Kunlun names: NVIDIA's Quadro P800 must not become a Kunlun card.
     (r"(?:KUNLUN|XPU)[\s_-]*R200|^R200$", "Kunlun-R200"),
     (r"(?:KUNLUN|XPU)[\s_-]*P800|^P800$", "Kunlun-P800"),

@@ -23,6 +23,7 @@ from adapters.slurm_jobs import SlurmExecutor, gres_args
 from adapters.sources import Output
 from common.errors import InvalidInput
 from common.protocol import CAPACITY_SCHEMA, Assignment, Assignments, Capacity, Pool
+from regions import load_devices
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "adapters"
 EXAMPLES = Path(__file__).resolve().parents[2] / "adapters" / "examples"
@@ -66,10 +67,10 @@ CASES: list[tuple[str, Any, dict[str, tuple[str, int, int, float, int]], dict[st
      {"A100-80G": ("GPU", 4, 2, 80.0, 4)}, {"mig_enabled": 2}),
     # A container that sees only a MIG instance offers nothing.
     ("nvidia-mig-instance", lambda: nvidia("container-mig-instance.csv"), {}, {"mig_instance": 1}),
-    # driver 550: two catalog models and one the catalog lacks (H20, sanitized); memory and busy rules.
+    # driver 550: three catalog models (the H20's 95.6 GB measured is published as its catalog 96); busy rules.
     ("nvidia-550-mixed", lambda: nvidia("driver550-l20-4090.csv", "driver550-l20-4090-apps.csv"),
-     {"L20": ("GPU", 4, 1, 48.0, 4), "RTX-4090": ("GPU", 2, 1, 24.0, 2), "H20": ("GPU", 1, 0, 95.6, 1)},
-     {"model_unknown": 1}),
+     {"L20": ("GPU", 4, 1, 48.0, 4), "RTX-4090": ("GPU", 2, 1, 24.0, 2), "H20": ("GPU", 1, 0, 96.0, 1)}, {}),
+    # The site maps the H20 to a model the catalog lacks: the measured memory is kept.
     ("nvidia-550-mapped-and-strict", lambda: nvidia("driver550-l20-4090.csv", "driver550-l20-4090-apps.csv",
                                                     models={"NVIDIA H20": "H20-96G"}, busy_memory_mib=4096),
      {"L20": ("GPU", 4, 0, 48.0, 4), "RTX-4090": ("GPU", 2, 1, 24.0, 2), "H20-96G": ("GPU", 1, 0, 95.6, 1)}, {}),
@@ -187,11 +188,84 @@ def test_parse_gres(gres: str, expected: dict[tuple[str, str | None], int]) -> N
         ("huawei-Ascend310P", "Ascend-310P", True),
         ("NVIDIA Quadro P800", "Quadro-P800", False),
         ("NVIDIA GH200 480GB", "GH200-480GB", False),
-        ("NVIDIA L40S", "L40S", False),
+        # nvidia-smi names of the China installed base, and their neighbours that must not match them
+        ("NVIDIA H20", "H20", True),
+        ("NVIDIA H200", "H200", True),
+        ("NVIDIA H200 NVL", "H200", True),
+        ("NVIDIA L40S", "L40S", True),
+        ("NVIDIA L40", "L40", False),  # not in the catalog, and not an L40S
+        ("NVIDIA L4", "L4", False),
+        ("NVIDIA A10", "A10", True),
+        ("NVIDIA A10G", "A10G", False),  # AWS's variant, not the A10
+        ("NVIDIA A10-24Q", "A10", True),  # a vGPU profile on an A10
+        ("NVIDIA A100 80GB PCIe", "A100-80G", True),
+        ("NVIDIA A800-SXM4-80GB", "A800", True),
+        ("NVIDIA A30", "A30", True),
+        ("NVIDIA RTX A3000 Laptop GPU", "RTX-A3000-Laptop-GPU", False),
+        ("NVIDIA RTX A1000 6GB Laptop GPU", "RTX-A1000-6GB-Laptop-GPU", False),  # not an A100
+        ("Tesla V100-SXM2-32GB", "V100-32G", True),
+        ("Tesla V100-PCIE-32GB", "V100-32G", True),
+        ("Tesla V100S-PCIE-32GB", "V100-32G", True),
+        ("Tesla V100-SXM2-16GB", "V100-16G", True),
+        ("Tesla V100-PCIE-16GB", "V100-16G", True),
+        # lspci names: the chip (GV100GL, GA100GL, GH100) is not the product
+        ("GV100GL [Tesla V100 SXM2 32GB]", "V100-32G", True),
+        ("GA102GL [A10]", "A10", True),
+        ("GA100GL [A30 PCIe]", "A30", True),
+        ("GH100 [H20]", "H20", True),
+        ("AD102GL [L40S]", "L40S", True),
+        # Slurm GRES types and Kubernetes product labels
+        ("h20", "H20", True),
+        ("l40s", "L40S", True),
+        ("a10", "A10", True),
+        ("v100", "V100-16G", True),
+        ("v100s", "V100-32G", True),
+        ("V100_32GB", "V100-32G", True),
+        ("Tesla-V100-SXM2-16GB", "V100-16G", True),
+        ("NVIDIA-L40S", "L40S", True),
+        # domestic parts, and Iluvatar's V100-named cards that are not NVIDIA's
+        ("Iluvatar MR-V100", "Iluvatar-MR-V100", True),
+        ("Iluvatar BI-V100", "Iluvatar-BI-V100", True),
+        ("Ascend910_9392", "Ascend-910C", True),
+        ("Ascend910C", "Ascend-910C", True),
+        ("K100_AI", "Hygon-DCU-K100-AI", True),
+        ("K100", "Hygon-DCU-K100", True),
+        ("MetaX C500", "MetaX-C500", True),
+        ("MXC500", "MetaX-C500", True),
+        ("BR100", "Biren-BR100", True),
+        ("BR104P", "Biren-BR104", True),
     ],
 )
 def test_catalog_model(name: str, model: str, known: bool) -> None:
     assert catalog_model(name) == (model, known)
+
+
+def test_every_catalog_model_names_itself() -> None:
+    """A catalog id given as a name maps to that id, so no name pattern steals another model's id."""
+    wrong = {m: catalog_model(m) for m in load_devices() if catalog_model(m) != (m, True)}
+    assert wrong == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "mib", "model", "memory_gb"),
+    [
+        ("NVIDIA H20", 97871, "H20", 96.0),
+        ("NVIDIA L40S", 46068, "L40S", 48.0),
+        ("NVIDIA A10", 23028, "A10", 24.0),
+        ("Tesla V100-SXM2-32GB", 32510, "V100-32G", 32.0),
+        ("Tesla V100-SXM2-16GB", 16160, "V100-16G", 16.0),
+        ("NVIDIA A30", 24258, "A30", 24.0),
+    ],
+)
+def test_nvidia_smi_host_of_added_model(name: str, mib: int, model: str, memory_gb: float) -> None:
+    """An 8-GPU host of one of these models becomes one priced catalog pool with the marketed memory, no warnings."""
+    csv = "".join(f"{i}, GPU-{i:08d}-0000-0000-0000-000000000000, {name}, {mib}, 1, 0, 00000000:{i + 16:02X}:00.0\n"
+                  for i in range(8))  # fmt: skip
+    inv = parse_nvidia_smi(csv)
+    assert summary(inv) == {model: ("GPU", 8, 0, memory_gb, 8)}
+    assert inv.warnings == []
+    assert inv.pools[0]["price_cny_per_hour"] == load_devices()[model].price_cny_per_hour > 0
+    assert inv.pools[0]["interconnect"] == load_devices()[model].interconnect
 
 
 def test_sanitize_model_always_valid() -> None:
@@ -245,7 +319,8 @@ def test_bad_toml_is_reported(tmp_path: Path) -> None:
 
 def test_config_overrides_and_unpriced_models() -> None:
     """The config's prices and stacks win; a model the catalog lacks is offered only once priced."""
-    inv = nvidia("driver550-l20-4090.csv", "driver550-l20-4090-apps.csv")
+    unknown = {"NVIDIA H20": "H20-site"}  # the site names its H20s after a model the catalog lacks
+    inv = nvidia("driver550-l20-4090.csv", "driver550-l20-4090-apps.csv", models=unknown)
     config = parse_site_config({**BASE, "pools": {"L20": {"price_cny_per_hour": 4.2, "stacks": ["cuda-12.6"],
                                                           "per_node": 8}}})  # fmt: skip
     pools = {p["model"]: p for p in config.finish(inv)}
@@ -253,8 +328,13 @@ def test_config_overrides_and_unpriced_models() -> None:
     l20 = pools["L20"]
     assert (l20["price_cny_per_hour"], l20["stacks"], l20["per_node"]) == (4.2, ["cuda-12.6"], 8)
     assert "unpriced" in inv.codes()
-    priced = parse_site_config({**BASE, "pools": {"H20": {"price_cny_per_hour": 7}}})
-    assert "H20" in {p["model"] for p in priced.finish(nvidia("driver550-l20-4090.csv"))}
+    priced = parse_site_config({**BASE, "pools": {"H20-site": {"price_cny_per_hour": 7}}})
+    assert "H20-site" in {p["model"] for p in priced.finish(nvidia("driver550-l20-4090.csv", models=unknown))}
+    # Named as nvidia-smi prints it, the H20 is a catalog model and carries the catalog's price.
+    catalog_inv = nvidia("driver550-l20-4090.csv")
+    h20 = next(p for p in parse_site_config(BASE).finish(catalog_inv) if p["model"] == "H20")
+    assert h20["price_cny_per_hour"] == load_devices()["H20"].price_cny_per_hour
+    assert "unpriced" not in catalog_inv.codes()
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
