@@ -201,6 +201,8 @@ def test_west_is_cheaper_and_greener_than_east():
         ("cities.toml", "city"),
         ("devices.toml", "device"),
         ("fleet.toml", "site"),
+        ("transfer.toml", "hub"),
+        ("transfer.toml", "link"),
     ],
 )
 def test_every_record_cites_defined_sources(file: str, table: str):
