@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -46,16 +46,23 @@ from hypothesis.stateful import (
 )
 
 from broker.http.jobs import CANCEL_TRIES
+from broker.matching import Request
 from broker.matching.snapshot import Snapshot
 from broker.metrics import Metrics
 from broker.model.job import JobSpec, JobState
+from broker.model.records import Refusal
+from broker.scheduling.preemption import RANK, Preemptor
 from broker.scheduling.scheduler import Scheduler
-from broker.sites.assignments import tell_site_to_cancel
+from broker.sites.assignments import held_assignment, publish_runs, tell_site_to_cancel
 from broker.sites.ingest import Ingest
 from broker.sites.lifecycle import reconcile_site, sweep
+from broker.state.audit import audit
+from broker.state.history import check_history
+from broker.state.holds import HoldOption
 from broker.state.keys import Keys
 from broker.state.store import Store
 from common import topics
+from common.errors import Conflict, HoldNotStanding
 from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignments
 from common.validation import parse
 from regions import load_geography
@@ -73,8 +80,18 @@ ENDED_BY_SITE = ("completed", "failed", "rejected", "lost")
 TENANTS = ("t1", "t2", "t3")
 MODEL_CHOICES = (("A100-80G",), ("H800",), ("A100-80G", "H800"))
 RESIDENCIES = ((), ("guizhou",), ("neimenggu", "yangtze"))
+# a job's grace period in seconds when it is preemptible (None: it is not): over at once, or not within a run
+# (its preemption's hold is not handed over); nothing in between, whose end a run's timing would decide
+GRACES = (None, 0.0, 0.0, 3600.0)
 JOBS = st.tuples(st.sampled_from(TENANTS), st.sampled_from(MODEL_CHOICES), st.sampled_from([2, 4, 8, 16]),
-                 st.sampled_from(RESIDENCIES), st.sampled_from(["high", "normal", "low"]))  # fmt: skip
+                 st.sampled_from(RESIDENCIES), st.sampled_from(["high", "normal", "low"]),
+                 st.sampled_from(GRACES))  # fmt: skip
+Job = tuple[str, tuple[str, ...], int, tuple[str, ...], str, float | None]
+MAX_PREEMPTIONS = 2  # the replicas' setting: a job preempted this often is no longer preemptible
+MAX_HOLDS = 3  # standing holds a tenant may have (the quote path's limit)
+HOLD_TTLS_MS = (0, 3_600_000)  # a quote hold past its time at once, or not within a run (as GRACES)
+HOLD_STATES = ("held", "used", "released", "expired")
+SUBMISSIONS_WITH_A_HOLD = ("as quoted", "as quoted", "as quoted", "another tenant", "changed", "unknown id")
 # Heartbeats this far apart by Redis's clock (no two in one millisecond), so that a sweep finds silent
 # exactly the sites heard from last at or before a given one, whatever the timing of the run.
 HEARTBEAT_GAP_MS = 1
@@ -152,7 +169,7 @@ class SiteModel:
             return
         for item in batch.assignments:
             key = (item.job, item.attempt)
-            if item.action == "cancel":
+            if item.action in ("cancel", "preempt"):  # a preempted run checkpoints and stops: at once, here
                 self._cancel(key)
                 continue
             if key in self.held or key in self.finished:
@@ -238,6 +255,7 @@ class Replica:
     scheduler: Scheduler
     ingest: Ingest
     publish: Recorder
+    metrics: Metrics
 
 
 @dataclass
@@ -254,14 +272,22 @@ class World:
     tenant_parked: dict[str, set[str]]  # queued jobs set aside as unplaceable until capacity may have grown
     assigned: set[str]
     usage: dict[str, int]
+    holds: dict[str, dict[str, str]]  # every hold the run has seen, as stored
+    standing: set[str]  # the index of standing holds (the sweeper's)
+    tenant_holds: dict[str, set[str]]
+    site_holds: dict[str, set[str]]
 
     def holdings(self, site: str) -> set[Key]:
         """(job, attempt) the broker counts at `site`."""
         return {(job, int(self.jobs[job]["attempt"] or 0)) for job in self.site_jobs[site]
                 if job in self.jobs and self.jobs[job]["state"] in HOLDING}  # fmt: skip
 
+    def standing_holds(self) -> dict[str, dict[str, str]]:
+        return {h: hold for h, hold in self.holds.items() if hold.get("state") == "held"}
 
-JOB_FIELDS = ("state", "site", "attempt", "model", "count", "tenant", "accepted_at")
+
+JOB_FIELDS = ("state", "site", "attempt", "model", "count", "tenant", "accepted_at", "price", "hold", "priority",
+              "preemptible", "preemptions", "preempting", "reason")  # fmt: skip
 
 
 async def clock_reaches(store: Store, at_ms: int) -> int:
@@ -275,6 +301,25 @@ async def clock_reaches(store: Store, at_ms: int) -> int:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def job_spec(name: str, job: Job) -> JobSpec:
+    tenant, models, count, hubs, priority, grace = job
+    return JobSpec.model_validate({
+        "name": name, "tenant": tenant, "resources": {"arch": "GPU", "models": list(models), "count": count},
+        "residency": {"allow_hubs": list(hubs)}, "origin": "shanghai", "duration_hours": 1, "priority": priority,
+        **({"preemptible": True, "grace_s": grace} if grace is not None else {}),
+    })  # fmt: skip
+
+
+def hold_offer(plan: SitePlan, model: str, count: int) -> HoldOption:
+    """A quote's candidate as the quote path holds it (`offer_view` of a `Candidate`), at a price quoted below
+    the site's price now: a job placed from the hold pays this one."""
+    price = round(plan.price * 0.85, 2)
+    offer = {"site": plan.id, "hub": plan.hub, "model": model, "arch": "GPU", "devices": count,
+             "price_cny_per_hour": price, "unit_price_cny_per_hour": price, "cost_cny_per_hour": price * count,
+             "latency_ms": 20.0, "est_hours": 1.0, "duration_hours": 1, "stack": None, "image": None}  # fmt: skip
+    return HoldOption.of_offer(offer)
 
 
 class BrokerNetwork(RuleBasedStateMachine):
@@ -298,6 +343,9 @@ class BrokerNetwork(RuleBasedStateMachine):
         self.live: list[str] = []  # jobs not finished, as of the last check
         self.reconciles_due: list[tuple[str, str]] = []  # (replica, site): a reconcile list still to send
         self.counted: dict[str, set[Key]] = {s: set() for s in SITE_IDS}  # what the broker counted where, then
+        self.quotes: dict[str, JobSpec] = {}  # quote hold -> the job it was quoted for
+        self.hold_ids: list[str] = []  # every hold seen: the quotes' and the preemptions'
+        self.world: World | None = None  # as of the last check
         self.replicas = self.run(self._start())
         for site in SITE_IDS:
             self.run(self._announce(site, status_first=True, first="a"))
@@ -324,7 +372,8 @@ class BrokerNetwork(RuleBasedStateMachine):
             metrics = Metrics()
             scheduler = Scheduler(store, Snapshot(GEO), publish, accept_timeout_s=ACCEPT_TIMEOUT_S[name],
                                   metrics=metrics, replica=name)  # fmt: skip
-            replicas[name] = Replica(store, scheduler, Ingest(store, publish, asyncio.Event(), GEO, metrics), publish)
+            ingest = Ingest(store, publish, asyncio.Event(), GEO, metrics)
+            replicas[name] = Replica(store, scheduler, ingest, publish, metrics)
         return replicas
 
     def published(self, replica: str, site: str, batch: Assignments) -> None:
@@ -394,21 +443,16 @@ class BrokerNetwork(RuleBasedStateMachine):
     # ------------------------------------------------------------------ rules
 
     @initialize(jobs=st.lists(JOBS, min_size=1, max_size=6))
-    def submit_first(self, jobs: list[tuple[str, tuple[str, ...], int, tuple[str, ...], str]]) -> None:
+    def submit_first(self, jobs: list[Job]) -> None:
         """Work waiting before the first step."""
         self.submit(jobs)
 
     @rule(jobs=st.lists(JOBS, min_size=1, max_size=3))
-    def submit(self, jobs: list[tuple[str, tuple[str, ...], int, tuple[str, ...], str]]) -> None:
-        for tenant, models, count, hubs, priority in jobs:
-            job = f"j{len(self.jobs) + 1:03d}"
-            spec = JobSpec.model_validate({
-                "name": job, "tenant": tenant, "resources": {"arch": "GPU", "models": list(models), "count": count},
-                "residency": {"allow_hubs": list(hubs)}, "origin": "shanghai", "duration_hours": 1,
-                "priority": priority,
-            })  # fmt: skip
-            assert self.run(self._submit(job, spec))
-            self.jobs.append(job)
+    def submit(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            name = f"j{len(self.jobs) + 1:03d}"
+            assert self.run(self._submit(name, job_spec(name, job)))
+            self.jobs.append(name)
 
     async def _submit(self, job: str, spec: JobSpec) -> bool:
         """Submit through replica a, a millisecond after the last submission: jobs of one priority then queue
@@ -586,12 +630,311 @@ class BrokerNetwork(RuleBasedStateMachine):
         ttl = 10**12
         if silent is not None:  # silent: `silent` and the sites heard from before it, not those after
             ttl = now - int(await store.redis.zscore(self.keys.seen, silent) or now)
-        await sweep(ClockAt(store, now), self.replicas[replica].publish, ttl)
+        # a preemption's hold handed over here waits for its accept as the replica's own assignments do
+        await sweep(ClockAt(store, now), self.replicas[replica].publish, ttl, int(ACCEPT_TIMEOUT_S[replica] * 1000))
+
+    # ------------------------------------------------------------------ holds and preemption
+
+    @rule(data=st.data(), job=JOBS, ttl_ms=st.sampled_from(HOLD_TTLS_MS), fallback=st.booleans())
+    def take_hold(self, data: st.DataObject, job: Job, ttl_ms: int, fallback: bool) -> None:
+        """POST /v1/quote?hold=true: a quote's candidates for a job, the first that can take it now held at the
+        quoted price for `ttl_ms` (with `fallback`, the next candidate when the first cannot)."""
+        _, models, count, hubs, _, _ = job
+        pools = [(plan, model) for plan in PLANS for model in models
+                 if model in plan.pools and (not hubs or plan.hub in hubs)]  # fmt: skip
+        order = data.draw(st.permutations(pools), label="candidates")
+        options = [hold_offer(plan, model, count) for plan, model in order[: 2 if fallback else 1]]
+        hold_id = f"q{len(self.quotes) + 1:03d}"
+        spec = job_spec("quoted", job)
+        if self.run(self._take_hold(hold_id, spec, options, ttl_ms)):
+            self.quotes[hold_id] = spec
+            self.hold_ids.append(hold_id)
+
+    async def _take_hold(self, hold_id: str, spec: JobSpec, options: list[HoldOption], ttl_ms: int) -> bool:
+        """The take, and what it had to do by the state just before it: the tenant's limit of standing holds,
+        then the first option whose site is online with the devices free; else the first option's refusal."""
+        store = self.replicas["a"].store
+        pipe = store.redis.pipeline(transaction=True)
+        pipe.zcard(self.keys.tenant_holds(spec.tenant))
+        for o in options:
+            pipe.hget(self.keys.site(o.site), "status")
+            pipe.hmget(self.keys.capacity(o.site), f"t:{o.model}", f"x:{o.model}", f"a:{o.model}")
+        standing, *rows = await pipe.execute()
+        codes = []
+        for i, o in enumerate(options):
+            status, (total, external, allocated) = _text(rows[2 * i] or b""), rows[2 * i + 1]
+            free = int(total or 0) - int(external or 0) - int(allocated or 0)
+            codes.append(Refusal.SITE_NOT_ONLINE if status != "online" else Refusal.STALE_VIEW if free < o.count
+                         else None)  # fmt: skip
+        taken = await store.take_hold(hold_id, spec.tenant, options, ttl_ms, spec.placement_hash(), max_holds=MAX_HOLDS)
+        event(f"take_hold: {taken.refusal.value if taken.refusal else f'option {taken.choice}'}")
+        if standing >= MAX_HOLDS:
+            assert taken.hold is None and taken.refusal is Refusal.TOO_MANY_HOLDS, taken
+            return False
+        if None not in codes:
+            assert taken.hold is None and taken.refusal is codes[0], f"expected {codes[0]}, got {taken}"
+            return False
+        hold, choice = taken.hold, codes.index(None)
+        assert hold is not None and taken.choice == choice, f"expected option {choice} of {codes}, got {taken}"
+        o = options[choice]
+        assert (hold.state, hold.tenant, hold.site, hold.model, hold.count, hold.price, hold.for_job) == (
+            "held", spec.tenant, o.site, o.model, o.count, o.price, ""), hold  # fmt: skip
+        assert hold.expires_ms - hold.created_ms == ttl_ms and hold.resources == spec.placement_hash()
+        return True
+
+    @precondition(lambda self: bool(self.hold_ids))
+    @rule(data=st.data(), who=st.sampled_from(["owner", "owner", "another tenant", "stale id"]))
+    def release_hold(self, data: st.DataObject, who: str) -> None:
+        """DELETE /v1/holds/{id} by the hold's tenant (a quote's hold, or a preemption's), or a release naming
+        another tenant or a hold that never was: only a standing hold of the caller's tenant ends."""
+        hold_id = data.draw(st.sampled_from(self.hold_ids), label="hold")
+        self.run(self._release_hold(hold_id + ("x" if who == "stale id" else ""), who == "another tenant"))
+
+    async def _release_hold(self, hold_id: str, stranger: bool) -> None:
+        store = self.replicas["b"].store
+        before = await store.get_hold(hold_id)
+        owner = before.tenant if before is not None else TENANTS[0]
+        tenant = next(t for t in TENANTS if t != owner) if stranger else owner
+        released = await store.release_hold(hold_id, tenant, "released by the user")
+        assert released == (before is not None and before.standing and not stranger), (hold_id, tenant, before)
+        after = await store.get_hold(hold_id)
+        if before is None:
+            assert after is None
+            return
+        assert after is not None and after.state == ("released" if released else before.state), after
+        if released:
+            assert await store.release_hold(hold_id, owner) is False, "a hold ends once"
+
+    @precondition(lambda self: bool(self.quotes))
+    @rule(data=st.data(), past_ttl=st.booleans())
+    def expire_holds(self, data: st.DataObject, past_ttl: bool) -> None:
+        """The sweeper's expiry of quote holds, judged by Redis's clock now or (`past_ttl`) once the clock has
+        moved past the latest of their times: each ends once, and only once its time is up."""
+        holds = data.draw(st.lists(st.sampled_from(sorted(self.quotes)), min_size=1, max_size=3, unique=True))
+        self.run(self._expire_holds(holds, past_ttl))
+
+    async def _expire_holds(self, holds: list[str], past_ttl: bool) -> None:
+        store = self.replicas["b"].store
+        before = {h: hold for h in holds if (hold := await store.get_hold(h)) is not None}
+        at: int | None = None  # None: Redis's clock
+        if past_ttl:
+            latest = max(hold.expires_ms for hold in before.values())
+            if latest - await store.clock_ms() <= 100:
+                await clock_reaches(store, latest)
+            else:
+                at = latest  # an hour on: the script is told the time instead of waiting for it
+        t0 = at if at is not None else await store.clock_ms()
+        ended = await store.expire_holds(holds, at)
+        t1 = at if at is not None else await store.clock_ms()
+        event(f"expire_holds: {sum(ended)} of {len(holds)} expired")
+        for hold_id, expired in zip(holds, ended, strict=True):
+            hold = before[hold_id]
+            if not hold.standing or hold.expires_ms > t1:
+                assert not expired, f"{hold_id} ({hold.state}, expires {hold.expires_ms}) expired at {t1}"
+            elif hold.expires_ms <= t0:
+                assert expired, f"{hold_id} standing, expires {hold.expires_ms}, not expired at {t0}"
+            after = await store.get_hold(hold_id)
+            assert after is not None and after.state == ("expired" if expired else hold.state), after
+        assert not any(await store.expire_holds([h for h, e in zip(holds, ended, strict=True) if e], at)), (
+            "a hold ends once"
+        )
+
+    @precondition(lambda self: bool(self.hold_ids))
+    @rule(data=st.data(), replica=st.sampled_from(REPLICAS), how=st.sampled_from(SUBMISSIONS_WITH_A_HOLD))
+    def submit_held(self, data: st.DataObject, replica: str, how: str) -> None:
+        """POST /v1/jobs with a hold (broker/http/jobs.py `_submit_held`): the job quoted (or one changed since,
+        or another tenant's, or naming a hold that never was), through either replica. It is placed exactly on
+        the hold at the hold's price and its site told, or refused with the hold's state and nothing stored."""
+        hold_id = data.draw(st.sampled_from(self.hold_ids), label="hold")
+        spec = self.quotes.get(hold_id)
+        if spec is None:  # a preemption's hold: its tenant's job, which a preemption's hold was never quoted for
+            held = self.world.holds.get(hold_id, {}) if self.world is not None else {}
+            spec = job_spec("quoted", (held.get("tenant") or TENANTS[0], ("A100-80G",), 2, (), "normal", None))
+        if how == "another tenant":
+            spec = spec.model_copy(update={"tenant": next(t for t in TENANTS if t != spec.tenant)})
+        elif how == "changed":
+            spec = spec.model_copy(update={"origin": "beijing"})
+        elif how == "unknown id":
+            hold_id += "x"
+        name = f"j{len(self.jobs) + 1:03d}"
+        if self.run(self._submit_held(replica, name, spec.model_copy(update={"name": name, "hold": hold_id}))):
+            self.jobs.append(name)
+
+    async def _submit_held(self, replica: str, name: str, spec: JobSpec) -> bool:
+        r = self.replicas[replica]
+        store = r.store
+        assert spec.hold is not None
+        await clock_reaches(store, self.last_submit + 1)
+        before = await store.get_hold(spec.hold)
+        status = _text(await store.redis.hget(self.keys.site(before.site), "status") or b"") if before else ""
+        t0 = await store.clock_ms()
+        outcome = await store.submit_held(name, spec, int(ACCEPT_TIMEOUT_S[replica] * 1000))
+        t1 = self.last_submit = await store.clock_ms()
+        after = await store.get_hold(spec.hold)
+        # what submit.lua must answer, in its order: unknown (or another tenant's), expired, ended, mismatched
+        expected: set[str] = set()
+        if before is None or before.tenant != spec.tenant:
+            expected.add("hold_unknown")
+        elif not before.standing:
+            expected.add(f"hold_{before.state}")
+        else:
+            if before.expires_ms <= t1:
+                expected.add("hold_expired")
+            if before.expires_ms > t0:
+                expected.add("hold_mismatch" if before.resources != spec.placement_hash() else "stored")
+        got = outcome.code if isinstance(outcome, Conflict) else "stored"
+        event(f"submit_held: {got}")
+        assert got in expected, f"{spec.hold} ({before}) for {name}: expected {expected}, got {outcome!r}"
+        if isinstance(outcome, Conflict):
+            assert isinstance(outcome, HoldNotStanding) or outcome.code == "hold_mismatch"
+            assert await store.get_job(name) is None, "a job refused for its hold is not stored"
+            assert after == before, f"a refused job changed its hold: {before} -> {after}"
+            return False
+        assert not isinstance(outcome, Exception) and before is not None and after is not None
+        job, created, commit = outcome
+        assert created and commit is not None
+        if status != "online":  # the site went away since the hold was taken: the job waits like any other
+            assert commit.refusal is Refusal.SITE_NOT_ONLINE, commit
+            assert job["state"] == "queued" and after == before, (job, after)
+            return True
+        assert commit.ok, commit
+        assert (job["state"], job["site"], job["model"], int(job["count"]), float(job["price"]), job["hold"]) == (
+            "assigned", before.site, before.model, before.count, before.price, before.id), job  # fmt: skip
+        assert (after.state, after.job) == ("used", name), after
+        # and its site is told, as the HTTP path does
+        offer = orjson.loads(job.get("decision") or "{}").get("chosen") or {}
+        await publish_runs(r.publish, {job["site"]: [held_assignment(name, spec, offer, commit)]})
+        return True
+
+    def _queued_above_low(self) -> list[str]:
+        w = self.world
+        if w is None:
+            return []
+        return [j for j in self.jobs if w.jobs[j]["state"] == "queued" and w.jobs[j]["priority"] != "low"]
+
+    def _preemptible_work(self) -> list[tuple[str, str, str]]:
+        """(site, model, priority) of the preemptible jobs holding devices at online sites, as of the last check."""
+        w = self.world
+        if w is None:
+            return []
+        return sorted({(j["site"] or "", j["model"] or "", j["priority"] or "") for j in w.jobs.values()
+                       if j["state"] in HOLDING and j["preemptible"] == "1" and j["priority"] != "high"
+                       and w.status.get(j["site"] or "") == "online"})  # fmt: skip
+
+    @precondition(lambda self: bool(self._preemptible_work()))
+    @rule(data=st.data())
+    def submit_urgent(self, data: st.DataObject) -> None:
+        """A job of higher priority than preemptible work running somewhere, for that pool's hub and model and
+        as many devices as the pool has: it fits there only if the work gives way (or elsewhere in the hub)."""
+        site, model, priority = data.draw(st.sampled_from(self._preemptible_work()), label="pool")
+        plan = next(p for p in PLANS if p.id == site)
+        tenant = data.draw(st.sampled_from(TENANTS), label="tenant")
+        urgent = "high" if priority == "normal" else data.draw(st.sampled_from(["high", "normal"]), label="priority")
+        self.submit([(tenant, (model,), plan.pools[model], (plan.hub,), urgent, None)])
+
+    @precondition(lambda self: bool(self._queued_above_low()))
+    @rule(data=st.data(), replica=st.sampled_from(REPLICAS))
+    def preempt(self, data: st.DataObject, replica: str) -> None:
+        """A pass of `replica`, and for a high or normal job it left queued, its Preemptor (as the scheduler
+        asks it for a job that fits nowhere): lower-priority preemptible work gives way if that makes room."""
+        self.run(self.replicas[replica].scheduler.run_once())
+        self._check(self._delivered())  # the pass is a step of its own: what the preemption finds is checked from it
+        states = self.run(self.replicas[replica].store.get_jobs(self.jobs, "state", "priority"))
+        waiting = [job for job, (state, priority) in zip(self.jobs, states, strict=True)
+                   if state == "queued" and priority != "low"]  # fmt: skip
+        if waiting:
+            self.run(self._preempt(replica, data.draw(st.sampled_from(waiting), label="job")))
+
+    async def _preempt(self, replica: str, job: str) -> None:
+        r = self.replicas[replica]
+        record = await r.store.get_job(job)
+        assert record is not None
+        req = Request.of(job, JobSpec.model_validate_json(record["spec"]))
+        if record.get("last_site"):  # as the intake asks for it
+            req = req.relaxed(avoid_sites=frozenset({record["last_site"]}))
+        # a Preemptor as a pass has it (this job not yet tried), whose clock reads 0: the victims' lost work
+        # weighs nothing, so which ones it picks does not hang on how long the steps took (the ordering itself
+        # is tests/unit's), and its hold's name is the same in every replay but for its random tail
+        frozen = ClockAt(r.store, 0)
+        frozen.usage, frozen.limits = r.store.usage, r.store.limits
+        preemptor = Preemptor(frozen, r.publish, r.metrics, MAX_PREEMPTIONS)
+        sent = {site: len(self.sent[site]) for site in SITE_IDS}
+        async with r.scheduler.view() as snapshot:
+            note = await preemptor.consider(req, snapshot)
+        after = await r.store.get_job(job)
+        assert after is not None
+        event(f"preempt: {'preempting' if note is not None else 'nothing to preempt'}")
+        if note is None:
+            assert after.get("preempting") == record.get("preempting"), f"{job} preempted, yet was told it did not"
+            return
+        hold = await r.store.get_hold(after["preempting"])
+        assert hold is not None and hold.standing and hold.for_job == job and after["state"] == "queued", (after, hold)
+        victims = []
+        for name in self.jobs:
+            for entry in map(orjson.loads, await r.store.redis.lrange(self.keys.job_history(name), 0, -1)):
+                if entry.get("preempted_by") == job and entry.get("ts") == hold.created_ms:
+                    victims.append((name, entry))
+        assert victims, f"{job} preempting at {hold.site} with no victims"
+        told = {(a.job, a.attempt) for s in sent for m in self.sent[s][sent[s]:] for a in m.batch.assignments
+                if a.action == "preempt"}  # fmt: skip
+        for victim, entry in victims:
+            v = await r.store.get_job(victim)
+            assert v is not None and v["state"] == "queued", f"{victim} preempted by {job} but {v}"
+            assert v["reason"] == f"preempted by job {job} of tenant {after['tenant']}", v["reason"]
+            assert entry["site"] == hold.site and (victim, entry["attempt"]) in told, (victim, entry, told)
+
+    def _graces_ending(self) -> list[tuple[int, str]]:
+        """(end, hold) of the standing preemptions' holds whose grace period ends within a run, in the order
+        they were taken."""
+        w = self.world
+        if w is None:
+            return []
+        standing = w.standing_holds()
+        return [(int(standing[h]["expires"]), h) for h in self.hold_ids if h in standing and standing[h].get("for")
+                and int(standing[h]["expires"]) - int(standing[h]["created"]) <= 1000]  # fmt: skip
+
+    @precondition(lambda self: bool(self._graces_ending()))
+    @rule(replica=st.sampled_from(REPLICAS))
+    def hand_over(self, replica: str) -> None:
+        """The sweeper once the soonest preemption's grace period is over: it hands the hold to the job it was
+        taken for, placed exactly there at the hold's price (lifecycle `hand_over`, `commit_hold`), or, when
+        that job is no longer waiting for it or the site is away, lets the hold expire."""
+        self.run(self._hand_over(replica, self._graces_ending()[0][1]))
+
+    async def _hand_over(self, replica: str, hold_id: str) -> None:
+        store = self.replicas[replica].store
+        before = await store.get_hold(hold_id)
+        assert before is not None and before.standing
+        await clock_reaches(store, before.expires_ms)
+        job = await store.get_job(before.for_job)
+        assert job is not None
+        status = _text(await store.redis.hget(self.keys.site(before.site), "status") or b"")
+        waiting = job["state"] == "queued" or (job["state"] == "assigned" and not job.get("accepted_at"))
+        await self._sweep(replica, None)
+        after, job = await store.get_hold(hold_id), await store.get_job(before.for_job)
+        assert after is not None and job is not None
+        event(f"hand_over: {after.state}")
+        if after.state == "used":
+            assert status == "online" and waiting, f"{hold_id} handed to {before.for_job}, which was {job}"
+            assert (after.job, job["site"], job["model"], int(job["count"]), float(job["price"]), job["hold"]) == (
+                before.for_job, before.site, before.model, before.count, before.price, hold_id), job  # fmt: skip
+            assert job["state"] in HOLDING
+        else:
+            assert after.state == "expired", f"{hold_id} past its grace period, swept, and still {after.state}"
+            assert status != "online" or job["state"] != "queued", f"{hold_id} expired, {before.for_job} waits"
 
     # ------------------------------------------------------------------ checks
 
     async def _read(self) -> World:
         k, redis = self.keys, self.replicas["a"].store.redis
+        # the preemptions' holds (named at random by the replica that made them) are first seen standing:
+        # nothing ends a hold in the step that takes it. In order of the job each is for, so that a replay
+        # lists them in the same order.
+        known = set(self.hold_ids)
+        new = [h for h in map(_text, await redis.zrange(k.holds, 0, -1)) if h not in known]
+        if new:
+            fors = [_text(await redis.hget(k.hold(h), "for") or b"") for h in new]
+            self.hold_ids += [h for _, h in sorted(zip(fors, new, strict=True))]
         pipe = redis.pipeline(transaction=True)
         for job in self.jobs:
             pipe.hmget(k.job(job), *JOB_FIELDS)
@@ -606,6 +949,13 @@ class BrokerNetwork(RuleBasedStateMachine):
             pipe.zrange(k.tenant_parked(tenant), 0, -1)
         pipe.zrange(k.assigned, 0, -1)
         pipe.hgetall(k.tenant_usage)
+        for hold in self.hold_ids:
+            pipe.hgetall(k.hold(hold))
+        pipe.zrange(k.holds, 0, -1)
+        for tenant in TENANTS:
+            pipe.zrange(k.tenant_holds(tenant), 0, -1)
+        for site in SITE_IDS:
+            pipe.smembers(k.site_holds(site))
         raw = list(await pipe.execute())
         raw.reverse()
         jobs, history = {}, {}
@@ -624,7 +974,12 @@ class BrokerNetwork(RuleBasedStateMachine):
             tenant_parked[tenant] = {_text(j) for j in raw.pop()}
         assigned = {_text(j) for j in raw.pop()}
         usage = {_text(t): int(v) for t, v in raw.pop().items()}
-        return World(jobs, history, capacity, site_jobs, status, queue, tenant_queues, tenant_parked, assigned, usage)
+        holds = {hold: {_text(f): _text(v) for f, v in raw.pop().items()} for hold in self.hold_ids}
+        standing = {_text(h) for h in raw.pop()}
+        tenant_holds = {tenant: {_text(h) for h in raw.pop()} for tenant in TENANTS}
+        site_holds = {site: {_text(h) for h in raw.pop()} for site in SITE_IDS}
+        return World(jobs, history, capacity, site_jobs, status, queue, tenant_queues, tenant_parked, assigned, usage,
+                     holds, standing, tenant_holds, site_holds)  # fmt: skip
 
     def _check_pools(self, w: World) -> None:
         for plan in PLANS:
@@ -641,7 +996,11 @@ class BrokerNetwork(RuleBasedStateMachine):
                 assert 0 <= allocated <= total, f"{where} over-allocated: allocated {allocated} of {total}"
                 held = sum(int(w.jobs[j]["count"] or 0) for j in w.site_jobs[plan.id]
                            if j in w.jobs and w.jobs[j]["model"] == model)  # fmt: skip
-                assert allocated == held, f"{where}: allocated counter {allocated}, its jobs hold {held}"
+                on_hold = sum(int(h["count"]) for h in w.standing_holds().values()
+                              if (h["site"], h["model"]) == (plan.id, model))  # fmt: skip
+                assert allocated == held + on_hold, (
+                    f"{where}: allocated counter {allocated}, its jobs hold {held} and its standing holds {on_hold}"
+                )
 
     def _check_places(self, w: World) -> None:
         holders: dict[str, set[str]] = defaultdict(set)
@@ -677,10 +1036,88 @@ class BrokerNetwork(RuleBasedStateMachine):
                 assert not holders[job] and not any(in_queue) and job not in w.assigned, (
                     f"{job} {state} yet held by {holders[job]}, queued {in_queue} or waiting for an accept"
                 )
+        for h in w.standing_holds().values():
+            usage[h["tenant"]] += int(h["count"])
         for tenant in set(usage) | set(w.usage):
             assert w.usage.get(tenant, 0) == usage[tenant], (
-                f"tenant {tenant} counted as holding {w.usage.get(tenant, 0)}, its jobs hold {usage[tenant]}"
+                f"tenant {tenant} counted as holding {w.usage.get(tenant, 0)}, its jobs and holds {usage[tenant]}"
             )
+
+    def _check_holds(self, w: World) -> None:
+        """Each hold is in one of its states and indexed as such; it ends once and never changes after; a used
+        one placed exactly one job (the one it was for, if any) on its site, model and count, at its price."""
+        standing = w.standing_holds()
+        assert w.standing == set(standing), f"standing index {sorted(w.standing)}, standing holds {sorted(standing)}"
+        for tenant in TENANTS:
+            mine = {h for h, hold in standing.items() if hold["tenant"] == tenant}
+            assert w.tenant_holds[tenant] == mine, f"{tenant}'s holds index {w.tenant_holds[tenant]}, standing {mine}"
+        for site in SITE_IDS:
+            here = {h for h, hold in standing.items() if hold["site"] == site}
+            assert w.site_holds[site] == here, f"{site}'s holds index {w.site_holds[site]}, standing {here}"
+        placed: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+        for job, entries in w.history.items():
+            for entry in entries:
+                if entry.get("event") == "allocated" and entry.get("hold"):
+                    placed[entry["hold"]].append((job, entry))
+        previous = self.world.holds if self.world is not None else {}
+        for hold_id, hold in w.holds.items():
+            state, was = hold.get("state"), previous.get(hold_id)
+            assert state in HOLD_STATES, f"hold {hold_id} in state {state!r}"
+            if was is not None and was["state"] != "held":
+                assert hold == was, f"hold {hold_id} changed after it ended {was['state']}: {was} -> {hold}"
+            uses = placed.pop(hold_id, [])
+            if state == "used":
+                assert [job for job, _ in uses] == [hold["job"]], f"hold {hold_id} used by {hold['job']}, placed {uses}"
+                assert not hold.get("for") or hold["job"] == hold["for"], f"hold {hold_id} for {hold['for']}: {hold}"
+            else:
+                assert not uses, f"hold {hold_id} {state}, yet it placed {uses}"
+            pool = (hold["site"], hold["model"], int(hold["count"]))
+            for job, entry in uses:
+                assert (entry["site"], entry["model"], int(entry["count"])) == pool, f"{job} placed {entry} by {hold}"
+                j = w.jobs[job]
+                if j["state"] in HOLDING and j["hold"] == hold_id:
+                    assert (j["site"], j["model"], int(j["count"] or 0), float(j["price"] or 0)) == (
+                        *pool, float(hold["price"])), f"{job} placed with {hold_id} ({hold}): {j}"  # fmt: skip
+        assert not placed, f"jobs placed with holds never taken: {dict(placed)}"
+
+    def _check_preemptions(self, w: World) -> None:
+        """A victim was holding preemptible work of lower priority than its preemptor, at the preemption's site
+        and attempt, went back to the queue and says who preempted it; it is preempted at most `MAX_PREEMPTIONS`
+        times and is no longer preemptible then; a job that was preempted never preempts (preempt.lua's rule
+        against cascades); each preemption holds its victims' pool for the job that preempted them."""
+        prev = self.world
+        victims: dict[tuple[str, int], int] = defaultdict(int)  # (preemptor, when) -> victims
+        for job, entries in w.history.items():
+            j = w.jobs[job]
+            preempted = [i for i, e in enumerate(entries) if e.get("event") == "requeued" and e.get("preempted_by")]
+            times = int(j["preemptions"] or 0)
+            assert times == len(preempted) <= MAX_PREEMPTIONS, f"{job} preempted {times} times: {entries}"
+            if times >= MAX_PREEMPTIONS:
+                assert j["preemptible"] != "1", f"{job} preempted {times} times and still preemptible"
+            if preempted:
+                later = [e for e in entries[preempted[0] :] if e.get("event") == "preempting"]
+                assert not later, f"{job} was preempted, then preempted others (a cascade): {later}"
+            if preempted and preempted[-1] == len(entries) - 1:
+                assert j["state"] == "queued", f"{job} preempted and requeued, yet {j['state']}"
+            for i in preempted:
+                victims[(entries[i]["preempted_by"], entries[i]["ts"])] += 1
+            if prev is None:
+                continue
+            for entry in entries[len(prev.history.get(job, [])) :]:
+                if entry.get("event") == "requeued" and entry.get("preempted_by"):
+                    v, by = prev.jobs[job], prev.jobs[entry["preempted_by"]]
+                    assert v["state"] in HOLDING and (v["site"], int(v["attempt"] or 0)) == (
+                        entry["site"], entry["attempt"]), f"{job} preempted ({entry}) as it was {v}"  # fmt: skip
+                    assert v["preemptible"] == "1", f"{job} preempted, but it was not preemptible: {v}"
+                    assert RANK[v["priority"] or ""] > RANK[by["priority"] or ""], f"{job} ({v}) preempted by {by}"
+                    assert by["state"] == "queued" and int(by["preemptions"] or 0) == 0, f"{job} preempted by {by}"
+        for job, entries in w.history.items():
+            for entry in entries:
+                if entry.get("event") != "preempting":
+                    continue
+                hold = w.holds.get(entry["hold"])
+                assert hold is not None and hold["for"] == job and hold["site"] == entry["site"], (job, entry, hold)
+                assert victims[(job, entry["ts"])] == entry["victims"], f"{job} {entry}: {victims[(job, entry['ts'])]}"
 
     def _check_connections(self, w: World) -> None:
         for site, model in self.sites.items():
@@ -700,7 +1137,8 @@ class BrokerNetwork(RuleBasedStateMachine):
                 stamped = upto is None or run is None or run[2] is None or upto >= run[2]
                 if after_run and stamped and key not in listed:
                     return True
-            elif any(a.action == "cancel" and a.job == key[0] and a.attempt >= key[1] for a in sent.batch.assignments):
+            elif any(a.action in ("cancel", "preempt") and a.job == key[0] and a.attempt >= key[1]
+                     for a in sent.batch.assignments):  # fmt: skip
                 return True
         return False
 
@@ -764,9 +1202,12 @@ class BrokerNetwork(RuleBasedStateMachine):
             self._check_connections(world)
             self._check_told(world)
             self._check_sites(world, sites)
+            self._check_holds(world)
+            self._check_preemptions(world)
         except BaseException:
             self.failed = True
             raise
+        self.world = world
 
     @invariant()
     def consistent(self) -> None:
@@ -810,6 +1251,10 @@ class BrokerNetwork(RuleBasedStateMachine):
             assert set(model.held) == world.holdings(site), (
                 f"{site} runs {sorted(model.held)}, the broker counts {sorted(world.holdings(site))} there"
             )
+        store = self.replicas["a"].store
+        report = self.run(check_history(store))  # the whole event log, every job's and every hold's history
+        assert report.ok and report.trimmed is False, [v.as_dict() for v in report.violations]
+        assert self.run(audit(store)) == []
 
     def expect_counted(self, site: str, keys: set[Key]) -> None:
         """For written-out runs: what the broker counts at `site` (as of the last check)."""
@@ -865,7 +1310,7 @@ class Script:
         return self.values.pop(0)
 
 
-A100_X2 = ("t1", ("A100-80G",), 2, (), "normal")
+A100_X2 = ("t1", ("A100-80G",), 2, (), "normal", None)
 
 
 @pytest.fixture
