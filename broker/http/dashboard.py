@@ -90,7 +90,7 @@ async def holds_summary(request: web.Request, events: list[dict[str, Any]]) -> d
     """Standing holds (the ten expiring soonest, of every tenant) and the preemptions among the newest events."""
     desk = request.app[DEPS].holds
     holds = await desk.list_holds(None, HOLDS_SHOWN + 1) if desk is not None else []
-    now = now_ms()
+    now = await desk.clock_ms() if holds and desk is not None else 0
     preempted = [e for e in events if e.get("type") == "requeued" and e.get("preempted_by")]
     return {
         "standing": [hold_view(h, now) for h in holds[:HOLDS_SHOWN]], "more": len(holds) > HOLDS_SHOWN,

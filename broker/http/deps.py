@@ -132,6 +132,10 @@ class HoldDesk(Protocol):
 
     async def get_hold(self, hold_id: str) -> Hold | None: ...
 
+    async def clock_ms(self) -> int:
+        """The state store's clock, the one a hold's expiry is set by."""
+        ...
+
     async def list_holds(self, tenant: str | None = None, limit: int = 100) -> list[Hold]: ...
 
     async def submit_held(self, job_id: str, spec: JobSpec, accept_timeout_ms: int, *,

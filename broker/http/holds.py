@@ -42,8 +42,8 @@ def desk_of(deps: Deps) -> HoldDesk:
     return deps.holds
 
 
-def hold_view(hold: Hold, now_ms: int | None = None) -> dict[str, Any]:
-    now = now_ms if now_ms is not None else int(time.time() * 1000)
+def hold_view(hold: Hold, now: int) -> dict[str, Any]:
+    """A hold as the API shows it; `now` is the state store's clock (ms), which its expiry is set by."""
     view: dict[str, Any] = {
         "id": hold.id, "state": hold.state, "tenant": hold.tenant, "site": hold.site, "hub": hold.hub,
         "model": hold.model, "arch": hold.arch, "devices": hold.count, "price_cny_per_hour": hold.price,
@@ -102,7 +102,7 @@ async def hold_offer(request: web.Request, spec: JobSpec, quote: dict[str, Any],
     deps.metrics.holds.labels("taken").inc()
     log.info("hold.taken", hold=taken.hold.id, tenant=spec.tenant, site=taken.hold.site, model=taken.hold.model,
              count=taken.hold.count, ttl_s=ttl_s, choice=taken.choice)  # fmt: skip
-    return hold_view(taken.hold)
+    return hold_view(taken.hold, await desk.clock_ms())
 
 
 async def _visible_hold(request: web.Request) -> Hold:
@@ -120,12 +120,13 @@ async def list_holds(request: web.Request) -> web.Response:
     everyone = auth.identity_of(request).role != "user" and not request.query.get("tenant")
     tenant = None if everyone else auth.acting_tenant(request)  # an operator sees every tenant's
     holds = await desk.list_holds(tenant, 1000)
-    now = int(time.time() * 1000)
+    now = await desk.clock_ms()
     return json_response({"holds": [hold_view(h, now) for h in holds]})
 
 
 async def get_hold(request: web.Request) -> web.Response:
-    return json_response(hold_view(await _visible_hold(request)))
+    hold = await _visible_hold(request)
+    return json_response(hold_view(hold, await desk_of(request.app[DEPS]).clock_ms()))
 
 
 async def release_hold(request: web.Request) -> web.Response:
@@ -139,7 +140,7 @@ async def release_hold(request: web.Request) -> web.Response:
     deps.kick.set()
     log.info("hold.released", hold=hold.id, tenant=hold.tenant, site=hold.site)
     fresh = await desk_of(deps).get_hold(hold.id)
-    return json_response(hold_view(fresh or hold))
+    return json_response(hold_view(fresh or hold, await desk_of(deps).clock_ms()))
 
 
 HOLD_PARAMS = (

@@ -164,7 +164,7 @@ elseif action == 'rejected' or action == 'requeue' or action == 'expire' or acti
   redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
   reindex('queued')
   redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
-    'accepted_at', 'started_at', 'decision')
+    'accepted_at', 'started_at', 'decision', 'hold')
   if redis.call('ZADD', KEYS[2], j[8], job_id) == 1 then
     redis.call('HINCRBY', KEYS[12], j[9], 1)
   end
