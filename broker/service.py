@@ -86,6 +86,7 @@ async def start_broker(settings: Settings) -> Broker:
     retention = Retention(finished_hours=settings.finished_retention_hours, usage_days=settings.usage_retention_days,
                           archive_days=settings.archive_retention_days)  # fmt: skip
     store = Store.from_url(settings.redis_url, settings.namespace, retention=retention)
+    store.durable_replicas, store.durable_timeout_ms = settings.durable_accept, settings.durable_accept_timeout_ms
     geo = load_geography()
     stop = asyncio.Event()
     kick = asyncio.Event()

@@ -30,6 +30,8 @@ _NUMBER_VARS: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
     ("hold_max_ttl_s", "SUANWANG_HOLD_MAX_TTL", float, "a number of seconds"),
     ("max_holds_per_tenant", "SUANWANG_MAX_HOLDS_PER_TENANT", int, "a number"),
     ("max_preemptions", "SUANWANG_MAX_PREEMPTIONS", int, "a number"),
+    ("durable_accept", "SUANWANG_DURABLE_ACCEPT", int, "a number of replicas"),
+    ("durable_accept_timeout_ms", "SUANWANG_DURABLE_ACCEPT_TIMEOUT_MS", int, "a number of milliseconds"),
 )  # fmt: skip
 
 
@@ -162,6 +164,10 @@ class Settings:
     mirror: str = "events"
     # Egress price per GB sent out of a hub, overriding the seeded estimates: (hub, CNY per GB) pairs.
     egress_cny_per_gb: tuple[tuple[str, float], ...] = ()
+    # Durable accept: a submission is answered 202 only once this many Redis replicas have its job (WAIT), so
+    # a failover to one of them loses no accepted job; 0 answers once the primary has it.
+    durable_accept: int = 0
+    durable_accept_timeout_ms: int = 1000
     replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     def __post_init__(self) -> None:
@@ -185,6 +191,9 @@ class Settings:
         if not 0 < self.hold_ttl_s <= self.hold_max_ttl_s or self.max_holds_per_tenant < 1:
             raise InvalidInput("hold_ttl_s must be positive and at most hold_max_ttl_s, and max_holds_per_tenant at "
                                "least 1", "hold_ttl_s")  # fmt: skip
+        if self.durable_accept < 0 or self.durable_accept_timeout_ms < 1:
+            raise InvalidInput("durable_accept must not be negative and durable_accept_timeout_ms must be positive",
+                               "durable_accept")  # fmt: skip
         if self.usage_retention_days < 1:  # the dashboard's revenue reads the last 24 hours of the log
             raise InvalidInput("usage_retention_days must be at least 1", "usage_retention_days")
 

@@ -52,6 +52,12 @@ class StoreUnavailable(SuanwangError):
     code = "store_unavailable"
 
 
+class NotDurable(StoreUnavailable):
+    """Durable accept: the primary has the job but not enough replicas acknowledged it in time."""
+
+    code = "not_durable"
+
+
 class MessagingUnavailable(SuanwangError):
     """The MQTT broker cannot be reached."""
 

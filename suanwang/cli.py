@@ -109,11 +109,13 @@ def main() -> None:
 @click.option("--submit-rate", type=float, default=None, help="Submissions per second per token [20]")
 @click.option("--submit-burst", type=int, default=None, help="Submissions a token may make at once [100]")
 @click.option("--max-queued-per-tenant", type=int, default=None, help="Most queued jobs per tenant [10000]")
+@click.option("--durable-accept", type=click.IntRange(min=0), default=None,
+              help="Accept a job only once this many Redis replicas have it (WAIT) [env SUANWANG_DURABLE_ACCEPT; 0]")
 @log_option
 def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str, share_group: str,
           site_ttl: float | None, accept_timeout: float | None, auth: str | None, require_registered: bool | None,
           tls_cert: str | None, tls_key: str | None, submit_rate: float | None, submit_burst: int | None,
-          max_queued_per_tenant: int | None, log_level: str) -> None:  # fmt: skip
+          max_queued_per_tenant: int | None, durable_accept: int | None, log_level: str) -> None:  # fmt: skip
     """Run one broker replica: HTTP API, MQTT ingest and the matcher."""
     from broker.service import serve as serve_broker
 
@@ -122,7 +124,7 @@ def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str
         redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace, share_group=share_group,
         site_ttl_s=site_ttl, accept_timeout_s=accept_timeout, auth=auth, require_registered=require_registered,
         tls_cert=tls_cert, tls_key=tls_key, submit_rate=submit_rate, submit_burst=submit_burst,
-        max_queued_per_tenant=max_queued_per_tenant))  # fmt: skip
+        max_queued_per_tenant=max_queued_per_tenant, durable_accept=durable_accept))  # fmt: skip
     _run(serve_broker(settings))
 
 

@@ -95,6 +95,16 @@ class _Process:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def pause(self) -> None:
+        """Stop the process in its tracks (SIGSTOP), as a stalled machine would: it holds its connections but
+        reads nothing until `resume`."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -108,17 +118,115 @@ class _Process:
 class RedisServer(_Process):
     appendonly: bool = False
     appendfsync: str = "everysec"  # or "always": every write on disk before Redis answers (or "no")
+    replicaof: int | None = None  # the port of the primary (on 127.0.0.1) this server replicates
 
     def command(self) -> list[str]:
         return [
             redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--daemonize", "no", "--protected-mode", "no", "--logfile", "",
+            *(["--replicaof", "127.0.0.1", str(self.replicaof)] if self.replicaof else []),
         ]  # fmt: skip
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+@dataclass
+class SentinelServer(_Process):
+    """A Redis Sentinel watching the primary on 127.0.0.1:`primary_port` as `master` (a quorum of 2)."""
+
+    primary_port: int = 0
+    master: str = "suanwang"
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 5000
+
+    def command(self) -> list[str]:
+        conf = self.workdir / "sentinel.conf"  # Sentinel rewrites it with what it learns: written once
+        if not conf.exists():
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.master} 1\n"
+            )
+        return [redis_binary(), str(conf), "--sentinel"]
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, `replicas` replicas and three sentinels: Redis with automatic failover, on free ports."""
+
+    master: str = "suanwang"
+    replicas: int = 1
+    down_after_ms: int = 1000
+    servers: list[RedisServer] = field(default_factory=list)
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    def start(self, timeout: float = 20.0) -> None:
+        primary = RedisServer()
+        primary.start()
+        self.servers = [primary] + [RedisServer(replicaof=primary.port) for _ in range(self.replicas)]
+        for replica in self.servers[1:]:
+            replica.start()
+        self.sentinels = [SentinelServer(primary_port=primary.port, master=self.master,
+                                         down_after_ms=self.down_after_ms) for _ in range(3)]  # fmt: skip
+        for sentinel in self.sentinels:
+            sentinel.start()
+        self.wait_ready(timeout)
+
+    def _ask(self, port: int, *args: str) -> str:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServerError("redis-cli is not on PATH")
+        done = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=5)
+        return done.stdout
+
+    def primary_port(self) -> int | None:
+        """The primary's port as the sentinels report it (the first that answers)."""
+        for sentinel in self.sentinels:
+            if sentinel.proc and sentinel.proc.poll() is None:
+                answer = self._ask(sentinel.port, "SENTINEL", "get-master-addr-by-name", self.master).split()
+                if len(answer) == 2 and answer[1].isdigit():
+                    return int(answer[1])
+        return None
+
+    def primary(self) -> RedisServer:
+        port = self.primary_port()
+        found = next((s for s in self.servers if s.port == port), None)
+        if found is None:
+            raise ServerError(f"the sentinels name no primary of ours (port {port})")
+        return found
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until every sentinel knows the replicas and the other sentinels, and every replica is in sync: a
+        failover can happen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            primary = self.primary_port()
+            synced = all("master_link_status:up" in self._ask(s.port, "INFO", "replication")
+                         for s in self.servers if s.port != primary)  # fmt: skip
+            ready = all(
+                "OK" in self._ask(s.port, "SENTINEL", "ckquorum", self.master)
+                and self._ask(s.port, "SENTINEL", "replicas", self.master).splitlines().count("role-reported")
+                >= self.replicas
+                for s in self.sentinels
+            )
+            if synced and ready:
+                return
+            time.sleep(0.1)
+        raise ServerError(f"the sentinels did not become ready within {timeout}s")
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.master}/0"
+
+    def cleanup(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            process.cleanup()
 
 
 @dataclass

@@ -133,6 +133,7 @@ class Cluster:
     site_ttl_s: float = 3.0
     accept_timeout_s: float = 3.0
     heartbeat_s: float = 1.0
+    serve_args: tuple[str, ...] = ()  # more `suanwang serve` options for every broker replica
     procs: dict[str, Proc] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -142,6 +143,7 @@ class Cluster:
                 "suanwang.cli", "serve", "--redis", self.redis_url, "--mqtt", self.mqtt_url,
                 "--http", f"127.0.0.1:{port}", "--namespace", self.namespace, "--site-ttl", str(self.site_ttl_s),
                 "--accept-timeout", str(self.accept_timeout_s), "--log-level", "warning", "--auth", "off",
+                *self.serve_args,
             ], self.workdir / f"broker-{i}.log", port=port)  # fmt: skip
         for hub in self.hubs:
             self.procs[f"sim-{hub}"] = Proc(f"sim-{hub}", [

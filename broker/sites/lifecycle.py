@@ -79,6 +79,11 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int,
     their time, and give back the work of silent sites. Returns how many jobs moved, by reason."""
     now = await store.clock_ms()
     moved: Counter[str] = Counter()
+    renewed = await store.new_primary()
+    if renewed:  # writes of the old primary may be lost: every site learns what the broker counts there now
+        log.warning("redis.new_primary", sites=len(renewed))
+        for renewed_site in renewed:
+            await reconcile_site(store, publish, renewed_site)
     overdue = await store.overdue_assignments(now)
     if overdue:
         rows = await store.get_jobs(overdue, "site", "attempt")

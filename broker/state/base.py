@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 from broker.state.keys import Keys
 
 SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads",
-           "hold", "preempt")
+           "hold", "preempt", "primary")
 
 
 class StoreBase:
@@ -40,6 +40,7 @@ class StoreBase:
         self._archive: AsyncScript = scripts["archive"]
         self._hold: AsyncScript = scripts["hold"]
         self._preempt: AsyncScript = scripts["preempt"]
+        self._primary: AsyncScript = scripts["primary"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
@@ -53,27 +54,49 @@ class StoreBase:
         trip for every submit and every pass. Here each call is an EVALSHA; a script Redis does not know
         (a restart, a flush) answers NOSCRIPT without running, so it is loaded and those calls run again,
         in their order, in a second round trip."""
+        replies, _ = await self._pipelined(calls, None, raise_on_error)
+        return replies
+
+    async def run_scripts_durably(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]],
+                                  replicas: int, timeout_ms: int) -> tuple[list[Any], int]:  # fmt: skip
+        """`run_scripts` (errors as exception objects) followed, on the same connection and in the same round
+        trip, by `WAIT replicas timeout_ms`: the replies, and how many replicas have every write the calls
+        made (Redis counts what a connection wrote, so WAIT goes down the pipeline that wrote it)."""
+        replies, acked = await self._pipelined(calls, (replicas, timeout_ms), False)
+        return replies, acked
+
+    async def _pipelined(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]],
+                         wait: tuple[int, int] | None, raise_on_error: bool) -> tuple[list[Any], int]:  # fmt: skip
         if not calls:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return [], 0
+        replies, acked = await self._send(calls, wait)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
                 script.sha = await self.redis.script_load(script.script)
-            pipe = self.redis.pipeline(transaction=False)
-            for i in missing:
-                script, keys, args = calls[i]
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+            again, acked = await self._send([calls[i] for i in missing], wait)
+            for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         if raise_on_error:
             for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
-        return replies
+        return replies, acked
+
+    async def _send(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]],
+                    wait: tuple[int, int] | None) -> tuple[list[Any], int]:  # fmt: skip
+        pipe = self.redis.pipeline(transaction=False)
+        for script, keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        if wait is not None:
+            pipe.execute_command("WAIT", *wait)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if wait is None:
+            return replies, 0
+        acked = replies.pop()
+        if isinstance(acked, Exception):
+            raise acked
+        return replies, int(acked)
 
 
     async def run_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:

@@ -17,7 +17,7 @@ from broker.model.reliability import HALF_LIFE_MS
 from broker.state.archive import read_archived
 from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
-from common.errors import Conflict, HoldNotStanding, StoreUnavailable, SuanwangError, TooManyRequests
+from common.errors import Conflict, HoldNotStanding, NotDurable, StoreUnavailable, SuanwangError, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
 # one, so high goes first, yet a low job that has waited long enough overtakes new normal work (aging).
@@ -116,6 +116,10 @@ MAX_GATHERED = 256  # submits in one round trip
 
 class JobQueue(StoreBase):
     _gathered: _Gathered | None = None  # made on the first submit, on the running loop
+    # Durable accept (Settings.durable_accept): replicas that must have a new job before it is accepted, and the
+    # most a submission waits for them (WAIT, in the submit's own round trip).
+    durable_replicas = 0
+    durable_timeout_ms = 1000
 
     async def submit(
         self,
@@ -154,9 +158,14 @@ class JobQueue(StoreBase):
     async def _submit_all(self, items: Sequence[_Asked]) -> list[tuple[dict[str, str], bool] | SuanwangError]:
         """`submit_many` with each job's own limits."""
         calls = [self._submission(item, rate_limit, max_queued) for item, rate_limit, max_queued in items]
+        scripts = [(self._submit, keys, args) for keys, args, _ in calls]
+        acked = 0
         async with translated():
-            replies = await self.run_scripts([(self._submit, keys, args) for keys, args, _ in calls],
-                                             raise_on_error=False)  # fmt: skip
+            if self.durable_replicas:
+                replies, acked = await self.run_scripts_durably(scripts, self.durable_replicas,
+                                                                self.durable_timeout_ms)  # fmt: skip
+            else:
+                replies = await self.run_scripts(scripts, raise_on_error=False)
         outcomes: list[tuple[dict[str, str], bool] | SuanwangError] = []
         replayed: dict[int, str] = {}  # position -> the job an idempotent replay returns
         for i, ((item, rate_limit, max_queued), (_, _, fields), reply) in enumerate(
@@ -167,6 +176,15 @@ class JobQueue(StoreBase):
                 continue
             existing, flag, *stamped = reply
             outcome = self._submitted(item, fields, text(existing), int(flag), stamped, rate_limit, max_queued)
+            if acked < self.durable_replicas and (outcome is None or isinstance(outcome, tuple)):
+                # Kept on the primary (a retry with the same Idempotency-Key returns it), but a failover now
+                # could lose it, so it is not yet accepted. A replay is answered only when the replicas keep up
+                # with this connection's writes too (WAIT counts a connection's own writes, so for a replay
+                # that wrote nothing this is the replicas' health rather than that one job's).
+                outcomes.append(NotDurable(f"job {item.job_id} is stored on the Redis primary but {acked} of the "
+                                           f"{self.durable_replicas} replicas asked for acknowledged it within "
+                                           f"{self.durable_timeout_ms} ms; retry with the same Idempotency-Key"))
+                continue
             if outcome is None:
                 replayed[i] = text(existing)
                 # until it is read; kept if it no longer exists (a Redis restart without persistence)

@@ -51,6 +51,11 @@ class Keys:
         return f"{self.prefix}:seen"
 
     @property
+    def primary(self) -> str:
+        """String: the replication id of the Redis primary the deployment last ran on (primary.lua)."""
+        return f"{self.prefix}:primary"
+
+    @property
     def clock(self) -> str:
         """Counter that orders site changes."""
         return f"{self.prefix}:clock"

@@ -20,6 +20,9 @@ _COUNTS = frozenset({"total", "in_use_external"})  # what a pool reports each ti
 _POOL_META = operator.attrgetter(*(f for f in Pool.model_fields if f not in _COUNTS))
 _METAS: dict[tuple[Any, ...], bytes] = {}
 _METAS_KEPT = 4096
+# How far a new primary moves every site's assignment sequence (primary.lua): more assignments than one site
+# is given in any replication lag, so every seq the old primary gave out lies below the new stamps.
+SEQ_AHEAD = 1_000_000
 
 
 def _site_meta(cap: Capacity) -> bytes:
@@ -151,6 +154,18 @@ class SiteState(SiteReliability):
     async def status_history(self, site: str) -> list[dict[str, Any]]:
         async with translated():
             return [orjson.loads(item) for item in await self.redis.lrange(self.keys.site_status_log(site), 0, -1)]
+
+    async def new_primary(self) -> list[str]:
+        """The sites to reconcile when this replica is the first to find Redis on a primary the deployment has
+        not run on before (a failover or a restart; primary.lua); [] otherwise."""
+        async with translated():
+            info = await self.redis.info("replication")
+            replication_id = text(info.get("master_replid", ""))
+            if not replication_id:
+                return []
+            k = self.keys
+            sites = await self._primary(keys=[k.primary, k.sites, k.prefix + ":"], args=[replication_id, SEQ_AHEAD])
+        return [text(site) for site in sites]
 
     async def silent_sites(self, older_than_ms: int) -> list[str]:
         async with translated():

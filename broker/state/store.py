@@ -7,13 +7,12 @@ Redis errors are translated into `StoreUnavailable` (broker.state.connection), s
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from broker.state.archive import JobArchive, Retention
-from broker.state.connection import translated
+from broker.state.connection import redis_client, translated
 from broker.state.holds import Hold, HoldBook, HoldOption, TakenHold
 from broker.state.jobs import (
     IDEMPOTENCY_TTL_S,
@@ -51,12 +50,14 @@ class Store(SiteState, HoldBook, JobArchive):
         # connection errors, not timeouts: every script is fenced on what it finds (a job's state, its
         # attempt, an existing job id), so even a command that did run before its reply was lost is safe
         # to send again.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        # Through Sentinel (a `redis+sentinel://` URL) a new connection asks the sentinels for the primary, so
+        # after a failover the retried command reaches the promoted replica.
+        client = redis_client(
             url, max_connections=max_connections, timeout=10, socket_timeout=5, socket_connect_timeout=2,
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis_errors.ConnectionError,)),
         )  # fmt: skip
-        store = cls(aioredis.Redis(connection_pool=pool), Keys(namespace))
+        store = cls(client, Keys(namespace))
         if retention is not None:
             store.retention = retention
         return store
