@@ -51,6 +51,7 @@ class BenchOptions:
     rate: float | None = None  # open loop: offer this many jobs a second at a constant pace (None: closed loop)
     batch: int = 0  # jobs per POST /v1/jobs:batch (0: one POST /v1/jobs per job)
     tokens: bool = False  # authentication on: submits with a user token, the stream with an operator's
+    durable: int = 0  # durable accept: the brokers wait for this many replicas (of a Redis started here)
 
 
 @dataclass
@@ -299,13 +300,18 @@ async def _submit_batches(urls: list[str], bodies: list[bytes], run: _Run, concu
     await asyncio.gather(*(worker(i) for i in range(min(concurrency, len(bodies)))))
 
 
-def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any]) -> tuple[str, str]:
-    """The Redis and MQTT URLs to use: the ones given, or of a redis-server and a Mosquitto started here
-    (appended to `own`, for the caller to clean up)."""
+def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any], replicas: int = 0
+                  ) -> tuple[str, str]:  # fmt: skip
+    """The Redis and MQTT URLs to use: the ones given, or of a redis-server (with `replicas` replicas) and a
+    Mosquitto started here (appended to `own`, for the caller to clean up)."""
     if not redis_url:
         server = RedisServer()
         server.start()
         own.append(server)
+        for _ in range(replicas):
+            replica = RedisServer(replicaof=server.port)
+            replica.start()
+            own.append(replica)
         redis_url = server.url
     if not mqtt_url:
         mqtt = MosquittoServer()
@@ -320,13 +326,14 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
     own: list[Any] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        redis_url, mqtt_url = start_servers(options.redis_url, options.mqtt_url, own)
+        redis_url, mqtt_url = start_servers(options.redis_url, options.mqtt_url, own, options.durable)
         namespace = f"bench{uuid.uuid4().hex[:6]}"
         env = {
             **os.environ,
             "SUANWANG_REDIS_URL": redis_url,
             "SUANWANG_MQTT_URL": mqtt_url,
             "SUANWANG_NAMESPACE": namespace,
+            "SUANWANG_DURABLE_ACCEPT": str(options.durable),
         }
         run = _Run()
         auth = ["--auth", "off"]
@@ -466,6 +473,7 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
         "mode": f"open loop at {options.rate:g} jobs/s" if options.rate else "closed loop",
         "submit": f"batches of {options.batch}" if options.batch else "one job per POST",
         "auth": "tokens" if options.tokens else "off",
+        "durable_accept": options.durable,
         "cpu_count": os.cpu_count(),
     }
 

@@ -373,13 +373,16 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
               help="Submit N jobs per POST /v1/jobs:batch (default 0: one POST /v1/jobs per job)")
 @click.option("--tokens", is_flag=True, help="Authentication on, as deployed: a user token submits, an operator's "
               "token reads the stream (per-token submit rate raised past the load)")
+@click.option("--durable-accept", "durable", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Durable accept: start N replicas of the benchmark's own Redis and accept a job only once N "
+                   "have it (as `serve --durable-accept N`)")  # fmt: skip
 @click.option("--matrix", is_flag=True,
               help="Run at 1 and 2 brokers, single and batch submits (--batch, default 500), closed loop and open "
                    "loop (--rate, default 300 jobs/s): one row each")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
           matching_sizes: str | None, memory_sizes: str | None, soak_s: float | None, rate: float | None,
-          batch: int, tokens: bool, matrix: bool, ingest_updates: int | None,
+          batch: int, tokens: bool, durable: int, matrix: bool, ingest_updates: int | None,
           as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
@@ -415,8 +418,11 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
         report = _run(run_soak(SoakOptions(redis_url, mqtt_url, seconds=soak_s, brokers=max(brokers, 2))))
         as_json = True  # nested results read best as JSON
     else:
+        if durable and redis_url:
+            raise click.BadParameter("the benchmark starts the replicas itself: leave out --redis",
+                                     param_hint="--durable-accept")  # fmt: skip
         options = BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers, rate=rate, batch=batch,
-                               tokens=tokens)  # fmt: skip
+                               tokens=tokens, durable=durable)  # fmt: skip
         if matrix:
             from suanwang.bench import run_matrix
 
