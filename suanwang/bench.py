@@ -312,6 +312,7 @@ def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any], r
             replica = RedisServer(replicaof=server.port)
             replica.start()
             own.append(replica)
+        server.wait_replicas(replicas)
         redis_url = server.url
     if not mqtt_url:
         mqtt = MosquittoServer()

@@ -132,6 +132,21 @@ class RedisServer(_Process):
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def wait_replicas(self, count: int, timeout: float = 20.0) -> None:
+        """Until `count` replicas have finished their first full sync (state online): a WAIT before that
+        waits for the sync."""
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServerError("redis-cli is not on PATH")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = subprocess.run([cli, "-p", str(self.port), "INFO", "replication"], capture_output=True,
+                                  text=True, timeout=5).stdout  # fmt: skip
+            if info.count("state=online") >= count:
+                return
+            time.sleep(0.05)
+        raise ServerError(f"{count} replicas did not come online within {timeout}s")
+
 
 @dataclass
 class SentinelServer(_Process):
@@ -292,3 +307,115 @@ class EmbeddedMqtt:
         if self._broker is not None:
             await self._broker.shutdown()  # type: ignore[attr-defined]
             self._broker = None
+
+
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node talks to the others on its port + 10000
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536 and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    raise ServerError("found no free port with a free cluster bus port")
+
+
+@dataclass
+class RedisClusterNode(RedisServer):
+    """A Redis Cluster master; its slots and peers are in `nodes.conf` in its folder, so a restart keeps them."""
+
+    port: int = field(default_factory=cluster_port)
+    node_timeout_ms: int = 2000
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms)]  # fmt: skip
+
+
+def _cli(port: int, *args: str, timeout: float = 5) -> str:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise ServerError("redis-cli is not on PATH")
+    return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout).stdout
+
+
+def _info_fields(answer: str) -> dict[str, str]:
+    return dict(line.strip().split(":", 1) for line in answer.splitlines() if ":" in line and not line.startswith("#"))
+
+
+@dataclass
+class RedisClusterGroup:
+    """`masters` Redis Cluster masters (no replicas) sharing the 16384 slots, on free ports."""
+
+    masters: int = 3
+    node_timeout_ms: int = 2000
+    nodes: list[RedisClusterNode] = field(default_factory=list)
+
+    def start(self, timeout: float = 20.0) -> None:
+        if self.masters < 3:
+            raise ServerError("redis-cli --cluster create needs at least 3 masters")
+        self.nodes = [RedisClusterNode(node_timeout_ms=self.node_timeout_ms) for _ in range(self.masters)]
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise ServerError("redis-cli is not on PATH")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        done = subprocess.run([cli, "--cluster", "create", *addresses, "--cluster-yes"],
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        if done.returncode != 0:
+            raise ServerError(f"redis-cli --cluster create failed: {(done.stdout + done.stderr)[-2000:]}")
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until every node says `cluster_state:ok`, with every slot served and every node known."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            infos = [_info_fields(_cli(node.port, "CLUSTER", "INFO")) for node in self.nodes]
+            if all(info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384"
+                   and info.get("cluster_known_nodes") == str(len(self.nodes)) for info in infos):  # fmt: skip
+                return
+            time.sleep(0.1)
+        raise ServerError(f"the cluster did not become ready within {timeout}s")
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes) + "/"
+
+    def cpu_s(self) -> dict[int, float]:
+        """Each node's CPU time so far (user + system seconds, INFO cpu), by port."""
+        out = {}
+        for node in self.nodes:
+            info = _info_fields(_cli(node.port, "INFO", "cpu"))
+            out[node.port] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return out
+
+    def keys_per_node(self) -> dict[int, int]:
+        """How many keys each node holds (DBSIZE), by port."""
+        return {node.port: int(_cli(node.port, "DBSIZE").strip() or 0) for node in self.nodes}
+
+    def node_for(self, key: str) -> RedisClusterNode:
+        """The node serving `key`'s slot."""
+        slot = int(_cli(self.nodes[0].port, "CLUSTER", "KEYSLOT", key).strip())
+        for line in _cli(self.nodes[0].port, "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for served in fields[8:]:
+                low, _, high = served.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return next(node for node in self.nodes if node.port == port)
+        raise ServerError(f"no node serves slot {slot}")
+
+    def cleanup(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
