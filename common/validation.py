@@ -6,11 +6,12 @@ Every model forbids unknown fields so that a typo is an error naming the field, 
 
 from __future__ import annotations
 
+import typing
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from common.errors import InvalidInput
 
@@ -29,8 +30,23 @@ class Arch(StrEnum):
     FPGA = "FPGA"
 
 
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in typing.get_args(annotation))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`true` is not a count: pydantic would read it as 1, so a boolean is refused wherever a field does
+        not take one."""
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and not _takes_bool(field.annotation):
+                raise ValueError("must not be true or false")
+        return value
 
 
 def _field_of(error: ValidationError) -> tuple[str, str | None]:
