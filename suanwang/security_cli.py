@@ -144,16 +144,23 @@ def register(main: click.Group, run: Callable[[Any], Any], print_json: Callable[
         default=None,
         help="Its password [default: the one stored by an earlier run, else a new one, printed once]",
     )
+    @click.option(
+        "--bridge-to",
+        metavar="HOST:PORT",
+        default=None,
+        help="Also write hubs/<hub>/ for each hub with sites: its own Mosquitto's passwd and acl (that hub's "
+        "sites only) and bridge.conf, a bridge to the core broker at HOST:PORT under the hub's bridge account",
+    )
     @redis_option
     @namespace_option
-    def mqtt_config(out_dir: Path, broker_user: str, broker_password: str | None, redis_url: str | None,
-                    namespace: str) -> None:  # fmt: skip
-        """Write Mosquitto's password and ACL files from the site registry."""
+    def mqtt_config(out_dir: Path, broker_user: str, broker_password: str | None, bridge_to: str | None,
+                    redis_url: str | None, namespace: str) -> None:  # fmt: skip
+        """Write Mosquitto's password and ACL files from the site registry (and, with --bridge-to, each hub's)."""
         texts, generated = run(
             with_store(
                 redis_url,
                 namespace,
-                lambda s: SiteRegistry(s.redis, s.keys).mosquitto_files(broker_user, broker_password),
+                lambda s: SiteRegistry(s.redis, s.keys).mosquitto_files(broker_user, broker_password, bridge_to),
             )
         )
         files = write_mosquitto_files(out_dir, texts)
@@ -167,3 +174,11 @@ def register(main: click.Group, run: Callable[[Any], Any], print_json: Callable[
             f"brokers connect with --mqtt mqtt://{broker_user}:<password>@host:1883",
             highlight=False,
         )
+        hubs = [path.parent.name for path in files if path.name == "bridge.conf"]
+        if hubs:
+            console.print(
+                f"bridged hubs {', '.join(hubs)}: add `include_dir {(out_dir / 'hubs').resolve()}/<hub>` to each "
+                "hub's mosquitto.conf and point its sites there; restart a hub's Mosquitto after regenerating "
+                "(bridges are not reloaded on SIGHUP)",
+                highlight=False,
+            )

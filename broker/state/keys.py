@@ -204,6 +204,12 @@ class Keys:
         """String: `user password-hash` of the broker's own MQTT account, for the generated password file."""
         return f"{self.prefix}:mqtt-broker-account"
 
+    @property
+    def mqtt_bridge_accounts(self) -> str:
+        """Hash: hub -> JSON (password, hash) of the hub's bridge account on the core broker (`mqtt-config
+        --bridge-to`); the password itself, since each run writes it into the hub's bridge.conf."""
+        return f"{self.prefix}:mqtt-bridge-accounts"
+
     # events --------------------------------------------------------------------------------------
     @property
     def events(self) -> str:
