@@ -158,12 +158,11 @@ def _cpu_s(pid: int) -> float:
 async def _tokens(redis_url: str, namespace: str) -> tuple[dict[str, str], dict[str, str]]:
     """Authorization headers for a user token of tenant `bench` (submits) and an operator token (the
     stream, the sites, the metrics), made in the namespace's token store."""
-    import redis.asyncio as aioredis
-
+    from broker.state.connection import redis_client
     from broker.state.keys import Keys
     from broker.state.tokens import Tokens
 
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(redis_url, max_connections=2)
     try:
         tokens = Tokens(client, Keys(namespace))
         user, _ = await tokens.create("user", "bench", "bench submitter")
@@ -184,13 +183,19 @@ async def _cpu_now(procs: list[subprocess.Popen[bytes]], options: BenchOptions, 
 
 
 async def _redis_cpu_s(url: str) -> float:
-    """CPU seconds the Redis server has used (INFO cpu), or 0 when it cannot be asked."""
-    import redis.asyncio as aioredis
+    """CPU seconds the Redis server has used (INFO cpu; a cluster's summed over its nodes), or 0 when it cannot
+    be asked."""
+    from redis.asyncio.cluster import RedisCluster
 
-    client = aioredis.Redis.from_url(url)
+    from broker.state.connection import redis_client
+
+    client = redis_client(url, max_connections=2)
     try:
-        info = await client.info("cpu")
-        return float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0))
+        if isinstance(client, RedisCluster):
+            infos = list((await client.info("cpu", target_nodes=RedisCluster.ALL_NODES)).values())
+        else:
+            infos = [await client.info("cpu")]
+        return sum(float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)) for info in infos)
     except Exception:
         return 0.0
     finally:

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from broker.state.cluster import NamespaceCluster
 from broker.state.keys import Keys
 
 SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads",
@@ -27,6 +28,8 @@ class StoreBase:
         self.keys = keys
         self.events_maxlen = events_maxlen
         self.max_attempts = max_attempts
+        if isinstance(redis, NamespaceCluster):
+            redis.home = keys.prefix  # what has no key goes to the node serving the namespace's slot
         lua = resources.files("broker.state") / "lua"
         scripts = {name: redis.register_script((lua / f"{name}.lua").read_text()) for name in SCRIPTS}
         self._capacity: AsyncScript = scripts["capacity"]
@@ -42,6 +45,7 @@ class StoreBase:
         self._preempt: AsyncScript = scripts["preempt"]
         self._primary: AsyncScript = scripts["primary"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
+        self._primary_seen = ""  # the replication id this replica last found recorded (new_primary)
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
 
@@ -87,7 +91,8 @@ class StoreBase:
                     wait: tuple[int, int] | None) -> tuple[list[Any], int]:  # fmt: skip
         pipe = self.redis.pipeline(transaction=False)
         for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            # as pipe.evalsha sends it (a cluster pipeline refuses the method, not the command)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         if wait is not None:
             pipe.execute_command("WAIT", *wait)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
@@ -117,5 +122,5 @@ class StoreBase:
     async def _exec_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:
         pipe = self.redis.pipeline(transaction=True)
         for script, keys, args in calls:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))

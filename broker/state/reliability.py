@@ -38,7 +38,7 @@ class SiteReliability(StoreBase):
         """The site's record decayed to Redis's clock now (a site with no record: all counters 0)."""
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.time()
+            pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
             pipe.hgetall(self.keys.site_reliability(site))
             now, raw = await pipe.execute()
         return reliability_of(raw, redis_ms(now))

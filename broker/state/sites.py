@@ -97,7 +97,7 @@ class SiteState(SiteReliability):
             pipe = self.redis.pipeline(transaction=False)
             pipe.get(self.keys.wake)
             pipe.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True)
-            pipe.time()
+            pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
             wake, raw, now = await pipe.execute()
         self.wake_seen = int(wake or 0)
         self.time_seen = redis_ms(now)
@@ -116,7 +116,7 @@ class SiteState(SiteReliability):
         k = self.keys
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.time()
+            pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
             for site in ids:
                 pipe.hmget(k.site(site), "hub", "cluster", "status", "seen", "mv")
                 pipe.hgetall(k.capacity(site))
@@ -157,14 +157,16 @@ class SiteState(SiteReliability):
 
     async def new_primary(self) -> list[str]:
         """The sites to reconcile when this replica is the first to find Redis on a primary the deployment has
-        not run on before (a failover or a restart; primary.lua); [] otherwise."""
+        not run on before (a failover or a restart; primary.lua); [] otherwise. One INFO a call; the script
+        runs only when the replication id is not the one this replica last saw recorded."""
         async with translated():
             info = await self.redis.info("replication")
             replication_id = text(info.get("master_replid", ""))
-            if not replication_id:
+            if not replication_id or replication_id == self._primary_seen:
                 return []
             k = self.keys
             sites = await self._primary(keys=[k.primary, k.sites, k.prefix + ":"], args=[replication_id, SEQ_AHEAD])
+        self._primary_seen = replication_id
         return [text(site) for site in sites]
 
     async def silent_sites(self, older_than_ms: int) -> list[str]:

@@ -51,7 +51,9 @@ class Store(SiteState, HoldBook, JobArchive):
         # attempt, an existing job id), so even a command that did run before its reply was lost is safe
         # to send again.
         # Through Sentinel (a `redis+sentinel://` URL) a new connection asks the sentinels for the primary, so
-        # after a failover the retried command reaches the promoted replica.
+        # after a failover the retried command reaches the promoted replica. On Redis Cluster (`redis+cluster://`)
+        # the namespace lives on the node serving its hash tag's slot, and the client follows it there
+        # (broker.state.cluster).
         client = redis_client(
             url, max_connections=max_connections, timeout=10, socket_timeout=5, socket_connect_timeout=2,
             health_check_interval=15,
