@@ -8,8 +8,9 @@ import click
 from common.config import DEFAULT_HTTP, DEFAULT_REDIS
 
 redis_option = click.option("--redis", "redis_url", envvar="SUANWANG_REDIS_URL", show_envvar=True,
-                            help="Redis URL: redis://, rediss:// or, through Sentinel, "
-                                 f"redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER/DB [default: {DEFAULT_REDIS}]")
+                            help="Redis URL: redis://, rediss://, through Sentinel "
+                                 "redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER/DB, or a Redis Cluster "
+                                 f"redis+cluster://HOST:PORT[,HOST:PORT...]/ [default: {DEFAULT_REDIS}]")
 http_option = click.option("--http", envvar="SUANWANG_HTTP", show_envvar=True, default=DEFAULT_HTTP,
                            show_default=True, help="HTTP address host:port")  # fmt: skip
 token_option = click.option("--token", envvar="SUANWANG_TOKEN", show_envvar=True, default=None,

