@@ -114,10 +114,12 @@ async def _redis_counts(redis: aioredis.Redis) -> tuple[float, float, float]:
 async def _verify(store: Store, last: dict[str, bytes]) -> int:
     """How many sites' stored seq and pools differ from their last message's (0 when every effect landed)."""
     wrong = 0
+    places = await store.places(last)
     pipe = store.redis.pipeline(transaction=False)
     for site in last:
-        pipe.hget(store.keys.site(site), "seq")
-        pipe.hgetall(store.keys.capacity(site))
+        hub = store.keys.hub(places[site].hub if site in places else "")
+        pipe.hget(hub.site(site), "seq")
+        pipe.hgetall(hub.capacity(site))
     raw = await pipe.execute()
     for i, payload in enumerate(last.values()):
         message = orjson.loads(payload)

@@ -113,6 +113,8 @@ async def sweep(store: Store, publish: PublishAssignments, site_ttl_ms: int,
         if await store.set_site_status(site, "stale", expect="online"):
             log.warning("site.silent", site=site)
             moved["site_silent"] += await requeue_site(store, publish, site, f"site {site} stopped sending heartbeats")
+    ledger = await store.sweep_ledger(now)  # two-step changes a broker left half done (broker.state.ledger)
+    moved.update({f"ledger_{k}": v for k, v in ledger.items() if v})
     await store.retire(now)  # archive finished jobs past the retention, a bounded batch; trim the usage log
     return moved
 

@@ -1,9 +1,16 @@
 """`suanwang audit`: check the invariants of the live state in Redis and report what breaks them.
 
-The audit reads in pages: sites with ZSCAN (and each site's jobs with SSCAN), jobs with SCAN over their
-keys, tenants' counters with HSCAN and ZSCAN, the queue with ZSCAN and the event log backwards with
-XREVRANGE, each page in a pipelined round trip or two. A page of jobs is read by one short read-only script
-(lua/audit_jobs.lua: each job's record and whether it is in the queues and its site's set, at one moment).
+The audit reads in pages: each hub's sites with ZSCAN (each site's capacity and ledger in one MULTI on the
+hub's shard), jobs with SCAN over their keys, tenants' counters with HSCAN and ZSCAN, the queue with ZSCAN
+and the event log backwards with XREVRANGE, each page in a pipelined round trip or two. A page of jobs is
+read by one short read-only script (lua/audit_jobs.lua: each job's record and whether it is in the queues,
+at one moment).
+
+Who holds which devices is checked from both sides of the two-step protocol (broker.state.ledger): every
+ledger entry of a site against its owner on the job shard (a job holding there at that attempt, a standing
+hold there), and every job holding devices against its site's ledger; an entry on its lease (the pending
+set) or with a step in the outbox is on its way and not a finding. The two shards cannot be read at one
+moment, so what looks wrong across them is read again, a few times, and reported only if it stays so.
 It never runs one transaction over every job, and holds a page at a time (plus a counter per tenant and,
 for the event log, the ids of the jobs its window names).
 
@@ -23,10 +30,10 @@ the site shrank, and it stays an error.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import resources
 from typing import Any, TypeVar, cast
 
@@ -34,14 +41,17 @@ from redis.exceptions import WatchError
 
 from broker.model.records import counted_models, pool_counts
 from broker.state.connection import StreamEntries, text, translated
+from broker.state.ledger import HOLD_OWNER
 from broker.state.store import Store
 
 HOLDING = ("assigned", "running")
 PAGE = 500
 RETRIES = 5  # consistent re-reads of a suspect before it is reported as unconfirmed
-Row = tuple[str, str, str, int, str]  # state, site, model, count, tenant
-Places = tuple[bool, bool, bool, bool]  # in the queue, its tenant's window, its tenant's parked set, its site's set
-_SiteState = tuple[dict[str, int], dict[str, Row | None], dict[str, Row | None]]  # capacity, jobs, holds
+Row = tuple[str, str, str, int, str, str]  # state, site, model, count, tenant, attempt ('0' for a hold)
+Places = tuple[bool, bool, bool]  # in the queue, its tenant's window, its tenant's parked set
+Entry = tuple[str, str, int]  # a ledger entry: attempt, model, count
+# a site's capacity, its ledger, its owners' rows (None: no record) and the owners with a step on its way
+_SiteState = tuple[dict[str, int], dict[str, Entry], dict[str, Row | None], set[str]]
 T = TypeVar("T")
 
 
@@ -74,8 +84,13 @@ class Report:
 
 
 def _row(raw: Sequence[Any]) -> Row | None:
-    state, site, model, count, tenant = (text(v) for v in raw)
-    return (state, site, model, int(count or 0), tenant) if state else None
+    state, site, model, count, tenant, *attempt = (text(v) for v in raw)
+    return (state, site, model, int(count or 0), tenant, (attempt[0] if attempt else "0") or "0") if state else None
+
+
+def _entry(raw: Any) -> Entry:
+    attempt, model, count, _seq = text(raw).split(" ")
+    return attempt, model, int(count)
 
 
 _PAGE_SCRIPT = (resources.files("broker.state") / "lua" / "audit_jobs.lua").read_text()
@@ -91,38 +106,42 @@ def _capacity(raw: Mapping[Any, Any]) -> dict[str, int]:
     return out
 
 
-def site_findings(site: str, cap: Mapping[str, int], rows: Mapping[str, Row | None],
-                  holds: Mapping[str, Row | None] | None = None) -> tuple[list[Violation], Counter[str]]:  # fmt: skip
-    """What is wrong at one site, from its capacity hash, the records of the jobs in its set and of the
-    holds in its set of holds (None: no record); and the devices each tenant holds there (a standing
-    hold's devices are counted like a job's)."""
+def site_findings(site: str, cap: Mapping[str, int], entries: Mapping[str, Entry], owners: Mapping[str, Row | None],
+                  moving: Collection[str] = ()) -> tuple[list[Violation], Counter[str]]:  # fmt: skip
+    """What is wrong at one site, from its capacity hash, its ledger (owner -> attempt, model, count), the
+    records of the ledger's owners (jobs by id, holds as `hold:<id>`; None: no record) and the owners whose
+    entry is on its way (on its lease, or a step for it in the outbox); and the devices each tenant holds
+    there (a standing hold's devices are counted like a job's)."""
     out: list[Violation] = []
-    held: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
     by_tenant: Counter[str] = Counter()
-    for hold, row in (holds or {}).items():
-        if row is None or row[0] != "held" or row[1] != site:
+    for owner, (attempt, model, count) in entries.items():
+        counted[model] += count
+        row = owners.get(owner)
+        if owner.startswith(HOLD_OWNER):
+            bound = row is not None and row[0] == "held" and row[1] == site
             what = f"{row[0]} at {row[1]}" if row is not None else "without a record"
-            out.append(Violation("hold_placement", hold, f"{what} yet in the holds of {site}"))
+            kind = "hold_placement"
         else:
-            held[row[2]] += row[3]
-            by_tenant[row[4]] += row[3]
-    for job, row in rows.items():
-        if row is None:
-            out.append(Violation("unknown_job", job, f"held by {site} but has no record"))
-        elif row[0] not in HOLDING or row[1] != site:
-            where = f" at {row[1]}" if row[1] and row[0] in HOLDING else ""
-            out.append(Violation("placement", job, f"{row[0]}{where} yet held by {site}"))
-        else:
-            held[row[2]] += row[3]
-            by_tenant[row[4]] += row[3]
-    for model in sorted(counted_models(cap) | set(held)):
+            bound = row is not None and row[0] in HOLDING and row[1] == site and row[5] == attempt
+            what = (f"{row[0]} at {row[1] or '-'} (attempt {row[5]})" if row is not None else "without a record")
+            kind = "placement" if row is not None else "unknown_job"
+        if bound and row is not None:
+            by_tenant[row[4]] += count
+            if (row[2], row[3]) != (model, count):
+                out.append(Violation(kind, owner, f"holds {row[3]} {row[2]} but {site}'s ledger counts "
+                                     f"{count} {model}"))  # fmt: skip
+        elif owner not in moving:
+            out.append(Violation(kind, owner.removeprefix(HOLD_OWNER),
+                                 f"{what} yet in {site}'s ledger (attempt {attempt})"))  # fmt: skip
+    for model in sorted(counted_models(cap) | set(counted)):
         total, external, allocated = pool_counts(cap, model)
         subject, usable = f"{site}/{model}", total - external
         if allocated < 0:
             out.append(Violation("negative_allocation", subject, f"allocated {allocated}"))
-        if allocated != held[model]:
-            out.append(Violation("allocation_mismatch", subject, f"allocated counter {allocated} but the jobs and "
-                                 f"holds there hold {held[model]}"))  # fmt: skip
+        if allocated != counted[model]:
+            out.append(Violation("allocation_mismatch", subject, f"allocated counter {allocated} but the ledger "
+                                 f"there counts {counted[model]}"))  # fmt: skip
         if allocated > usable:
             out.append(_over(subject, total, external, allocated, cap.get(f"p:{model}")))
     return out, by_tenant
@@ -139,16 +158,13 @@ def _over(subject: str, total: int, external: int, allocated: int, basis: int | 
     return Violation("over_allocated", subject, f"{now}; {known}")
 
 
-def job_findings(job: str, row: Row, in_queue: bool, in_window: bool, parked: bool, at_site: bool
-                 ) -> list[Violation]:  # fmt: skip
+def job_findings(job: str, row: Row, in_queue: bool, in_window: bool, parked: bool) -> list[Violation]:
     """What is wrong with one job, from its record and where it is: the queue, its tenant's queue (the
-    window a pass reads) or its tenant's parked set (a queued job is in exactly one of those two), and its
-    site's set."""
-    state, site = row[0], row[1]
+    window a pass reads) or its tenant's parked set (a queued job is in exactly one of those two). (Its
+    site's ledger is checked by `_held_jobs`.)"""
+    state = row[0]
     out = []
     if state in HOLDING:
-        if not at_site:
-            out.append(Violation("placement", job, f"{state} at {site} but not among that site's jobs"))
         if in_queue or in_window or parked:
             out.append(Violation("placement", job, f"{state} yet in the queue"))
     if state == "queued" and not (in_queue and in_window != parked):
@@ -216,32 +232,47 @@ class _Audit:
             raw = await self._read_page(keys=[self.k.prefix + ":", self.k.queue], args=list(ids))
             for i, job in enumerate(ids):
                 values = raw[9 * i : 9 * i + 9]
-                out[job] = _row(values[:5]), (bool(values[5]), bool(values[6]), bool(values[7]), bool(values[8]))
+                out[job] = _row(values[:6]), (bool(values[6]), bool(values[7]), bool(values[8]))
         return out
 
     async def _rows(self, jobs: Sequence[str]) -> dict[str, Row | None]:
         return {job: row for job, (row, _places) in (await self._jobs_read(jobs)).items()}
 
-    async def _site_state(self, sites: Sequence[str]) -> dict[str, _SiteState]:
-        """Each site's capacity hash, the records of the jobs in its set and of its standing holds."""
-        pipe = self.redis.pipeline(transaction=False)
+    async def _owner_rows(self, owners: Sequence[str]) -> dict[str, Row | None]:
+        """Ledger owners' records: jobs by id, holds as `hold:<id>`."""
+        jobs = [o for o in owners if not o.startswith(HOLD_OWNER)]
+        holds = [o.removeprefix(HOLD_OWNER) for o in owners if o.startswith(HOLD_OWNER)]
+        rows = await self._rows(jobs) if jobs else {}
+        rows.update({HOLD_OWNER + h: row for h, row in (await self._hold_rows(holds)).items()})
+        return rows
+
+    async def _moving(self, hub: str) -> set[tuple[str, str]]:
+        """(site, owner) of the hub's ledger entries on their way: on a lease, or with an outbox step."""
+        out = set()
+        for member in await self.redis.zrange(self.k.hub(hub).pending, 0, -1):
+            site, owner, _attempt = text(member).split("\t")
+            out.add((site, owner))
+        for member in await self.redis.zrange(self.k.outbox, 0, -1):
+            op, step_hub, site, *rest = text(member).split("\t")
+            if step_hub == hub:
+                out.add((site, rest[0]))
+                out.update((site, rest[i]) for i in range(4, len(rest), 2) if op == "merge")
+        return out
+
+    async def _site_state(self, hub: str, sites: Sequence[str]) -> dict[str, _SiteState]:
+        """Each site's capacity hash and ledger (read together on the hub's shard), its owners' records and
+        which of them are on their way."""
+        h = self.k.hub(hub)
+        pipe = self.redis.pipeline(transaction=True)
         for site in sites:
-            pipe.hgetall(self.k.capacity(site))
-            pipe.sscan(self.k.site_jobs(site), 0, count=self.page)
-            pipe.smembers(self.k.site_holds(site))  # a few at most: holds last a minute or so
+            pipe.hgetall(h.capacity(site))
+            pipe.hgetall(h.held(site))
         raw = await pipe.execute()
-        members: dict[str, set[str]] = {}
-        holds: dict[str, list[str]] = {site: sorted(text(h) for h in raw[3 * i + 2]) for i, site in enumerate(sites)}
-        for i, site in enumerate(sites):
-            cursor, first = raw[3 * i + 1]
-            members[site] = {text(j) for j in first}
-            while cursor:  # a site holding more jobs than a page
-                cursor, more = await self.redis.sscan(self.k.site_jobs(site), cursor, count=self.page)
-                members[site].update(text(j) for j in more)
-        rows = await self._rows(sorted({j for m in members.values() for j in m}))
-        hold_rows = await self._hold_rows(sorted({h for hs in holds.values() for h in hs}))
-        return {site: (_capacity(raw[3 * i]), {j: rows[j] for j in members[site]},
-                       {h: hold_rows[h] for h in holds[site]}) for i, site in enumerate(sites)}  # fmt: skip
+        ledgers = {site: {text(o): _entry(v) for o, v in raw[2 * i + 1].items()} for i, site in enumerate(sites)}
+        rows = await self._owner_rows(sorted({o for ledger in ledgers.values() for o in ledger}))
+        moving = await self._moving(hub)
+        return {site: (_capacity(raw[2 * i]), ledgers[site], {o: rows.get(o) for o in ledgers[site]},
+                       {o for s, o in moving if s == site}) for i, site in enumerate(sites)}  # fmt: skip
 
     async def _hold_rows(self, holds: Sequence[str]) -> dict[str, Row | None]:
         """Holds as rows: state, site, model, count, tenant (None: no record)."""
@@ -252,23 +283,65 @@ class _Audit:
             pipe.hmget(self.k.hold(hold), "state", "site", "model", "count", "tenant")
         return {hold: _row(raw) for hold, raw in zip(holds, await pipe.execute(), strict=True)}
 
+    async def _again(self, read: Callable[[], Awaitable[list[Violation]]]) -> list[Violation]:
+        """Findings across the two shards, read again until two reads agree (the same findings), else a warning."""
+        last = await read()
+        for _ in range(RETRIES):
+            if not last:
+                return []
+            await asyncio.sleep(0.05)  # let a step on its way land
+            now = await read()
+            if now == last:
+                return now
+            last = now
+        return [_unconfirmed(v.subject, "its placement") for v in last]
+
     # --------------------------------------------------------------------------------------------- checks
 
     async def _sites(self) -> None:
-        """Capacity counters against the jobs each site holds; devices held per tenant."""
-        async for sites in self._zscan(self.k.sites):
-            for site, (cap, rows, holds) in (await self._site_state(sites)).items():
-                found, by_tenant = site_findings(site, cap, rows, holds)
-                if found:
-                    # every change there writes the capacity and the jobs' or the holds' set
-                    keys = [self.k.capacity(site), self.k.site_jobs(site), self.k.site_holds(site)]
-                    state = await self._watched(keys, partial(self._site_state, [site]))
-                    if state is None:
-                        self.report.add([_unconfirmed(site, "its capacity")])
-                        continue
-                    found, by_tenant = site_findings(site, *state[site])
-                self.report.add(found)
-                self.held.update(by_tenant)
+        """Each hub's sites: capacity counters against their ledgers, the ledgers against their owners; devices
+        held per tenant."""
+        for hub in await self.store.hub_ids():
+            async for sites in self._zscan(self.k.hub(hub).sites):
+                for site, state in (await self._site_state(hub, sites)).items():
+                    found, by_tenant = site_findings(site, *state)
+                    if found:
+                        async def read(site: str = site, hub: str = hub) -> list[Violation]:
+                            return site_findings(site, *(await self._site_state(hub, [site]))[site])[0]
+
+                        found = await self._again(read)
+                        if found:
+                            by_tenant = site_findings(site, *(await self._site_state(hub, [site]))[site])[1]
+                    self.report.add(found)
+                    self.held.update(by_tenant)
+
+    async def _held_jobs(self, rows: Mapping[str, Row]) -> list[Violation]:
+        """Jobs holding devices against their sites' ledgers: each must have its entry at its attempt (or be
+        on its way: its hold's devices passing to it)."""
+        holding = {job: row for job, row in rows.items() if row[0] in HOLDING}
+        if not holding:
+            return []
+        places = await self.store.places(row[1] for row in holding.values())
+        pipe = self.redis.pipeline(transaction=False)
+        order = list(holding)
+        for job in order:
+            row = holding[job]
+            hub = places[row[1]].hub if row[1] in places else ""
+            pipe.hget(self.k.hub(hub).held(row[1]), job)
+        entries = await pipe.execute()
+        moving = {text(m).split("\t")[3] for m in await self.redis.zrange(self.k.outbox, 0, -1)
+                  if text(m).startswith("merge\t")}  # fmt: skip
+        out = []
+        for job, raw in zip(order, entries, strict=True):
+            row = holding[job]
+            if raw is not None and _entry(raw)[0] == row[5]:
+                continue
+            if job in moving:
+                continue
+            have = f"attempt {_entry(raw)[0]}" if raw is not None else "none"
+            out.append(Violation("placement", job, f"{row[0]} at {row[1]} (attempt {row[5]}) but that site's "
+                                 f"ledger has {have}"))  # fmt: skip
+        return out
 
     async def _jobs(self) -> None:
         """Every job against the queues and its site's set."""
@@ -283,10 +356,17 @@ class _Audit:
                 return
 
     async def _job_page(self, ids: Sequence[str]) -> None:
+        rows: dict[str, Row] = {}
         for job, (row, places) in (await self._jobs_read(ids)).items():
             if row is not None:  # None: archived since the scan
                 self.tenants.add(row[4])
+                rows[job] = row
                 self.report.add(job_findings(job, row, *places))  # read at one moment: nothing to confirm
+        if await self._held_jobs(rows):
+            async def read() -> list[Violation]:
+                return await self._held_jobs({j: r for j, r in (await self._rows(list(rows))).items() if r})
+
+            self.report.add(await self._again(read))
 
     async def _tenants(self) -> None:
         """Devices counted per tenant against what its jobs hold; queued counts against its queue."""

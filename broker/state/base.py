@@ -13,8 +13,8 @@ from redis.exceptions import NoScriptError
 from broker.state.cluster import NamespaceCluster
 from broker.state.keys import Keys
 
-SCRIPTS = ("capacity", "site_status", "allocate", "transition", "submit", "reconcile", "archive", "waiting", "heads",
-           "hold", "preempt", "primary")
+SCRIPTS = ("capacity", "site_status", "bind", "reserve", "ledger", "transition", "submit", "reconcile", "archive",
+           "waiting", "heads", "hold", "preempt", "primary")
 
 
 class StoreBase:
@@ -34,7 +34,9 @@ class StoreBase:
         scripts = {name: redis.register_script((lua / f"{name}.lua").read_text()) for name in SCRIPTS}
         self._capacity: AsyncScript = scripts["capacity"]
         self._status: AsyncScript = scripts["site_status"]
-        self._allocate: AsyncScript = scripts["allocate"]
+        self._bind: AsyncScript = scripts["bind"]
+        self._reserve: AsyncScript = scripts["reserve"]
+        self._ledger: AsyncScript = scripts["ledger"]
         self._transition: AsyncScript = scripts["transition"]
         self._submit: AsyncScript = scripts["submit"]
         self._reconcile: AsyncScript = scripts["reconcile"]
@@ -45,6 +47,7 @@ class StoreBase:
         self._preempt: AsyncScript = scripts["preempt"]
         self._primary: AsyncScript = scripts["primary"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
+        self.attempts: dict[str, int] = {}  # each job's attempt as of the last queue_heads()
         self._primary_seen = ""  # the replication id this replica last found recorded (new_primary)
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()

@@ -196,3 +196,23 @@ def redis_client(url: str, *, max_connections: int = 64, **options: Any) -> aior
     client: aioredis.Redis = sentinel.master_for(target.master, connection_pool_class=_BlockingSentinelPool,
                                                  **connection)  # fmt: skip
     return client
+
+
+async def replication_ids(redis: aioredis.Redis, keys: list[str]) -> list[str]:
+    """The replication id (INFO replication's master_replid) of the primary serving each key: on Redis Cluster
+    each key's node's, elsewhere the one server's for all."""
+    if not isinstance(redis, NamespaceCluster):
+        info = await redis.info("replication")
+        return [text(info.get("master_replid", ""))] * len(keys)
+    by_node: dict[str, str] = {}
+    out = []
+    for key in keys:
+        node = redis.get_node_from_key(key)
+        if node is None:
+            out.append("")
+            continue
+        if node.name not in by_node:
+            info = await redis.execute_command("INFO", "replication", target_nodes=node)
+            by_node[node.name] = text(cast(dict[str, Any], info).get("master_replid", ""))
+        out.append(by_node[node.name])
+    return out

@@ -283,10 +283,11 @@ async def _places(store: Store, sites: set[str], geography: Geography) -> dict[s
     """Per site: the registry's hub (None when not registered) and the province of its cluster ('' unknown)."""
     registered = {s.id: s for s in await SiteRegistry(store.redis, store.keys).sites()}
     ordered = sorted(sites)
+    places = await store.places(ordered)
     async with translated():
         pipe = store.redis.pipeline(transaction=False)
         for site in ordered:
-            pipe.hget(store.keys.site(site), "cluster")
+            pipe.hget(store.keys.hub(places[site].hub if site in places else "").site(site), "cluster")
         reported = [text(c) for c in await pipe.execute()]
     out: dict[str, tuple[str | None, str]] = {}
     for site, cluster in zip(ordered, reported, strict=True):

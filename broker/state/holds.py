@@ -1,11 +1,11 @@
-"""Holds in Redis: a quote's devices reserved at the quoted price for a short time (hold.lua), handed to the
-job submitted with the hold in the same transaction that stores the job (submit.lua then allocate.lua), or
-given back when the hold expires or is released.
+"""Holds in Redis: a quote's devices reserved at the quoted price for a short time (reserve.lua on the site's
+shard, then hold.lua on the job shard), handed to the job submitted with the hold in the same transaction
+that stores the job (submit.lua then bind.lua), or given back when the hold expires or is released.
 
-Who holds which devices: a standing hold's devices are in its site's `a:<model>` counter and its tenant's
-usage, exactly as a job's are, and the hold is in the site's set of holds (what `audit` adds to the jobs'
-devices there). A hold ends once: used (its devices pass to one job), expired (by Redis's clock) or
-released; every script that ends it checks it is still standing.
+Who holds which devices: a standing hold's devices are its entry `hold:<id>` in its site's ledger (so in
+`a:<model>`) and in its tenant's usage, exactly as a job's are (broker.state.ledger). A hold ends once: used
+(its devices pass to one job), expired (by Redis's clock) or released; every script that ends it checks it
+is still standing, and the site shard's step that follows is in the outbox until it is done.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import orjson
 from broker.model.job import JobSpec
 from broker.model.records import Commit, Placement, Refusal
 from broker.state.connection import decode_hash, text, translated
-from broker.state.jobs import JobQueue, Submission, SubmitRate, _commit
+from broker.state.jobs import _REFUSALS, JobQueue, Submission, SubmitRate, _pool
+from broker.state.ledger import HOLD_OWNER, hold_owner
 from common.errors import StoreUnavailable, SuanwangError
 
 # preempt.lua's refusals
 _PREEMPT_REFUSALS = {-1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
-                     -4: Refusal.VICTIM_MOVED, -5: Refusal.NO_CASCADE, 0: Refusal.STALE_VIEW}  # fmt: skip
+                     -4: Refusal.VICTIM_MOVED, -5: Refusal.NO_CASCADE, 0: Refusal.STALE_VIEW, -7: Refusal.STALE_VIEW,
+                     -8: Refusal.STALE_VIEW}  # fmt: skip
 # hold.lua's refusals of a take
 _TAKE_REFUSALS = {0: Refusal.STALE_VIEW, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
-                  -5: Refusal.TOO_MANY_HOLDS, -6: Refusal.HOLD_NOT_STANDING}  # fmt: skip
+                  -5: Refusal.TOO_MANY_HOLDS, -6: Refusal.HOLD_NOT_STANDING, -7: Refusal.STALE_VIEW,
+                  -8: Refusal.STALE_VIEW}  # fmt: skip
 DUE_BATCH = 500  # holds expired in one sweep round trip
 
 
@@ -119,12 +122,14 @@ class Holding:
 
 class HoldBook(JobQueue):
     async def holdings(self, sites: Sequence[str]) -> dict[str, list[Holding]]:
-        """The jobs holding devices at each of `sites`: two round trips."""
+        """The jobs holding devices at each of `sites` (their ledgers, then the jobs): two round trips."""
+        places = await self.places(sites)
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             for site in sites:
-                pipe.smembers(self.keys.site_jobs(site))
-            members = [[text(j) for j in m] for m in await pipe.execute()]
+                hub = places[site].hub if site in places else ""
+                pipe.hkeys(self.hub_keys(hub).held(site))
+            members = [[o for o in (text(j) for j in m) if not o.startswith(HOLD_OWNER)] for m in await pipe.execute()]
             pipe = self.redis.pipeline(transaction=False)
             for jobs in members:
                 for job in jobs:
@@ -146,16 +151,32 @@ class HoldBook(JobQueue):
     async def preempt(self, job_id: str, hold_id: str, option: HoldOption, grace_ms: int, max_preemptions: int,
                       victims: Sequence[tuple[str, int]]) -> tuple[int, Refusal | None]:  # fmt: skip
         """Stop `victims` (job, attempt) at the option's pool and hold their devices for `job_id` until the grace
-        period ends, all at once or not at all (preempt.lua); (when the hold ends, or 0), and why not."""
+        period ends, all at once or not at all (preempt.lua, then the merge of the victims' ledger entries into
+        the hold's; devices needed beyond the victims' are reserved first); (when the hold ends, or 0), and why
+        not."""
         o = option
+        freed = sum(int(c or 0) for (c,) in await self.get_jobs([j for j, _ in victims], "count"))
+        lease_end: int | str = ""
+        if o.count > freed:
+            async with translated():
+                (got,) = await self.run_scripts(
+                    [self.reserve_call(o.hub, hold_owner(hold_id), 0, [(o.site, o.model, o.count - freed)])])
+            if not isinstance(got, list):
+                return 0, _PREEMPT_REFUSALS[int(got)]
+            lease_end = int(got[2])
         args: list[Any] = [job_id, hold_id, o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms,
-                           orjson.dumps(o.offer).decode(), grace_ms, max_preemptions, self.events_maxlen]  # fmt: skip
+                           orjson.dumps(o.offer).decode(), grace_ms, max_preemptions, self.events_maxlen,
+                           lease_end]  # fmt: skip
         for job, attempt in victims:
             args += [job, attempt]
         async with translated():
             reply = await self._preempt(keys=[self.keys.prefix + ":"], args=args)
         if isinstance(reply, list):
+            await self.run_steps([text(reply[2])])
             return int(reply[1]), None
+        if lease_end != "":
+            async with translated():
+                await self.run_scripts([self.ledger_call(o.hub, "release", o.site, hold_owner(hold_id), 0)])
         return 0, _PREEMPT_REFUSALS[int(reply)]
 
     async def commit_hold(self, hold_id: str, accept_timeout_ms: int) -> tuple[Hold, dict[str, str], Commit] | None:
@@ -174,32 +195,63 @@ class HoldBook(JobQueue):
     async def take_hold(self, hold_id: str, tenant: str, options: Sequence[HoldOption], ttl_ms: int, resources: str,
                         *, max_holds: int | None = None, for_job: str = "", now_ms: int | None = None
                         ) -> TakenHold:  # fmt: skip
-        """Reserve the first of `options` that can be held now, for `ttl_ms`, atomically; or say why the first
+        """Reserve the first of `options` that can be held now, for `ttl_ms`: its devices on its site's shard
+        (the options of one hub's shard in one step), then the hold on the job shard; or say why the first
         could not."""
+        owner = hold_owner(hold_id)
+        refusal: int | None = None
+        got: list[Any] | None = None
+        start = 0
+        while start < len(options):
+            end = start
+            while end < len(options) and options[end].hub == options[start].hub:
+                end += 1
+            group = options[start:end]
+            async with translated():
+                (reply,) = await self.run_scripts(
+                    [self.reserve_call(group[0].hub, owner, 0, [(o.site, o.model, o.count) for o in group])])
+            if isinstance(reply, list):
+                got = [start + int(reply[0]), int(reply[2])]
+                break
+            refusal = refusal if refusal is not None else int(reply)
+            start = end
+        if got is None:
+            return TakenHold(None, refusal=_TAKE_REFUSALS[refusal or 0])
+        choice, lease_end = got
+        o = options[choice]
         args: list[Any] = ["take", hold_id, tenant, ttl_ms, max_holds if max_holds is not None else "", resources,
-                           self.events_maxlen, for_job, now_ms if now_ms is not None else ""]  # fmt: skip
-        for o in options:
-            args += [o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms, orjson.dumps(o.offer).decode()]
+                           self.events_maxlen, for_job, now_ms if now_ms is not None else "", lease_end,
+                           o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms,
+                           orjson.dumps(o.offer).decode()]  # fmt: skip
         async with translated():
             reply = await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args)
-        if not isinstance(reply, list):
+            step = "settle" if int(reply) > 0 else "release"
+            await self.run_scripts([self.ledger_call(o.hub, step, o.site, owner, 0)])
+        if int(reply) <= 0:
             return TakenHold(None, refusal=_TAKE_REFUSALS[int(reply)])
         hold = await self.get_hold(hold_id)
-        return TakenHold(hold, choice=int(reply[0]))
+        return TakenHold(hold, choice=choice)
 
     async def release_hold(self, hold_id: str, tenant: str = "", reason: str = "released") -> bool:
         """Give a standing hold's devices back (only the tenant's own when `tenant` is given)."""
         args: list[Any] = ["release", hold_id, tenant, reason, self.events_maxlen, ""]
         async with translated():
-            return bool(await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args))
+            reply = await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args)
+        if not reply:
+            return False
+        await self.run_steps([text(reply)])
+        return True
 
     async def expire_holds(self, hold_ids: Sequence[str], now_ms: int | None = None) -> list[bool]:
-        """End the holds whose time is up (each checked by the script against Redis's clock), in one round trip."""
+        """End the holds whose time is up (each checked by the script against Redis's clock), in one round trip,
+        then give their devices back on the sites' shards."""
         calls = [(self._hold, [self.keys.hold(h), self.keys.prefix + ":"],
                   ["expire", h, "its time was up", self.events_maxlen, now_ms if now_ms is not None else ""])
                  for h in hold_ids]  # fmt: skip
         async with translated():
-            return [bool(r) for r in await self.run_scripts(calls)]
+            replies = await self.run_scripts(calls)
+        await self.run_steps([text(r) for r in replies if r])
+        return [bool(r) for r in replies]
 
     async def due_holds(self, at_ms: int, limit: int = DUE_BATCH) -> list[tuple[str, str]]:
         """(hold, the job it is for or '') of standing holds whose time is up at `at_ms`, soonest first."""
@@ -241,8 +293,9 @@ class HoldBook(JobQueue):
                           ) -> tuple[dict[str, str], bool, Commit | None] | SuanwangError:  # fmt: skip
         """Store a job submitted with a hold and give it the hold's devices, in one transaction: the job is
         stored only while the hold stands and was quoted for what it asks (submit.lua), and is then placed
-        exactly there, at the hold's price (allocate.lua). Returns (record, created, commit), or the error
-        that refused it (an idempotent replay returns the job it made, with no commit)."""
+        exactly there, at the hold's price (bind.lua); then the hold's ledger entry passes to the job. Returns
+        (record, created, commit), or the error that refused it (an idempotent replay returns the job it made,
+        with no commit)."""
         if spec.hold is None:
             raise ValueError("submit_held needs a job with a hold")
         item = Submission(job_id, spec, idempotency_key)
@@ -253,7 +306,7 @@ class HoldBook(JobQueue):
             record = orjson.dumps({"chosen": hold.offer, "runners_up": [], "hold": hold.id}).decode()
             placement = Placement(job_id, hold.site, hold.hub, hold.model, hold.count, hold.price, hold.latency_ms,
                                   arch=hold.arch, decision=record, hold=hold.id)  # fmt: skip
-            calls.append(self._allocate_call(placement, accept_timeout_ms))
+            calls.append(self._bind_call(placement, _pool(placement, 0), accept_timeout_ms, None, None))
         async with translated():
             replies = await self.run_atomically(calls)
             if isinstance(replies[0], Exception):
@@ -269,6 +322,10 @@ class HoldBook(JobQueue):
                 return job, False, None
             if isinstance(replies[1], Exception):
                 raise StoreUnavailable(f"Redis error: {replies[1]}")
-            commit = _commit(replies[1])
+            bound = int(replies[1])
             job = await self.get_job(job_id)
+        if bound < 1:
+            return (job or fields), True, Commit(refusal=_REFUSALS[bound])
+        (seq,) = await self.run_steps([self._merge_entry(placement, bound)])
+        commit = Commit(attempt=bound, seq=int(seq) if not isinstance(seq, Exception) else 0)
         return (job or fields), True, commit

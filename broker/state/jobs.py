@@ -15,8 +15,8 @@ from broker.model.job import JobSpec, JobState
 from broker.model.records import Commit, Placement, Refusal
 from broker.model.reliability import HALF_LIFE_MS
 from broker.state.archive import read_archived
-from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, now_ms, text, translated
+from broker.state.ledger import HOLD_OWNER, Ledger, Reserved
 from common.errors import Conflict, HoldNotStanding, NotDurable, StoreUnavailable, SuanwangError, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
@@ -32,15 +32,30 @@ def queue_score(priority: str, created_ms: int) -> int:
     return created_ms + PRIORITY_HANDICAP_MS[priority]
 
 
-# allocate.lua's return codes (an attempt number >= 1 means committed)
+# reserve.lua's and bind.lua's refusals (a reserved lease ended before its binding, or an earlier attempt's
+# devices not yet given back, are a view that was stale as well)
 _REFUSALS = {0: Refusal.STALE_VIEW, -1: Refusal.NOT_QUEUED, -2: Refusal.SITE_NOT_ONLINE, -3: Refusal.TENANT_LIMIT,
-             -4: Refusal.HOLD_NOT_STANDING}
+             -4: Refusal.HOLD_NOT_STANDING, -7: Refusal.STALE_VIEW, -8: Refusal.STALE_VIEW}
 
 
-def _commit(result: int | list[int]) -> Commit:
-    if isinstance(result, list):
-        return Commit(attempt=int(result[0]), seq=int(result[1]), choice=int(result[2]) if len(result) > 2 else 0)
-    return Commit(refusal=_REFUSALS[int(result)])
+def _pool_groups(p: Placement) -> list[tuple[str, list[int]]]:
+    """The placement's pools (0 the chosen one, i the i-th runner-up) by hub, in the order they are tried:
+    one reserve.lua call takes the pools of one hub's shard."""
+    hubs = [p.hub, *(alt[1] for alt in p.alternatives)]
+    groups: list[tuple[str, list[int]]] = []
+    for i, hub in enumerate(hubs):
+        if groups and groups[-1][0] == hub:
+            groups[-1][1].append(i)
+        else:
+            groups.append((hub, [i]))
+    return groups
+
+
+def _pool(p: Placement, i: int) -> tuple[str, str, str, int, float, float, str]:
+    """Pool i of a placement: (site, hub, model, count, price, latency_ms, arch)."""
+    if i == 0:
+        return (p.site, p.hub, p.model, p.count, p.price, p.latency_ms, p.arch)
+    return p.alternatives[i - 1]
 
 
 @dataclass(frozen=True)
@@ -114,7 +129,7 @@ class _Gathered:
 MAX_GATHERED = 256  # submits in one round trip
 
 
-class JobQueue(StoreBase):
+class JobQueue(Ledger):
     _gathered: _Gathered | None = None  # made on the first submit, on the running loop
     # Durable accept (Settings.durable_accept): replicas that must have a new job before it is accepted, and the
     # most a submission waits for them (WAIT, in the submit's own round trip).
@@ -255,15 +270,23 @@ class JobQueue(StoreBase):
         return None
 
     async def jobs_at(self, site: str) -> list[str]:
+        """The jobs the site's ledger counts there (assigned or running, or reserved for)."""
+        hub = await self.hub_of(site)
+        if hub is None:
+            return []
         async with translated():
-            return [text(j) for j in await self.redis.smembers(self.keys.site_jobs(site))]
+            owners = await self.redis.hkeys(self.hub_keys(hub).held(site))
+        return [o for o in (text(x) for x in owners) if not o.startswith(HOLD_OWNER)]
 
     async def reconcile_list(self, site: str) -> tuple[int, list[tuple[str, int]]]:
         """The (job, attempt) pairs the broker counts at `site` and the site's assignment sequence number,
-        read together in one step: the stamp a reconcile list carries."""
-        k = self.keys
+        read together in one step from the site's ledger: the stamp a reconcile list carries."""
+        hub = await self.hub_of(site)
+        if hub is None:
+            return 0, []
+        hk = self.hub_keys(hub)
         async with translated():
-            raw = await self._reconcile(keys=[k.site_jobs(site), k.site(site), k.prefix + ":"], args=[site])
+            raw = await self._reconcile(keys=[hk.held(site), hk.site(site)], args=[])
         upto, rest = int(raw[0]), raw[1:]
         return upto, [(text(rest[i]), int(rest[i + 1])) for i in range(0, len(rest), 2)]
 
@@ -305,13 +328,14 @@ class JobQueue(StoreBase):
         k = self.keys
         async with translated():
             usage, limits, flat = await self._heads(
-                keys=[k.prefix + ":", k.queued_tenants, k.tenant_usage, k.tenant_limits, k.wake],
-                args=[claimer or "-", batch, max_tenants, claim_ms],
+                keys=[k.prefix + ":", k.queued_tenants, k.tenant_usage, k.tenant_limits],
+                args=[claimer or "-", batch, max_tenants, claim_ms, self.wake_seen],
             )
         self.usage = {text(usage[i]): int(usage[i + 1]) for i in range(0, len(usage), 2)}
         self.limits = {text(limits[i]): int(limits[i + 1]) for i in range(0, len(limits), 2)}
+        self.attempts = {text(flat[i]): int(flat[i + 4]) for i in range(0, len(flat), 5)}
         return [
-            (text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3])) for i in range(0, len(flat), 4)
+            (text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3])) for i in range(0, len(flat), 5)
         ]
 
     async def queue_depths(self) -> dict[str, int]:
@@ -384,22 +408,120 @@ class JobQueue(StoreBase):
             return int(await self.redis.zcard(self.keys.queue))
 
     async def allocate(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
-        """Commit placements in one round trip; per placement the attempt it became, or why it was refused."""
+        """Commit placements, each in two fenced steps (broker.state.ledger): its devices reserved on its site's
+        shard, then the job bound to them on the job shard; per placement the attempt it became, or why it was
+        refused. Three round trips for a batch whose pools share their hubs' shards (a runner-up on another
+        hub's shard is tried in one more); a placement with a hold binds first and its hold's entry passes to
+        the job after."""
         if not placements:
             return []
-        calls = [self._allocate_call(p, accept_timeout_ms) for p in placements]
-        async with translated():
-            return [_commit(r) for r in await self.run_scripts(calls)]
+        out: list[Commit | None] = [None] * len(placements)
+        held = [i for i, p in enumerate(placements) if p.hold]
+        if held:
+            for i, commit in zip(held, await self._commit_held([placements[i] for i in held], accept_timeout_ms),
+                                 strict=True):  # fmt: skip
+                out[i] = commit
+        plain = [i for i, p in enumerate(placements) if not p.hold]
+        if plain:
+            commits = await self._commit_plain([placements[i] for i in plain], accept_timeout_ms)
+            for i, commit in zip(plain, commits, strict=True):
+                out[i] = commit
+        return [c if c is not None else Commit(refusal=Refusal.STALE_VIEW) for c in out]
 
-    def _allocate_call(self, p: Placement, accept_timeout_ms: int) -> tuple[AsyncScript, list[str], list[Any]]:
+    async def _attempts(self, jobs: Sequence[str]) -> dict[str, int]:
+        """Each job's attempt: as the last queue_heads() read it, else read now."""
+        known = {j: self.attempts[j] for j in jobs if j in self.attempts}
+        missing = [j for j in dict.fromkeys(jobs) if j not in known]
+        if missing:
+            rows = await self.get_jobs(missing, "attempt")
+            known.update({j: int(a or 0) for j, (a,) in zip(missing, rows, strict=True)})
+        return known
+
+    async def _commit_plain(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
+        attempts = await self._attempts([p.job for p in placements])
+        groups = [_pool_groups(p) for p in placements]
+        reserved: dict[int, tuple[int, Reserved]] = {}  # placement -> (the pool that took it, what it took)
+        refusal: list[int | None] = [None] * len(placements)
+        trying = list(range(len(placements)))
+        for round_ in range(max(len(g) for g in groups)):
+            calls, asked = [], []
+            for i in trying:
+                if round_ >= len(groups[i]):
+                    continue
+                p, (hub, pools) = placements[i], groups[i][round_]
+                spec = [(_pool(p, k)[0], _pool(p, k)[2], _pool(p, k)[3]) for k in pools]
+                calls.append(self.reserve_call(hub, p.job, attempts[p.job] + 1, spec))
+                asked.append(i)
+            if not calls:
+                break
+            async with translated():
+                replies = await self.run_scripts(calls)
+            trying = []
+            for i, reply in zip(asked, replies, strict=True):
+                if isinstance(reply, list):
+                    pool = groups[i][round_][1][int(reply[0])]
+                    reserved[i] = (pool, Reserved(pool, int(reply[1]), int(reply[2])))
+                else:
+                    refusal[i] = refusal[i] if refusal[i] is not None else int(reply)
+                    trying.append(i)
+        binds, bound_at = [], []
+        for i, (pool, r) in reserved.items():
+            p = placements[i]
+            binds.append(self._bind_call(p, _pool(p, pool), accept_timeout_ms, attempts[p.job] + 1, r))
+            bound_at.append(i)
+        results: list[Commit] = [Commit(refusal=_REFUSALS[refusal[i] or 0]) for i in range(len(placements))]
+        if not binds:
+            return results
+        async with translated():
+            replies = await self.run_scripts(binds)
+        follow = []
+        for i, reply in zip(bound_at, replies, strict=True):
+            pool, r = reserved[i]
+            p = placements[i]
+            site, hub = _pool(p, pool)[0], _pool(p, pool)[1]
+            attempt = attempts[p.job] + 1
+            if int(reply) >= 1:
+                results[i] = Commit(attempt=int(reply), seq=r.seq, choice=pool)
+                follow.append(self.ledger_call(hub, "settle", site, p.job, attempt))
+            else:
+                results[i] = Commit(refusal=_REFUSALS[int(reply)])
+                follow.append(self.ledger_call(hub, "release", site, p.job, attempt))
+        async with translated():
+            await self.run_scripts(follow)  # what is not done here the sweeper does once the lease is over
+        return results
+
+    async def _commit_held(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
+        calls = [self._bind_call(p, _pool(p, 0), accept_timeout_ms, None, None) for p in placements]
+        async with translated():
+            replies = await self.run_scripts(calls)
+        steps = [self._merge_entry(p, int(r)) for p, r in zip(placements, replies, strict=True) if int(r) >= 1]
+        seqs = iter(await self.run_steps(steps))
+        out = []
+        for reply in replies:
+            if int(reply) < 1:
+                out.append(Commit(refusal=_REFUSALS[int(reply)]))
+                continue
+            seq = next(seqs)
+            out.append(Commit(attempt=int(reply), seq=int(seq) if not isinstance(seq, Exception) else 0))
+        return out
+
+    @staticmethod
+    def _merge_entry(p: Placement, attempt: int) -> str:
+        """The outbox entry bind.lua wrote for a placement with a hold: its hold's devices pass to the job."""
+        return "\t".join(["merge", p.hub, p.site, p.job, str(attempt), str(p.count), HOLD_OWNER + p.hold, "0"])
+
+    def _bind_call(self, p: Placement, pool: tuple[str, str, str, int, float, float, str], accept_timeout_ms: int,
+                   attempt: int | None, reserved: Reserved | None
+                   ) -> tuple[AsyncScript, list[str], list[Any]]:  # fmt: skip
         k = self.keys
-        return (self._allocate,
-                [k.job(p.job), k.capacity(p.site), k.queue, k.site_jobs(p.site), k.assigned, k.events, k.sites,
-                 k.clock, k.site(p.site), k.queued_tenants, k.tenant_usage, k.tenant_limits, k.job_history(p.job),
-                 k.prefix + ":", k.queue_depth, k.hold(p.hold or "-"),
-                 *[key for alt in p.alternatives for key in (k.capacity(alt[0]), k.site_jobs(alt[0]), k.site(alt[0]))]],
-                [p.job, p.site, p.model, p.count, p.price, p.latency_ms, "", accept_timeout_ms, self.events_maxlen,
-                 p.hub, p.arch, p.decision, p.hold, *[value for alt in p.alternatives for value in alt]])  # fmt: skip
+        site, hub, model, count, price, latency, arch = pool
+        return (self._bind,
+                [k.job(p.job), k.queue, k.assigned, k.events, k.queued_tenants, k.tenant_usage, k.tenant_limits,
+                 k.job_history(p.job), k.prefix + ":", k.queue_depth, k.hold(p.hold or "-"), k.outbox],
+                [p.job, site, model, count, price, latency, "", accept_timeout_ms, self.events_maxlen, hub, arch,
+                 p.decision, p.hold, "" if attempt is None else attempt, "" if reserved is None else reserved.seq,
+                 "" if reserved is None else reserved.lease_end,
+                 0 if reserved is None else reserved.choice])  # fmt: skip
 
     async def transition(
         self, job_id: str, action: str, site: str = "", attempt: int | str = "", reason: str = ""
@@ -408,6 +530,8 @@ class JobQueue(StoreBase):
         return (await self.transitions([(job_id, action, site, attempt, reason)]))[0]
 
     async def transitions(self, actions: Iterable[tuple[str, str, str, int | str, str]]) -> list[str]:
+        """Apply lifecycle actions in one round trip on the job shard, then give back on the sites' shards the
+        devices of the jobs that left them (the outbox steps the transitions wrote)."""
         k = self.keys
         calls = [
             (self._transition,
@@ -417,7 +541,16 @@ class JobQueue(StoreBase):
             for job_id, action, site, attempt, reason in actions
         ]  # fmt: skip
         async with translated():
-            return [text(r) for r in await self.run_scripts(calls)]
+            replies = await self.run_scripts(calls)
+        states, steps = [], []
+        for reply in replies:
+            if isinstance(reply, list):
+                states.append(text(reply[0]))
+                steps.append(text(reply[1]))
+            else:
+                states.append(text(reply))
+        await self.run_steps(steps)
+        return states
 
     async def overdue_assignments(self, at_ms: int) -> list[str]:
         async with translated():
@@ -435,3 +568,4 @@ class JobQueue(StoreBase):
             args += [job_id, reasons.get(job_id, ""), "1" if job_id in park else "0"]
         async with translated():
             return int(await self._waiting(keys=[self.keys.prefix + ":"], args=args))
+

@@ -1,8 +1,15 @@
 """Every Redis key in one place.
 
-All keys of one deployment share the hash tag `{namespace}`, so each Lua script touches a single slot
-and runs unchanged on Redis Cluster (the deployment then lives on one shard; sharding by hub is the
-path past that, see README).
+Two kinds of hash tag lay a deployment out over Redis Cluster's slots:
+
+- `{namespace}`: jobs, queues, tenants, holds' records, identities, the event log and the outbox, the
+  job shard;
+- `{namespace.hub}` (`HubKeys`), one per hub: its sites, their capacity, the ledger of who holds which of
+  their devices, their heartbeats and the hub's change log, the site shard of that hub. Ingest, the
+  heaviest write load, touches only these, so it spreads over the shards with the hubs.
+
+Each Lua script touches one tag. What changes both sides (an allocation, a release) is a fenced two-step
+protocol (broker.state.ledger). On one Redis the tags are only names.
 """
 
 from __future__ import annotations
@@ -18,47 +25,54 @@ class Keys:
     def prefix(self) -> str:
         return "{" + self.namespace + "}"
 
-    # sites ---------------------------------------------------------------------------------------
-    def site(self, site: str) -> str:
-        """Hash: hub, cluster, status, seq, seen, mv (meta version), meta (pools, energy, latency JSON)."""
-        return f"{self.prefix}:site:{site}"
+    # sites (their own keys are the hub's, `hub()`) ----------------------------------------------------
+    def hub(self, hub: str) -> HubKeys:
+        """The keys of one hub's site shard."""
+        return HubKeys(self.namespace, hub)
 
-    def capacity(self, site: str) -> str:
-        """Hash per site: t:<model> total, x:<model> in use outside the broker, a:<model> allocated."""
-        return f"{self.prefix}:cap:{site}"
+    @property
+    def places(self) -> str:
+        """Hash: site -> `hub\tcluster`, where the site is: the registry's word for a registered site (cluster
+        '' when the registry names none), else the hub it first reported. Which shard holds its keys."""
+        return f"{self.prefix}:places"
 
-    def site_status_log(self, site: str) -> str:
-        """List of the site's status changes (JSON: ts, status), the last 100."""
-        return f"{self.prefix}:site:{site}:status-log"
+    @property
+    def hubs(self) -> str:
+        """Set of the hubs that have sites (whose site shards the matcher and the sweeper read)."""
+        return f"{self.prefix}:hubs"
 
     def site_reliability(self, site: str) -> str:
         """Hash: the site's decayed reliability counters (broker.model.reliability.COUNTERS) and `t`, the ms
         of their last update; kept by transition.lua, deleted by an operator's reset."""
         return f"{self.prefix}:site:{site}:rel"
 
-    def site_jobs(self, site: str) -> str:
-        """Set of jobs holding capacity at the site (assigned or running)."""
-        return f"{self.prefix}:site:{site}:jobs"
-
     @property
     def sites(self) -> str:
-        """Sorted set: site -> change version; the registry and the change log the matcher follows."""
+        """Sorted set: site -> change version, for changes made on the job shard (a site's reliability); the
+        matcher follows it with the hubs' own change logs."""
         return f"{self.prefix}:sites"
 
     @property
-    def seen(self) -> str:
-        """Sorted set: site -> last message time (ms), for the heartbeat check."""
-        return f"{self.prefix}:seen"
+    def clock(self) -> str:
+        """Counter that orders the job shard's site changes."""
+        return f"{self.prefix}:clock"
 
     @property
     def primary(self) -> str:
-        """String: the replication id of the Redis primary the deployment last ran on (primary.lua)."""
+        """String: the replication id of the Redis primary the job shard last ran on (primary.lua)."""
         return f"{self.prefix}:primary"
 
     @property
-    def clock(self) -> str:
-        """Counter that orders site changes."""
-        return f"{self.prefix}:clock"
+    def wake(self) -> str:
+        """Counter bumped whenever capacity may have grown on the job shard's side; the `wake` generation is
+        its sum with every hub's own (`HubKeys.wake`): parked jobs older than it are looked at again."""
+        return f"{self.prefix}:wake"
+
+    @property
+    def outbox(self) -> str:
+        """Sorted set: a site-shard step a job-shard step decided (broker.state.ledger: `op\thub\tsite\t...`)
+        -> when (ms); removed once done, done again by the sweeper when left behind."""
+        return f"{self.prefix}:outbox"
 
     # jobs ----------------------------------------------------------------------------------------
     def job(self, job: str) -> str:
@@ -102,12 +116,6 @@ class Keys:
         """Sorted set: the tenant's queued jobs found unplaceable -> the `wake` generation when they were;
         out of the tenant's window until `wake` passes it."""
         return f"{self.prefix}:tenant:{tenant}:parked"
-
-    @property
-    def wake(self) -> str:
-        """Counter bumped whenever capacity may have grown (a release, a site's new or larger capacity, a
-        site back online): parked jobs older than it are looked at again."""
-        return f"{self.prefix}:wake"
 
     @property
     def queue_depth(self) -> str:
@@ -170,10 +178,6 @@ class Keys:
         """Sorted set: the tenant's standing holds -> when they expire (ms)."""
         return f"{self.prefix}:tenant:{tenant}:holds"
 
-    def site_holds(self, site: str) -> str:
-        """Set of the standing holds at a site (their devices are in the site's `a:<model>` counters)."""
-        return f"{self.prefix}:site:{site}:holds"
-
     # identities --------------------------------------------------------------------------------
     def token(self, digest: str) -> str:
         """Hash per API token, keyed by the token's SHA-256 (the token itself is never stored): id, role,
@@ -215,3 +219,66 @@ class Keys:
     def events(self) -> str:
         """Stream: every allocation, release and job state change."""
         return f"{self.prefix}:events"
+
+
+@dataclass(frozen=True)
+class HubKeys:
+    """The keys of one hub's site shard, all under the tag `{namespace.hub}`."""
+
+    namespace: str
+    hub_id: str
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "." + self.hub_id + "}"
+
+    def site(self, site: str) -> str:
+        """Hash: hub, cluster, status, seq, boot, seen, mv (meta version), meta (pools, energy, latency JSON),
+        aseq (the site's assignment sequence)."""
+        return f"{self.prefix}:site:{site}"
+
+    def capacity(self, site: str) -> str:
+        """Hash per site: t:<model> total, x:<model> in use outside the broker, a:<model> allocated (the sum
+        of the site's ledger entries), p:<model> what the pool could hold at its last allocation."""
+        return f"{self.prefix}:cap:{site}"
+
+    def site_status_log(self, site: str) -> str:
+        """List of the site's status changes (JSON: ts, status), the last 100."""
+        return f"{self.prefix}:site:{site}:status-log"
+
+    def held(self, site: str) -> str:
+        """Hash, the site's ledger: owner (a job id, or `hold:<id>`) -> `attempt model count seq`, the devices
+        each holds there; their sum per model is `a:<model>`."""
+        return f"{self.prefix}:site:{site}:held"
+
+    @property
+    def pending(self) -> str:
+        """Sorted set: `site\towner\tattempt` of a ledger entry not yet known bound on the job shard -> the end
+        of its lease (ms); the sweeper settles or releases it once the lease is over."""
+        return f"{self.prefix}:pending"
+
+    @property
+    def sites(self) -> str:
+        """Sorted set: site -> change version; the hub's sites and the change log the matcher follows."""
+        return f"{self.prefix}:sites"
+
+    @property
+    def clock(self) -> str:
+        """Counter that orders the hub's site changes."""
+        return f"{self.prefix}:clock"
+
+    @property
+    def seen(self) -> str:
+        """Sorted set: site -> last message time (ms), for the heartbeat check."""
+        return f"{self.prefix}:seen"
+
+    @property
+    def wake(self) -> str:
+        """Counter bumped whenever the hub's capacity may have grown (a release, new or larger capacity, a site
+        back online); part of the `wake` generation (Keys.wake)."""
+        return f"{self.prefix}:wake"
+
+    @property
+    def primary(self) -> str:
+        """String: the replication id of the Redis primary the hub's shard last ran on (primary.lua)."""
+        return f"{self.prefix}:primary"

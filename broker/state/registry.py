@@ -147,10 +147,19 @@ class SiteRegistry:
         entry = RegisteredSite(site, hub, cluster, _iso_now())
         blob = orjson.dumps({**entry.as_dict(), "password_hash": mosquitto_hash(password)})
         async with translated():
+            # where a site is decides which shard holds its keys: a site that already reported from another hub
+            # stays there (its place, broker.state.ledger)
+            known = text(await self.redis.hget(self.keys.places, site)).partition("\t")[0]
+            if known and known != hub:
+                raise Conflict(f"site {site} already reports from hub {known}")
             if rotate:
                 await self.redis.hset(self.keys.site_registry, site, blob)
             elif not await self.redis.hsetnx(self.keys.site_registry, site, blob):
                 raise Conflict(f"site {site} is already registered (revoke it, or register with rotate)")
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self.keys.places, site, f"{hub}\t{cluster or ''}")
+            pipe.sadd(self.keys.hubs, hub)
+            await pipe.execute()
         return entry, password
 
     async def sites(self) -> list[RegisteredSite]:

@@ -14,8 +14,8 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from broker.model.reliability import Reliability
-from broker.state.base import StoreBase
 from broker.state.connection import decode_hash, translated
+from broker.state.ledger import Ledger
 
 _RESET = (resources.files("broker.state") / "lua" / "reliability_reset.lua").read_text()
 
@@ -31,7 +31,7 @@ def redis_ms(reply: tuple[Any, Any] | list[Any]) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-class SiteReliability(StoreBase):
+class SiteReliability(Ledger):
     _reset_script: AsyncScript | None = None
 
     async def reliability(self, site: str) -> Reliability:
@@ -50,6 +50,6 @@ class SiteReliability(StoreBase):
         k = self.keys
         async with translated():
             done = int(await self._reset_script(
-                keys=[k.site_reliability(site), k.sites, k.clock, k.events],
+                keys=[k.site_reliability(site), k.sites, k.clock, k.events, k.places],
                 args=[site, self.events_maxlen, who, "" if now_ms is None else now_ms]))  # fmt: skip
         return None if done < 0 else bool(done)

@@ -10,7 +10,7 @@ from typing import Any, cast
 import orjson
 
 from broker.model.records import Applied, SiteRecord
-from broker.state.connection import text, translated
+from broker.state.connection import replication_ids, text, translated
 from broker.state.keys import Keys
 from broker.state.reliability import SiteReliability, redis_ms, reliability_of
 from common.errors import StoreUnavailable
@@ -48,10 +48,10 @@ def _site_meta(cap: Capacity) -> bytes:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _capacity_keys(k: Keys, site: str) -> tuple[str, ...]:
+def _capacity_keys(k: Keys, hub: str, site: str) -> tuple[str, ...]:
     """capacity.lua's keys for a site, built once: every heartbeat needs them."""
-    return (k.site(site), k.capacity(site), k.sites, k.seen, k.clock, k.site_status_log(site), k.site_registry,
-            k.wake)  # fmt: skip
+    h = k.hub(hub)
+    return (h.site(site), h.capacity(site), h.sites, h.seen, h.clock, h.site_status_log(site), h.wake)
 
 
 class SiteState(SiteReliability):
@@ -59,58 +59,120 @@ class SiteState(SiteReliability):
 
     async def apply_capacity(self, cap: Capacity, at_ms: int | None = None) -> Applied:
         """Record a capacity message, unless its seq is not newer than the last one applied."""
-        keys, args = self._capacity_call(cap, at_ms)
-        async with translated():
-            return Applied(int(await self._capacity(keys=keys, args=args)))
+        (applied,) = await self.apply_capacities([cap], at_ms)
+        if isinstance(applied, StoreUnavailable):
+            raise applied
+        return applied
 
-    async def apply_capacities(self, caps: Sequence[Capacity]) -> list[Applied | StoreUnavailable]:
-        """Record capacity messages in one pipelined round trip, each as `apply_capacity` would and in their
-        order. A message Redis failed on has the error in its place while the others stand, so a caller
-        tries again only those; a lost connection raises `StoreUnavailable` for all."""
-        calls = [(self._capacity, *self._capacity_call(cap)) for cap in caps]
+    async def apply_capacities(self, caps: Sequence[Capacity], at_ms: int | None = None
+                               ) -> list[Applied | StoreUnavailable]:  # fmt: skip
+        """Record capacity messages in one pipelined round trip (each on its hub's shard), each as
+        `apply_capacity` would and in their order. A message Redis failed on has the error in its place while
+        the others stand, so a caller tries again only those; a lost connection raises `StoreUnavailable` for
+        all. A message that names another hub than the site's place, or another cluster than the registry's,
+        is refused (`Applied.MOVED`) without a write; a site's first message makes its place."""
+        places = await self.places(c.site for c in caps)
+        for cap in caps:
+            if cap.site not in places:
+                places[cap.site] = await self.claim_place(cap.site, cap.hub)
+        out: list[Applied | StoreUnavailable | None] = [None] * len(caps)
+        calls, at = [], []
+        for i, cap in enumerate(caps):
+            place = places[cap.site]
+            cluster = cap.cluster or ""
+            if place.hub != cap.hub or (place.cluster and cluster and cluster != place.cluster):
+                out[i] = Applied.MOVED
+                continue
+            calls.append((self._capacity, *self._capacity_call(cap, place.hub, cluster or place.cluster, at_ms)))
+            at.append(i)
         async with translated():
             replies = await self.run_scripts(calls, raise_on_error=False)
-        return [StoreUnavailable(f"Redis error: {r}") if isinstance(r, Exception) else Applied(int(r)) for r in replies]
+        for i, r in zip(at, replies, strict=True):
+            out[i] = StoreUnavailable(f"Redis error: {r}") if isinstance(r, Exception) else Applied(int(r))
+        return [o if o is not None else Applied.STALE for o in out]
 
-    def _capacity_call(self, cap: Capacity, at_ms: int | None = None) -> tuple[tuple[str, ...], list[Any]]:
+    def _capacity_call(self, cap: Capacity, hub: str, cluster: str, at_ms: int | None = None
+                       ) -> tuple[tuple[str, ...], list[Any]]:  # fmt: skip
         """capacity.lua's keys and arguments for one message."""
         meta = _site_meta(cap)
         when = at_ms if at_ms is not None else ""  # by default the heartbeat is timed by Redis's clock
-        args: list[Any] = [cap.site, cap.seq, when, cap.hub, cap.cluster or "", meta, len(cap.pools)]
+        args: list[Any] = [cap.site, cap.seq, when, hub, cluster, meta, len(cap.pools)]
         for pool in cap.pools:
             args += [pool.model, pool.total, pool.in_use_external]
         args.append(cap.boot or "")
-        return _capacity_keys(self.keys, cap.site), args
+        return _capacity_keys(self.keys, hub, cap.site), args
 
     async def set_site_status(self, site: str, status: str, expect: str = "") -> bool:
-        k = self.keys
+        hub = await self.hub_of(site)
+        if hub is None:
+            return False
+        h = self.hub_keys(hub)
         async with translated():
-            return bool(await self._status(keys=[k.site(site), k.sites, k.clock, k.site_status_log(site), k.wake],
+            return bool(await self._status(keys=[h.site(site), h.sites, h.clock, h.site_status_log(site), h.wake],
                                            args=[site, status, expect, ""]))  # fmt: skip
 
     async def changed_sites(self, since: int) -> list[tuple[str, int]]:
-        """Sites changed after version `since`, with their versions, oldest first. Also reads the `wake`
-        generation first (into `wake_seen`): a job found unplaceable on the view this loads is parked at it,
-        so any capacity change after this read wakes the job again. And Redis's clock (into `time_seen`), that
-        the view's reliability scores decay by."""
+        """Sites changed after version `since`, each with the version after this read. The version is the sum
+        of the change logs' positions (every hub's and the job shard's, each its own counter), so it only grows:
+        given the version this replica's last call returned, only what changed since is read; given another
+        (0: a first load), every site. Also reads the `wake` generation first (into `wake_seen`, the sum of
+        the job shard's and every hub's counters): a job found unplaceable on the view this loads is parked at
+        it, so any capacity change after this read wakes the job again. And Redis's clock (into `time_seen`),
+        that the view's reliability scores decay by. One round trip (two when a hub is new to this replica)."""
+        cursors: dict[str, int] = self.__dict__.setdefault("_cursors", {})
+        if since == 0 or since != sum(cursors.values()):
+            cursors.clear()
+        hubs: list[str] = self.__dict__.setdefault("_hubs_seen", [])
+        wakes: dict[str, int] = {}
+        changed: dict[str, None] = {}
+
+        def read(pipe: Any, shard_hubs: Sequence[str | None]) -> None:
+            for hub in shard_hubs:
+                wake, log = (self.keys.wake, self.keys.sites) if hub is None else (
+                    self.hub_keys(hub).wake, self.hub_keys(hub).sites)  # fmt: skip
+                pipe.get(wake)
+                pipe.zrangebyscore(log, f"({cursors.get(log, 0)}", "+inf", withscores=True)
+
+        def take(replies: Sequence[Any], shard_hubs: Sequence[str | None]) -> None:
+            for i, hub in enumerate(shard_hubs):
+                log = self.keys.sites if hub is None else self.hub_keys(hub).sites
+                wakes[log] = int(replies[2 * i] or 0)
+                for site, version in cast(list[tuple[bytes, float]], replies[2 * i + 1]):
+                    changed[text(site)] = None
+                    cursors[log] = max(cursors.get(log, 0), int(version))
+
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.get(self.keys.wake)
-            pipe.zrangebyscore(self.keys.sites, f"({since}", "+inf", withscores=True)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
-            wake, raw, now = await pipe.execute()
-        self.wake_seen = int(wake or 0)
+            pipe.smembers(self.keys.hubs)
+            shards: list[str | None] = [None, *hubs]
+            read(pipe, shards)
+            now, members, *replies = await pipe.execute()
+            take(replies, shards)
+            new = sorted({text(h) for h in members} - set(hubs))
+            if new:  # a hub this replica had not seen: its log and counter, read now
+                pipe = self.redis.pipeline(transaction=False)
+                read(pipe, new)
+                take(await pipe.execute(), new)
+                hubs.extend(new)
+        self.wake_seen = sum(wakes.values())
         self.time_seen = redis_ms(now)
-        rows = cast(list[tuple[bytes, float]], raw)
-        return [(text(site), int(version)) for site, version in rows]
+        version = sum(cursors.values())
+        return [(site, version) for site in changed]
 
     async def all_site_ids(self) -> list[str]:
+        hubs = await self.hub_ids()
         async with translated():
-            return [text(s) for s in await self.redis.zrange(self.keys.sites, 0, -1)]
+            pipe = self.redis.pipeline(transaction=False)
+            for hub in hubs:
+                pipe.zrange(self.hub_keys(hub).sites, 0, -1)
+            return sorted(text(s) for members in await pipe.execute() for s in members)
 
     async def load_sites(self, ids: Sequence[str], known_meta: dict[str, int] | None = None) -> list[SiteRecord]:
         """Load sites in one round trip (two when pool metadata changed since `known_meta` versions), each with
         its reliability record decayed to Redis's clock as of the read."""
+        places = await self.places(ids)
+        ids = [site for site in ids if site in places]
         if not ids:
             return []
         k = self.keys
@@ -118,8 +180,9 @@ class SiteState(SiteReliability):
             pipe = self.redis.pipeline(transaction=False)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
             for site in ids:
-                pipe.hmget(k.site(site), "hub", "cluster", "status", "seen", "mv")
-                pipe.hgetall(k.capacity(site))
+                h = self.hub_keys(places[site].hub)
+                pipe.hmget(h.site(site), "hub", "cluster", "status", "seen", "mv")
+                pipe.hgetall(h.capacity(site))
                 pipe.hgetall(k.site_reliability(site))
             now, *flat = await pipe.execute()
             read_ms = redis_ms(now)
@@ -134,7 +197,7 @@ class SiteState(SiteReliability):
             if need_meta:
                 pipe = self.redis.pipeline(transaction=False)
                 for site in need_meta:
-                    pipe.hget(k.site(site), "meta")
+                    pipe.hget(self.hub_keys(places[site].hub).site(site), "meta")
                 for site, blob in zip(need_meta, await pipe.execute(), strict=True):
                     if blob:
                         metas[site] = orjson.loads(blob)
@@ -142,6 +205,8 @@ class SiteState(SiteReliability):
         for i, site in enumerate(ids):
             hub, cluster, status, seen, mv = raw[2 * i]
             capacity = {text(f): int(v) for f, v in raw[2 * i + 1].items()}
+            if hub is None:  # a place made, its first message not yet applied
+                continue
             records.append(
                 SiteRecord(
                     id=site, hub=text(hub), cluster=text(cluster), status=text(status) or "unknown",
@@ -152,23 +217,42 @@ class SiteState(SiteReliability):
         return records
 
     async def status_history(self, site: str) -> list[dict[str, Any]]:
+        hub = await self.hub_of(site)
+        if hub is None:
+            return []
         async with translated():
-            return [orjson.loads(item) for item in await self.redis.lrange(self.keys.site_status_log(site), 0, -1)]
+            return [orjson.loads(i) for i in await self.redis.lrange(self.hub_keys(hub).site_status_log(site), 0, -1)]
 
     async def new_primary(self) -> list[str]:
-        """The sites to reconcile when this replica is the first to find Redis on a primary the deployment has
-        not run on before (a failover or a restart; primary.lua); [] otherwise. One INFO a call; the script
-        runs only when the replication id is not the one this replica last saw recorded."""
+        """The sites to reconcile when this replica is the first to find a shard on a primary the deployment
+        has not run on before (a failover or a restart; primary.lua); [] otherwise. One INFO a node a call;
+        the script runs only for a shard whose replication id is not the one this replica last saw recorded.
+        A new primary of the job shard puts every ledger entry up for the sweeper's check (`recheck_all`)."""
+        hubs = await self.hub_ids()
+        shards = [("", self.keys.primary, self.keys.sites), *(
+            (self.hub_keys(h).prefix + ":", self.hub_keys(h).primary, self.hub_keys(h).sites) for h in hubs)]
+        seen: dict[str, str] = self.__dict__.setdefault("_primaries_seen", {})
+        out: list[str] = []
+        job_shard_moved = False
         async with translated():
-            info = await self.redis.info("replication")
-            replication_id = text(info.get("master_replid", ""))
-            if not replication_id or replication_id == self._primary_seen:
-                return []
-            k = self.keys
-            sites = await self._primary(keys=[k.primary, k.sites, k.prefix + ":"], args=[replication_id, SEQ_AHEAD])
-        self._primary_seen = replication_id
-        return [text(site) for site in sites]
+            ids = await replication_ids(self.redis, [key for _, key, _ in shards])
+            for (prefix, key, log), replication_id in zip(shards, ids, strict=True):
+                if not replication_id or replication_id == seen.get(key):
+                    continue
+                reply = await self._primary(keys=[key, log, prefix], args=[replication_id, SEQ_AHEAD])
+                seen[key] = replication_id
+                if isinstance(reply, list):
+                    out += [text(site) for site in reply]
+                elif int(reply) == 1:
+                    job_shard_moved = True
+        if job_shard_moved:
+            await self.recheck_all()
+        return out
 
     async def silent_sites(self, older_than_ms: int) -> list[str]:
+        hubs = await self.hub_ids()
         async with translated():
-            return [text(s) for s in await self.redis.zrangebyscore(self.keys.seen, "-inf", older_than_ms)]
+            pipe = self.redis.pipeline(transaction=False)
+            for hub in hubs:
+                pipe.zrangebyscore(self.hub_keys(hub).seen, "-inf", older_than_ms)
+            return [text(s) for members in await pipe.execute() for s in members]

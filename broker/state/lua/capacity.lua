@@ -1,13 +1,14 @@
 -- Apply a site's capacity message: every message is a heartbeat; its content is applied only when it is
 -- newer than the last one applied (seq orders content within one boot of the adapter; a new boot id
--- starts the order again). A site's place is not its own to say: a registered site's hub and cluster are
--- the registry's, an unregistered one keeps the hub it first reported.
--- KEYS: site, capacity, sites, seen, clock, status_log, site_registry, wake (bumped when the site's offer
+-- starts the order again). A site's place is not its own to say: the caller checked the message against the
+-- site's place (broker.state.sites: the registry's hub and cluster, else the hub it first reported) and runs
+-- this on that hub's shard, with the cluster the site is in.
+-- KEYS: site, capacity, sites (the hub's), seen, clock, status_log, wake (bumped when the site's offer
 --       changed or it came back: jobs parked as unplaceable are looked at again)
 -- ARGV: site_id, seq, now_ms ('' for Redis's clock), hub, cluster, meta_json, n, model_1, total_1, external_1, ..., then boot
 --       (after the pools; '' when the adapter sends none)
 -- Returns 1 when applied, 2 when it brought a stale site back online (applied or not), 0 when the content
--- was stale or a duplicate, -1 when the message names another place than the site's own (nothing done).
+-- was stale or a duplicate.
 local n = tonumber(ARGV[7])
 local now = ARGV[3]
 if now == '' then
@@ -16,21 +17,6 @@ if now == '' then
 end
 local boot = ARGV[8 + n * 3] or ''
 local hub, cluster = ARGV[4], ARGV[5]
-local registered = redis.call('HGET', KEYS[7], ARGV[1])
-if registered then
-  local entry = cjson.decode(registered)
-  local want_cluster = entry['cluster']
-  if type(want_cluster) ~= 'string' then want_cluster = '' end
-  if entry['hub'] ~= hub or (want_cluster ~= '' and cluster ~= '' and cluster ~= want_cluster) then
-    return -1
-  end
-  if cluster == '' then cluster = want_cluster end
-else
-  local known = redis.call('HGET', KEYS[1], 'hub')
-  if known and known ~= '' and known ~= hub then
-    return -1
-  end
-end
 local status = redis.call('HGET', KEYS[1], 'status')
 local last = redis.call('HMGET', KEYS[1], 'seq', 'boot')
 local current = tonumber(last[1] or '-1')
@@ -49,7 +35,7 @@ if tonumber(ARGV[2]) <= current then
   if revived then
     redis.call('HSET', KEYS[1], 'status', 'online')
     redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
-    redis.call('INCR', KEYS[8])
+    redis.call('INCR', KEYS[7])
     redis.call('RPUSH', KEYS[6], cjson.encode({ts = tonumber(now), status = 'online'}))
     redis.call('LTRIM', KEYS[6], -100, -1)
     return 2
@@ -99,7 +85,7 @@ for _, field in ipairs(fields) do
 end
 if changed then
   redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[5]), ARGV[1])
-  redis.call('INCR', KEYS[8])
+  redis.call('INCR', KEYS[7])
 end
 if revived or new_site then
   -- a new site, or a stale one speaking again: the status log records it

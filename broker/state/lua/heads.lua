@@ -6,9 +6,10 @@
 -- Each tenant gets an equal share of `batch` (at least 4) of its window, and as many again of its parked
 -- jobs that capacity may have grown for since they were parked (those come after the window, with the
 -- `wake` generation they were parked at as their score). At most three shares of each are looked at.
--- KEYS: prefix ('{ns}:'), queued_tenants, tenant_usage, tenant_limits, wake
--- ARGV: replica, batch, max_tenants, claim_ms
--- Returns {usage (flat hash), limits (flat hash), {job, position, score, tenant, ...}}.
+-- KEYS: prefix ('{ns}:'), queued_tenants, tenant_usage, tenant_limits
+-- ARGV: replica, batch, max_tenants, claim_ms, wake (the generation as the caller last read it: the job
+--       shard's and every hub's counters summed, broker.state.sites)
+-- Returns {usage (flat hash), limits (flat hash), {job, position, score, tenant, attempt, ...}}.
 local replica, batch, claim_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local usage = redis.call('HGETALL', KEYS[3])
 local limits = redis.call('HGETALL', KEYS[4])
@@ -21,7 +22,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local claim = replica .. ' ' .. string.format('%d', now + claim_ms)
 local per = math.max(4, math.floor(batch / #tenants))
-local wake = redis.call('GET', KEYS[5]) or '0'
+local wake = ARGV[5] or '0'
 
 local function free(job)
   local held = redis.call('HGET', KEYS[1] .. 'job:' .. job, 'claim')
@@ -45,6 +46,7 @@ local function take(tenant, rows, first)
       heads[#heads + 1] = first + taken
       heads[#heads + 1] = rows[i + 1]
       heads[#heads + 1] = tenant
+      heads[#heads + 1] = redis.call('HGET', KEYS[1] .. 'job:' .. job, 'attempt') or '0'
       taken = taken + 1
     end
   end

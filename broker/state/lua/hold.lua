@@ -1,21 +1,20 @@
--- Holds: a quote's devices reserved at the quoted price for a short time, taken and given back atomically.
+-- Holds: a quote's devices reserved at the quoted price for a short time, taken and given back on the job
+-- shard (the devices themselves are the site shard's ledger entry `hold:<id>`, broker.state.ledger).
 -- A standing hold's devices are in its site's `a:<model>` counter and in its tenant's usage, like a job's,
--- so nothing else can take them and they count against the tenant's limit; allocate.lua hands them to the
+-- so nothing else can take them and they count against the tenant's limit; bind.lua hands them to the
 -- job submitted with the hold (state used), or they come back here (expired, released).
--- KEYS: hold, prefix ('{ns}:'; every other key is derived from it, the site's and the tenant's from the
---       hold's own fields)
+-- KEYS: hold, prefix ('{ns}:'; every other key is derived from it, the tenant's from the hold's own fields)
 -- ARGV: action, hold_id, then
 --   take:    tenant, ttl_ms, max standing holds of the tenant ('' none), resources hash, events_maxlen,
 --            for_job ('' none: the job a preemption holds the devices for), now_ms ('' for Redis's clock),
---            then per option, tried in order until one can take it: site, hub, model, arch, count, price,
---            latency_ms, offer (JSON)
+--            lease_end_ms (of the devices reserve.lua took for `hold:<id>`), then the option they were taken
+--            at: site, hub, model, arch, count, price, latency_ms, offer (JSON)
 --   release: tenant ('' any), reason, events_maxlen, now_ms ('')
 --   expire:  reason, events_maxlen, now_ms ('') -- only once the hold's time is up
--- take returns {choice (0 for the first option), expires_ms}, or the first option's refusal: 0 too few
--- devices free, -2 site not online, -3 the tenant would hold more than its limit, -5 the tenant already has
--- the most standing holds allowed; -6 the hold id exists.
--- release and expire return 1 when the hold ended here, 0 when it was not standing (used, ended, another
--- tenant's, or not due).
+-- take returns expires_ms, or a refusal: -3 the tenant would hold more than its limit, -5 the tenant already
+-- has the most standing holds allowed; -6 the hold id exists; -7 the lease is over.
+-- release and expire return the outbox entry of the site shard's step that gives the devices back when the
+-- hold ended here, 0 when it was not standing (used, ended, another tenant's, or not due).
 local action, hold_id, prefix = ARGV[1], ARGV[2], KEYS[2]
 
 local function clock(given)
@@ -28,6 +27,9 @@ if action == 'take' then
   local tenant, ttl, max_holds, resources, maxlen, for_job = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6],
     ARGV[7], ARGV[8]
   local now = clock(ARGV[9])
+  if now > tonumber(ARGV[10]) then
+    return -7
+  end
   if redis.call('EXISTS', KEYS[1]) == 1 then
     return -6
   end
@@ -35,52 +37,22 @@ if action == 'take' then
   if max_holds ~= '' and redis.call('ZCARD', tenant_holds) >= tonumber(max_holds) then
     return -5
   end
+  local site, hub, model, arch, count = ARGV[11], ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15])
   local limit = redis.call('HGET', prefix .. 'tenant-limits', tenant)
-  local held = limit and tonumber(redis.call('HGET', prefix .. 'tenant-usage', tenant) or '0')
-  local refusal, choice, cap
-  for i = 0, (#ARGV - 9) / 8 - 1 do
-    local a = 10 + 8 * i
-    local site, model, count = ARGV[a], ARGV[a + 2], tonumber(ARGV[a + 4])
-    local code
-    if redis.call('HGET', prefix .. 'site:' .. site, 'status') ~= 'online' then
-      code = -2
-    else
-      cap = redis.call('HMGET', prefix .. 'cap:' .. site, 't:' .. model, 'x:' .. model, 'a:' .. model)
-      local free = tonumber(cap[1] or '0') - tonumber(cap[2] or '0') - tonumber(cap[3] or '0')
-      if free < count then
-        code = 0
-      elseif limit and held + count > tonumber(limit) then
-        code = -3
-      end
-    end
-    if code == nil then
-      choice = a
-      break
-    end
-    refusal = refusal or code
+  if limit and tonumber(redis.call('HGET', prefix .. 'tenant-usage', tenant) or '0') + count > tonumber(limit) then
+    return -3
   end
-  if choice == nil then
-    return refusal or 0
-  end
-  local site, hub, model, arch, count = ARGV[choice], ARGV[choice + 1], ARGV[choice + 2], ARGV[choice + 3],
-    tonumber(ARGV[choice + 4])
   local expires = now + ttl
-  local capacity = prefix .. 'cap:' .. site
-  redis.call('HINCRBY', capacity, 'a:' .. model, count)
-  -- as allocate.lua records it: what the pool could hold when the broker last took devices there
-  redis.call('HSET', capacity, 'p:' .. model, tonumber(cap[1] or '0') - tonumber(cap[2] or '0'))
   redis.call('HINCRBY', prefix .. 'tenant-usage', tenant, count)
   redis.call('HSET', KEYS[1], 'id', hold_id, 'state', 'held', 'tenant', tenant, 'site', site, 'hub', hub,
-    'model', model, 'arch', arch, 'count', count, 'price', ARGV[choice + 5], 'latency_ms', ARGV[choice + 6],
-    'offer', ARGV[choice + 7], 'resources', resources, 'created', now, 'expires', expires, 'for', for_job)
+    'model', model, 'arch', arch, 'count', count, 'price', ARGV[16], 'latency_ms', ARGV[17],
+    'offer', ARGV[18], 'resources', resources, 'created', now, 'expires', expires, 'for', for_job)
   redis.call('ZADD', prefix .. 'holds', expires, hold_id)
   redis.call('ZADD', tenant_holds, expires, hold_id)
-  redis.call('SADD', prefix .. 'site:' .. site .. ':holds', hold_id)
-  redis.call('ZADD', prefix .. 'sites', redis.call('INCR', prefix .. 'clock'), site)
   redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', maxlen, '*', 'type', 'held', 'hold', hold_id,
     'tenant', tenant, 'site', site, 'hub', hub, 'arch', arch, 'model', model, 'count', count,
-    'price', ARGV[choice + 5], 'expires', expires, 'for', for_job, 'ts', now)
-  return {(choice - 10) / 8, expires}
+    'price', ARGV[16], 'expires', expires, 'for', for_job, 'ts', now)
+  return expires
 end
 
 -- release or expire: give a standing hold's devices back
@@ -97,17 +69,16 @@ else
   return redis.error_reply('unknown action ' .. action)
 end
 if state ~= 'held' then return 0 end
-redis.call('HINCRBY', prefix .. 'cap:' .. site, 'a:' .. model, -count)
 redis.call('HINCRBY', prefix .. 'tenant-usage', tenant, -count)
 redis.call('ZREM', prefix .. 'holds', hold_id)
 redis.call('ZREM', prefix .. 'tenant:' .. tenant .. ':holds', hold_id)
-redis.call('SREM', prefix .. 'site:' .. site .. ':holds', hold_id)
-redis.call('ZADD', prefix .. 'sites', redis.call('INCR', prefix .. 'clock'), site)
-redis.call('INCR', prefix .. 'wake')  -- devices came free: parked jobs are looked at again
+-- the devices come back on the site's shard next (broker.state.ledger); until then the outbox holds it
+local released = 'release\t' .. (h[4] or '') .. '\t' .. site .. '\thold:' .. hold_id .. '\t0'
+redis.call('ZADD', prefix .. 'outbox', now, released)
 local ended = action == 'release' and 'released' or 'expired'
 redis.call('HSET', KEYS[1], 'state', ended, 'ended', now, 'reason', reason)
 redis.call('PEXPIRE', KEYS[1], 86400000)
 redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', maxlen, '*', 'type', 'hold_' .. ended, 'hold', hold_id,
   'tenant', tenant, 'site', site, 'hub', h[4] or '', 'model', model, 'count', count, 'for', h[8] or '',
   'reason', reason, 'ts', now)
-return 1
+return released

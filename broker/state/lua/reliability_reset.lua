@@ -1,10 +1,10 @@
 -- An operator's reset of a site's reliability record: the site starts again from the prior.
--- KEYS: the site's reliability hash, sites, clock, events
+-- KEYS: the site's reliability hash, sites (the job shard's change log), clock, events, places
 -- ARGV: site_id, events_maxlen, who (the caller's token id, for the log), now_ms ('' for Redis's clock)
 -- Marks the site changed, so every replica reads the cleared record with its next view; logs a
 -- `reliability_reset` event. Returns 1 when there was a record, 0 when there was none, -1 for an unknown site.
 local site, now = ARGV[1], ARGV[4]
-if not redis.call('ZSCORE', KEYS[2], site) then
+if redis.call('HEXISTS', KEYS[5], site) == 0 then
   return -1
 end
 if now == '' then

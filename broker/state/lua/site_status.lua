@@ -1,5 +1,5 @@
 -- Set a site's status (online, offline, stale) and record the change for the matcher.
--- KEYS: site, sites, clock, status_log, wake (bumped when a site comes online: parked jobs are looked at again)
+-- KEYS (the site's hub's shard): site, sites, clock, status_log, wake (bumped when a site comes online: parked jobs are looked at again)
 -- ARGV: site_id, status, expect ('' for any; otherwise only change when the current status equals it), now_ms
 --       ('' for Redis's clock)
 -- Each change is appended to the site's status log (the last 100 kept), for operators.

@@ -10,7 +10,8 @@
 -- A job that would go back to the queue after `max_attempts` attempts fails instead.
 -- A job that ends while holding devices (completed, failed, cancelled) gets a usage record, priced at the
 -- price fixed when it was allocated; work a lost site could not finish is not billed.
--- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job).
+-- Returns the new state, or '' when the action does not apply (stale attempt, duplicate, final job); when the
+-- job gave devices back, {new state, the outbox entry of the site shard's step that frees them}.
 -- Derived from the prefix as well: the tenant's index of jobs by state (every change of state moves the job
 -- between them), the `finished` set (a final state lists the job by finish time, for the archive sweep)
 -- and the tenant's own usage stream (a copy of each usage record).
@@ -65,13 +66,14 @@ local function bill(final)
   redis.call('XADD', prefix .. 'tenant:' .. (tenant or '') .. ':usage', '*', unpack(record))
 end
 
+local released = nil  -- the site shard's step that gives the devices back (an outbox entry), when one is due
 local function release()
-  redis.call('HINCRBY', prefix .. 'cap:' .. holder, 'a:' .. j[4], -tonumber(j[5]))
   redis.call('HINCRBY', KEYS[9], tenant, -tonumber(j[5]))
-  redis.call('SREM', prefix .. 'site:' .. holder .. ':jobs', job_id)
   redis.call('ZREM', KEYS[3], job_id)
-  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
-  redis.call('INCR', prefix .. 'wake')  -- devices came free: parked jobs are looked at again
+  -- the devices come back on the site's shard next (broker.state.ledger); until then the outbox holds it
+  released = 'release\t' .. (j[6] or '') .. '\t' .. holder .. '\t' .. job_id .. '\t' .. j[3]
+  redis.call('ZADD', prefix .. 'outbox', now, released)
+  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)  -- its reliability is read again
   event('released', state, reason)
 end
 
@@ -119,72 +121,80 @@ local function finish(final, why)
   return final
 end
 
-if action == 'accepted' then
-  -- a QoS 1 duplicate of `accepted` finds accepted_at already set (it is cleared when the job is requeued)
-  if state ~= 'assigned' or redis.call('HEXISTS', KEYS[1], 'accepted_at') == 1 then return '' end
-  redis.call('ZREM', KEYS[3], job_id)
-  redis.call('HSET', KEYS[1], 'accepted_at', now, 'updated', now)
-  if rely('accepted', 0) > 0.001 then  -- the score moves only for a site with something bad on record
-    redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
-  end
-  event('accepted', 'assigned', '')
-  return 'assigned'
-elseif action == 'running' then
-  if state ~= 'assigned' then return '' end
-  redis.call('ZREM', KEYS[3], job_id)
-  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'updated', now)
-  reindex('running')
-  event('running', 'running', '')
-  return 'running'
-elseif action == 'completed' or action == 'failed' then
-  if not holding then return '' end
-  release()  -- marks the site changed, so every replica reads its reliability again
-  rely(action, 0)
-  bill(action)
-  return finish(action, reason)
-elseif action == 'rejected' or action == 'requeue' or action == 'expire' or action == 'lost' then
-  -- requeue (a lost site) and lost (the site says it does not hold it) apply to running work too
-  if not holding or (action ~= 'requeue' and action ~= 'lost' and state ~= 'assigned') then return '' end
-  if action == 'expire' then
-    local due = redis.call('ZSCORE', KEYS[3], job_id)
-    if not due or tonumber(due) > tonumber(now) then return '' end
-  end
-  release()
-  if action == 'expire' then
-    rely('timed_out', 0)
-  elseif action == 'rejected' then
-    rely('rejected', 0)
-  else  -- work the site lost: running work counts its devices x hours since it started
-    local started = tonumber(j[12] or '')
-    rely('lost', (state == 'running' and started) and math.max(tonumber(now) - started, 0) / 3600000 * tonumber(j[5]) or 0)
-  end
-  if tonumber(j[3] or '0') >= tonumber(ARGV[8]) then
-    return finish('failed', 'gave up after ' .. j[3] .. ' attempts; last: ' .. reason)
-  end
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
-  reindex('queued')
-  redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
-    'accepted_at', 'started_at', 'decision', 'hold')
-  if redis.call('ZADD', KEYS[2], j[8], job_id) == 1 then
-    redis.call('HINCRBY', KEYS[12], j[9], 1)
-  end
-  if redis.call('ZADD', tenant_queue, j[8], job_id) == 1 then
-    redis.call('ZINCRBY', KEYS[8], 1, tenant)
-  end
-  event('requeued', 'queued', reason)
-  return 'queued'
-elseif action == 'cancel' then
-  if state ~= 'queued' and not holding then return '' end
-  if holding then
+local function act()
+  if action == 'accepted' then
+    -- a QoS 1 duplicate of `accepted` finds accepted_at already set (it is cleared when the job is requeued)
+    if state ~= 'assigned' or redis.call('HEXISTS', KEYS[1], 'accepted_at') == 1 then return '' end
+    redis.call('ZREM', KEYS[3], job_id)
+    redis.call('HSET', KEYS[1], 'accepted_at', now, 'updated', now)
+    if rely('accepted', 0) > 0.001 then  -- the score moves only for a site with something bad on record
+      redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[6]), holder)
+    end
+    event('accepted', 'assigned', '')
+    return 'assigned'
+  elseif action == 'running' then
+    if state ~= 'assigned' then return '' end
+    redis.call('ZREM', KEYS[3], job_id)
+    redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', now, 'updated', now)
+    reindex('running')
+    event('running', 'running', '')
+    return 'running'
+  elseif action == 'completed' or action == 'failed' then
+    if not holding then return '' end
+    release()  -- marks the site changed, so every replica reads its reliability again
+    rely(action, 0)
+    bill(action)
+    return finish(action, reason)
+  elseif action == 'rejected' or action == 'requeue' or action == 'expire' or action == 'lost' then
+    -- requeue (a lost site) and lost (the site says it does not hold it) apply to running work too
+    if not holding or (action ~= 'requeue' and action ~= 'lost' and state ~= 'assigned') then return '' end
+    if action == 'expire' then
+      local due = redis.call('ZSCORE', KEYS[3], job_id)
+      if not due or tonumber(due) > tonumber(now) then return '' end
+    end
     release()
-    bill('cancelled')
+    if action == 'expire' then
+      rely('timed_out', 0)
+    elseif action == 'rejected' then
+      rely('rejected', 0)
+    else  -- work the site lost: running work counts its devices x hours since it started
+      local started = tonumber(j[12] or '')
+      rely('lost', (state == 'running' and started) and math.max(tonumber(now) - started, 0) / 3600000 * tonumber(j[5]) or 0)
+    end
+    if tonumber(j[3] or '0') >= tonumber(ARGV[8]) then
+      return finish('failed', 'gave up after ' .. j[3] .. ' attempts; last: ' .. reason)
+    end
+    redis.call('HSET', KEYS[1], 'state', 'queued', 'updated', now, 'reason', reason, 'last_site', holder)
+    reindex('queued')
+    redis.call('HDEL', KEYS[1], 'site', 'hub', 'arch', 'model', 'count', 'price', 'latency_ms', 'assigned_at',
+      'accepted_at', 'started_at', 'decision', 'hold')
+    if redis.call('ZADD', KEYS[2], j[8], job_id) == 1 then
+      redis.call('HINCRBY', KEYS[12], j[9], 1)
+    end
+    if redis.call('ZADD', tenant_queue, j[8], job_id) == 1 then
+      redis.call('ZINCRBY', KEYS[8], 1, tenant)
+    end
+    event('requeued', 'queued', reason)
+    return 'queued'
+  elseif action == 'cancel' then
+    if state ~= 'queued' and not holding then return '' end
+    if holding then
+      release()
+      bill('cancelled')
+    end
+    unqueue()
+    return finish('cancelled', reason)
+  elseif action == 'deadline' then
+    redis.call('ZREM', KEYS[10], job_id)
+    if state ~= 'queued' then return '' end
+    unqueue()
+    return finish('failed', reason)
   end
-  unqueue()
-  return finish('cancelled', reason)
-elseif action == 'deadline' then
-  redis.call('ZREM', KEYS[10], job_id)
-  if state ~= 'queued' then return '' end
-  unqueue()
-  return finish('failed', reason)
+  return redis.error_reply('unknown action ' .. action)
 end
-return redis.error_reply('unknown action ' .. action)
+
+local result = act()
+if released and type(result) == 'string' and result ~= '' then
+  return {result, released}
+end
+return result
