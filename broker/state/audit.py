@@ -263,7 +263,7 @@ class _Audit:
         """Each site's capacity hash and ledger (read together on the hub's shard), its owners' records and
         which of them are on their way."""
         h = self.k.hub(hub)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True, shard_hint=h.prefix)  # one moment of the hub's shard
         for site in sites:
             pipe.hgetall(h.capacity(site))
             pipe.hgetall(h.held(site))

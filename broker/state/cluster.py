@@ -87,6 +87,12 @@ class NamespaceCluster(RedisCluster):
             raise SlotNotCoveredError(f"no node serves the slot of {self.home}")
         return node
 
+    def node_of(self, key: str) -> ClusterNode:
+        node = self.get_node_from_key(key)
+        if node is None:
+            raise SlotNotCoveredError(f"no node serves the slot of {key}")
+        return node
+
     async def _determine_nodes(self, command: str, *args: Any, **kwargs: Any) -> list[ClusterNode]:
         # redis-py asks this for every command it sends, alone or in a pipeline, inside its retries
         if self.home and command in HOME_COMMANDS:
@@ -117,7 +123,9 @@ class NamespaceCluster(RedisCluster):
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
         if transaction and self.home:
-            plain = Pipeline(_HomeConnections(self), self.response_callbacks, True, shard_hint)  # type: ignore[arg-type]
+            # on the node serving the namespace's slot, or with a shard hint (a key), the node serving that key's
+            connections = _HomeConnections(self, shard_hint if isinstance(shard_hint, str) else self.home)
+            plain = Pipeline(connections, self.response_callbacks, True, shard_hint)  # type: ignore[arg-type]
             return plain  # type: ignore[return-value]
         return _TakingTurns(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
 
@@ -139,8 +147,9 @@ class _HomeConnections(ConnectionPoolInterface):
     from a MOVED reply) goes to the new node; one sent before that is refused by the old node, as a MOVED
     error in place of its replies."""
 
-    def __init__(self, cluster: NamespaceCluster) -> None:
+    def __init__(self, cluster: NamespaceCluster, key: str) -> None:
         self.cluster = cluster
+        self.key = key
         self.connection_kwargs = cluster.connection_kwargs
         self._lent: dict[int, ClusterNode] = {}
 
@@ -148,7 +157,7 @@ class _HomeConnections(ConnectionPoolInterface):
         await self.cluster.take_turn()  # held until the connection is back: a WATCH keeps it meanwhile
         try:
             await self.cluster.initialize()
-            node = self.cluster.home_node()
+            node = self.cluster.node_of(self.key)
             connection = node.acquire_connection()
             try:
                 await connection.connect()

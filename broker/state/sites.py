@@ -239,7 +239,7 @@ class SiteState(SiteReliability):
             for (prefix, key, log), replication_id in zip(shards, ids, strict=True):
                 if not replication_id or replication_id == seen.get(key):
                     continue
-                reply = await self._primary(keys=[key, log, prefix], args=[replication_id, SEQ_AHEAD])
+                reply = await self._primary(keys=[key, log], args=[replication_id, SEQ_AHEAD, prefix])
                 seen[key] = replication_id
                 if isinstance(reply, list):
                     out += [text(site) for site in reply]

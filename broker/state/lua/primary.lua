@@ -5,9 +5,8 @@
 -- write reached the new one (the reconcile lists it then sends are stamped past those lost runs, so sites
 -- stop them), and puts every ledger entry on the pending set, due now (unless on its lease already): the
 -- sweeper checks each against the job shard. Whoever comes second finds the id recorded and does nothing.
--- KEYS: primary (string: the replication id), sites (the shard's change log), prefix ('{ns.hub}:', or '' on
---       the job shard)
--- ARGV: replication_id, ahead
+-- KEYS: primary (string: the replication id), sites (the shard's change log)
+-- ARGV: replication_id, ahead, prefix ('{ns.hub}:', or '' on the job shard)
 -- Returns the sites to reconcile ({} when the id was already recorded, or none was: a new deployment, or a
 -- Redis that lost everything, where there is no sequence to move ahead of), or 1 on the job shard when it
 -- was a new primary there.
@@ -19,10 +18,10 @@ redis.call('SET', KEYS[1], ARGV[1])
 if not recorded then
   return {}
 end
-if KEYS[3] == '' then
+if (ARGV[3] or '') == '' then
   return 1
 end
-local prefix = KEYS[3]
+local prefix = ARGV[3]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local sites = redis.call('ZRANGE', KEYS[2], 0, -1)
