@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 from adapters.site import SiteLink
 from broker.service import Broker, start_broker
+from broker.state.keys import HubKeys
+from broker.state.store import Store
 from common.config import Settings
 from suanwang.servers import MosquittoServer, RedisServer
 
@@ -61,3 +63,24 @@ async def linked(link: SiteLink) -> AsyncIterator[SiteLink]:
             await asyncio.wait_for(asyncio.shield(task), 5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def site_keys(store: Store, site: str) -> HubKeys:
+    """The keys of the hub shard that holds `site` (its place)."""
+    hub = await store.hub_of(site)
+    assert hub is not None, f"{site} has no place"
+    return store.keys.hub(hub)
+
+
+async def ledger(store: Store, site: str) -> dict[str, tuple[int, str, int, int]]:
+    """The site's ledger: owner (a job id or `hold:<id>`) -> (attempt, model, count, seq); empty for a site
+    with no place."""
+    hub = await store.hub_of(site)
+    if hub is None:
+        return {}
+    raw = await store.redis.hgetall(store.keys.hub(hub).held(site))
+    out: dict[str, tuple[int, str, int, int]] = {}
+    for owner, value in raw.items():
+        attempt, model, count, seq = (value.decode() if isinstance(value, bytes) else value).split(" ")
+        out[owner.decode() if isinstance(owner, bytes) else owner] = (int(attempt), model, int(count), int(seq))
+    return out

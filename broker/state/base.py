@@ -48,6 +48,7 @@ class StoreBase:
         self._primary: AsyncScript = scripts["primary"]
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.attempts: dict[str, int] = {}  # each job's attempt as of the last queue_heads()
+        self.tenants_of: dict[str, str] = {}  # each job's tenant as of the last queue_heads()
         self._primary_seen = ""  # the replication id this replica last found recorded (new_primary)
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()

@@ -334,6 +334,7 @@ class JobQueue(Ledger):
         self.usage = {text(usage[i]): int(usage[i + 1]) for i in range(0, len(usage), 2)}
         self.limits = {text(limits[i]): int(limits[i + 1]) for i in range(0, len(limits), 2)}
         self.attempts = {text(flat[i]): int(flat[i + 4]) for i in range(0, len(flat), 5)}
+        self.tenants_of = {text(flat[i]): text(flat[i + 3]) for i in range(0, len(flat), 5)}
         return [
             (text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3])) for i in range(0, len(flat), 5)
         ]
@@ -428,13 +429,33 @@ class JobQueue(Ledger):
                 out[i] = commit
         return [c if c is not None else Commit(refusal=Refusal.STALE_VIEW) for c in out]
 
+    def _headroom(self, job: str) -> int | None:
+        """The devices the job's tenant may still take, as the last queue_heads() read them (None: no limit)."""
+        tenant = self.tenants_of.get(job)
+        if tenant is None or tenant not in self.limits:
+            return None
+        return self.limits[tenant] - self.usage.get(tenant, 0)
+
     async def _attempts(self, jobs: Sequence[str]) -> dict[str, int]:
-        """Each job's attempt: as the last queue_heads() read it, else read now."""
+        """Each job's attempt: as the last queue_heads() read it, else read now (with its tenant's limit and
+        usage, for the headroom)."""
         known = {j: self.attempts[j] for j in jobs if j in self.attempts}
         missing = [j for j in dict.fromkeys(jobs) if j not in known]
         if missing:
-            rows = await self.get_jobs(missing, "attempt")
-            known.update({j: int(a or 0) for j, (a,) in zip(missing, rows, strict=True)})
+            rows = await self.get_jobs(missing, "attempt", "tenant")
+            known.update({j: int(a or 0) for j, (a, _t) in zip(missing, rows, strict=True)})
+            tenants = sorted({t for _a, t in rows if t})
+            self.tenants_of.update({j: t for j, (_a, t) in zip(missing, rows, strict=True) if t})
+            if tenants:
+                async with translated():
+                    pipe = self.redis.pipeline(transaction=False)
+                    pipe.hmget(self.keys.tenant_limits, tenants)
+                    pipe.hmget(self.keys.tenant_usage, tenants)
+                    limits, usage = await pipe.execute()
+                for tenant, limit, used in zip(tenants, limits, usage, strict=True):
+                    if limit is not None:
+                        self.limits[tenant] = int(limit)
+                    self.usage[tenant] = int(used or 0)
         return known
 
     async def _commit_plain(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
@@ -450,7 +471,7 @@ class JobQueue(Ledger):
                     continue
                 p, (hub, pools) = placements[i], groups[i][round_]
                 spec = [(_pool(p, k)[0], _pool(p, k)[2], _pool(p, k)[3]) for k in pools]
-                calls.append(self.reserve_call(hub, p.job, attempts[p.job] + 1, spec))
+                calls.append(self.reserve_call(hub, p.job, attempts[p.job] + 1, spec, self._headroom(p.job)))
                 asked.append(i)
             if not calls:
                 break

@@ -128,11 +128,11 @@ class Ledger(StoreBase):
             return sorted(text(h) for h in await self.redis.smembers(self.keys.hubs))
 
     # the site shard's steps -----------------------------------------------------------------------------
-    def reserve_call(self, hub: str, owner: str, attempt: int,
-                     pools: Sequence[tuple[str, str, int]]) -> tuple[Any, list[str], list[Any]]:  # fmt: skip
+    def reserve_call(self, hub: str, owner: str, attempt: int, pools: Sequence[tuple[str, str, int]],
+                     headroom: int | None = None) -> tuple[Any, list[str], list[Any]]:  # fmt: skip
         """reserve.lua's call: take devices for (owner, attempt) at the first of `pools` (site, model, count)
-        that can give them."""
-        args: list[Any] = [owner, attempt, LEASE_MS]
+        that can give them (and asks no more than `headroom`, when given)."""
+        args: list[Any] = [owner, attempt, LEASE_MS, "" if headroom is None else headroom]
         for site, model, count in pools:
             args += [site, model, count]
         return self._reserve, [self.hub_keys(hub).prefix + ":"], args

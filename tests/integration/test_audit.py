@@ -15,6 +15,7 @@ from broker.state.keys import Keys
 from broker.state.store import Store
 from common.protocol import Capacity
 from suanwang.servers import RedisServer
+from tests.support import site_keys
 
 HUB, MODEL = "guizhou", "A100-80G"
 PAGE = 3  # smaller than the number of sites and jobs, so the audit reads several pages of each
@@ -77,8 +78,8 @@ async def test_a_site_that_shrank_below_its_allocation_is_a_warning_not_a_violat
     naming the shrink, and no over-allocation, since the broker had 8 usable when it allocated."""
     site = (await network(store, sites=1, total=8))[0]
     await place(store, "j-full", site, 4)
-    cap = store.keys.capacity(site)
-    # what allocate.lua saw when it allocated: 8 usable (set here if the script does not record it)
+    cap = (await site_keys(store, site)).capacity(site)
+    # what reserve.lua saw when it allocated: 8 usable (set here if the script does not record it)
     await store.redis.hsetnx(cap, f"p:{MODEL}", 8)
     assert await store.apply_capacity(capacity(site, 2, total=4))
     assert int(await store.redis.hget(cap, f"t:{MODEL}")) == 4 and int(await store.redis.hget(cap, f"a:{MODEL}")) == 8
@@ -95,7 +96,7 @@ async def test_more_allocated_than_the_site_had_at_allocation_is_an_over_allocat
     """A pool where the broker holds 12 devices though the site had 8 usable when it last allocated there
     (the capacity check bypassed, as a bug would): an error, not a shrink."""
     site = (await network(store, sites=1, total=8))[0]
-    cap = store.keys.capacity(site)
+    cap = (await site_keys(store, site)).capacity(site)
     await store.redis.hset(cap, f"t:{MODEL}", 16)  # the check sees room for a second job ...
     await place(store, "j-over", site, 8)
     await store.redis.hset(cap, mapping={f"t:{MODEL}": 8, f"p:{MODEL}": 8})  # ... the site never had it
@@ -110,7 +111,7 @@ async def test_an_over_allocation_without_a_record_of_the_pool_at_allocation_sta
     """Without the pool's size at its last allocation nothing shows the site shrank: an error, as before."""
     site = (await network(store, sites=1, total=8))[0]
     await place(store, "j-full", site, 4)
-    await store.redis.hdel(store.keys.capacity(site), f"p:{MODEL}")
+    await store.redis.hdel((await site_keys(store, site)).capacity(site), f"p:{MODEL}")
     assert await store.apply_capacity(capacity(site, 2, total=6, external=1))
 
     report = await audit_report(store, page=PAGE)
@@ -134,8 +135,9 @@ def test_over_allocation_and_shrink_are_told_apart_by_the_pool_at_its_last_alloc
     cap = {f"t:{MODEL}": total, f"x:{MODEL}": external, f"a:{MODEL}": allocated}
     if basis is not None:
         cap[f"p:{MODEL}"] = basis
-    rows = {"j1": ("running", "s1", MODEL, allocated, "acme")}
-    found, held = site_findings("s1", cap, rows)
+    entries = {"j1": ("1", MODEL, allocated)}
+    owners = {"j1": ("running", "s1", MODEL, allocated, "acme", "1")}
+    found, held = site_findings("s1", cap, entries, owners)
     assert [v.kind for v in found] == ([expected] if expected else [])
     assert held == {"acme": allocated}
 
@@ -146,17 +148,23 @@ Break = tuple[str, str]  # (kind, subject) the audit must report
 
 
 async def _counter_off(store: Store, sites: list[str]) -> Break:
-    await store.redis.hincrby(store.keys.capacity(sites[5]), f"a:{MODEL}", 1)
+    await store.redis.hincrby((await site_keys(store, sites[5])).capacity(sites[5]), f"a:{MODEL}", 1)
     return "allocation_mismatch", f"{sites[5]}/{MODEL}"
 
 
 async def _left_its_site(store: Store, sites: list[str]) -> Break:
-    await store.redis.srem(store.keys.site_jobs(sites[4]), "j-held-04")
+    """The job still holds its devices there, but its site's ledger no longer has it (nor counts its 4)."""
+    k = await site_keys(store, sites[4])
+    await store.redis.hdel(k.held(sites[4]), "j-held-04")
+    await store.redis.hincrby(k.capacity(sites[4]), f"a:{MODEL}", -4)
     return "placement", "j-held-04"
 
 
 async def _held_twice(store: Store, sites: list[str]) -> Break:
-    await store.redis.sadd(store.keys.site_jobs(sites[6]), "j-held-01")
+    """A second site's ledger counts the job's devices too (held at sites[1])."""
+    k = await site_keys(store, sites[6])
+    await store.redis.hset(k.held(sites[6]), "j-held-01", f"1 {MODEL} 4 99")
+    await store.redis.hincrby(k.capacity(sites[6]), f"a:{MODEL}", 4)
     return "placement", "j-held-01"
 
 

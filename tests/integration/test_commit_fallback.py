@@ -97,7 +97,7 @@ class FilledByAnotherReplica(Store):
     async def allocate(self, placements, accept_timeout_ms):  # type: ignore[no-untyped-def]
         if placements and self.filled is None:
             self.filled = placements[0].site
-            await self.redis.hincrby(self.keys.capacity(self.filled), f"a:{MODEL}", 12)
+            await self.redis.hincrby(self.keys.hub("guizhou").capacity(self.filled), f"a:{MODEL}", 12)
         return await super().allocate(placements, accept_timeout_ms)
 
 

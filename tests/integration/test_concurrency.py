@@ -32,6 +32,7 @@ from suanwang.servers import MosquittoServer, RedisServer, free_port
 REPO = Path(__file__).resolve().parents[2]
 MODEL, DEVICES, SITES, JOBS = "A100-80G", 20, 3, 300
 TENANT = "race"
+HUB = "guizhou"  # every site's hub: the site shard that holds their keys
 WAIT = 30.0
 
 
@@ -41,7 +42,7 @@ class RecordingSite:
     def __init__(self, mqtt: MosquittoServer, site: str) -> None:
         pool = {"arch": "GPU", "model": MODEL, "memory_gb": 80, "total": DEVICES, "in_use_external": 0,
                 "per_node": 4, "price_cny_per_hour": 10.0}  # fmt: skip
-        self.link = SiteLink(MqttTarget.from_url(mqtt.url), site, "guizhou", [pool], cluster="guian",
+        self.link = SiteLink(MqttTarget.from_url(mqtt.url), site, HUB, [pool], cluster="guian",
                              on_assignments=self.on_assignments, interval=2.0)  # fmt: skip
         self.runs: Counter[tuple[str, int]] = Counter()
         self.counts: dict[tuple[str, int], int] = {}
@@ -161,7 +162,7 @@ async def quiet(redis: aioredis.Redis, keys: Keys, sites: list[str]) -> None:
             pipe.zcard(keys.assigned)
             pipe.xlen(keys.events)
             for site in sites:
-                pipe.scard(keys.site_jobs(site))
+                pipe.hlen(keys.hub(HUB).held(site))
             queued, assigned, logged, *held = await pipe.execute()
             snapshot = (queued, assigned, logged, *held)
             settled = queued + sum(held) == JOBS and assigned == 0
@@ -201,8 +202,10 @@ async def test_two_replicas_never_over_allocate_lose_or_duplicate_jobs(
 
             # --- what Redis holds
             queue = set(await redis.zrange(keys.queue, 0, -1))
-            held_at = {site: set(await redis.smembers(keys.site_jobs(site))) for site in sites}
-            capacity = {site: await redis.hgetall(keys.capacity(site)) for site in sites}
+            # each site's ledger: owner -> "attempt model count seq" (no holds in this test: every owner a job)
+            ledgers = {site: await redis.hgetall(keys.hub(HUB).held(site)) for site in sites}
+            held_at = {site: set(ledger) for site, ledger in ledgers.items()}
+            capacity = {site: await redis.hgetall(keys.hub(HUB).capacity(site)) for site in sites}
             placed: Counter[str] = Counter()
             for job_id, job in jobs.items():
                 holders = [site for site, held in held_at.items() if job_id in held]
@@ -213,6 +216,8 @@ async def test_two_replicas_never_over_allocate_lose_or_duplicate_jobs(
                     assert job_id not in queue
                     site = job["allocation"]["site"]
                     assert holders == [site], (job_id, site, holders)
+                    attempt, model, count, _seq = str(ledgers[site][job_id]).split(" ")
+                    assert (int(attempt), model, int(count)) == (job["attempts"], MODEL, job["resources"]["count"])
                     assert job["allocation"]["model"] == MODEL
                     assert job["allocation"]["devices"] == job["resources"]["count"]
                     placed[site] += job["allocation"]["devices"]

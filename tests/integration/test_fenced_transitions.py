@@ -22,6 +22,7 @@ from common.protocol import Assignment, Assignments, Capacity, SiteEvent, assign
 from tests.http.conftest import start  # noqa: F401  (the API app fixture)
 from tests.http.doubles import RecordingPublisher
 from tests.http.harness import Start
+from tests.support import site_keys
 
 A, B, MODEL = "guian-01", "guian-02", "A100-80G"
 Move = Callable[[], Awaitable[None]]
@@ -70,7 +71,7 @@ async def placed_at(store: Store, site: str) -> int:
 
 
 async def allocated(store: Store, site: str) -> int:
-    return int(await store.redis.hget(store.keys.capacity(site), f"a:{MODEL}") or 0)
+    return int(await store.redis.hget((await site_keys(store, site)).capacity(site), f"a:{MODEL}") or 0)
 
 
 @pytest.fixture

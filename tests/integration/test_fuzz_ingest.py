@@ -143,7 +143,8 @@ async def test_ingest_survives_hostile_messages(broker: Broker, own_mosquitto: M
 
 
 async def _seq_is(store: Store, expected: bytes) -> bool:
-    return await store.redis.hget(store.keys.site(SENTINEL), "seq") == expected
+    hub = await store.hub_of(SENTINEL)
+    return hub is not None and await store.redis.hget(store.keys.hub(hub).site(SENTINEL), "seq") == expected
 
 
 async def _jobs_at_the_anchor(broker: Broker, count: int) -> list[str]:

@@ -15,6 +15,7 @@ from broker.state.keys import Keys
 from broker.state.store import Store
 from common.errors import Conflict, HoldNotStanding
 from tests.integration.test_store import MODEL, SITE, capacity, counters, event_types, spec
+from tests.support import ledger, site_keys
 
 OTHER = "guian-02"
 
@@ -54,7 +55,7 @@ async def test_a_hold_takes_the_devices_and_the_held_job_gets_them_at_the_quoted
     hold = await store.get_hold("h1")
     assert hold is not None and (hold.state, hold.job) == ("used", "j1")
     assert await store.list_holds() == [] and await store.jobs_at(SITE) == ["j1"]
-    assert await store.redis.scard(store.keys.site_holds(SITE)) == 0
+    assert set(await ledger(store, SITE)) == {"j1"}, "the hold's ledger entry passed to the job"
     # a hold is used once
     again = await store.submit_held("j2", job.model_copy(update={"hold": "h1"}), 30_000)
     assert isinstance(again, HoldNotStanding) and again.state == "used"
@@ -131,7 +132,7 @@ async def test_audit_counts_standing_holds_and_finds_devices_no_hold_accounts_fo
     assert not isinstance(result, Exception) and result[2] is not None and result[2].ok
     report = await audit_report(store)
     assert report.violations == [] and report.warnings == [], "a standing hold and a used one are both accounted"
-    await store.redis.hincrby(store.keys.capacity(SITE), f"a:{MODEL}", 2)  # devices nobody holds
+    await store.redis.hincrby((await site_keys(store, SITE)).capacity(SITE), f"a:{MODEL}", 2)  # devices nobody holds
     assert {v.kind for v in await audit(store)} == {"allocation_mismatch"}
 
 

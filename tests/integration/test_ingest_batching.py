@@ -29,6 +29,7 @@ from tests.support import eventually
 
 GEO = load_geography()
 SITES = ("guian-01", "guian-02", "guian-03")
+HUB = "guizhou"  # every message's hub: the site shard that holds their keys
 MODEL = "A100-80G"
 
 
@@ -47,7 +48,7 @@ class CountingStore(Store):
 def capacity(site: str, seq: int, external: int, *, total: int = 64, boot: str = "boot-a") -> tuple[str, bytes]:
     """A capacity message as an adapter sends it."""
     body: dict[str, Any] = {
-        "schema": CAPACITY_SCHEMA, "site": site, "hub": "guizhou", "cluster": "guian", "seq": seq, "boot": boot,
+        "schema": CAPACITY_SCHEMA, "site": site, "hub": HUB, "cluster": "guian", "seq": seq, "boot": boot,
         "pools": [{"arch": "GPU", "model": MODEL, "memory_gb": 80, "total": total, "in_use_external": external,
                    "per_node": 8, "interconnect": "nvlink", "stacks": ["cuda-12.4"], "price_cny_per_hour": 9.5}],
         "energy": {"pue": 1.2, "green_share": 0.5, "tariff_cny_per_kwh": 0.3},
@@ -86,15 +87,17 @@ async def queued(ingest: Ingest, messages: Sequence[tuple[str, bytes]]) -> None:
 
 async def pool_of(store: Store, site: str) -> tuple[int, int, int]:
     """(seq, total, in use outside) as stored for the site's pool."""
-    seq = await store.redis.hget(store.keys.site(site), "seq")
-    counts = await store.redis.hmget(store.keys.capacity(site), [f"t:{MODEL}", f"x:{MODEL}"])
+    k = store.keys.hub(HUB)
+    seq = await store.redis.hget(k.site(site), "seq")
+    counts = await store.redis.hmget(k.capacity(site), [f"t:{MODEL}", f"x:{MODEL}"])
     return int(seq or -1), int(counts[0] or -1), int(counts[1] or -1)
 
 
 async def state_of(store: Store) -> dict[str, Any]:
     """Everything the capacity and status scripts keep, less the heartbeat times (Redis's clock)."""
-    k = store.keys
+    k = store.keys.hub(HUB)
     out: dict[str, Any] = {
+        "places": await store.redis.hgetall(store.keys.places),
         "sites": await store.redis.zrange(k.sites, 0, -1, withscores=True),
         "clock": await store.redis.get(k.clock),
         "wake": await store.redis.get(k.wake),

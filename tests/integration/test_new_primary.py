@@ -16,6 +16,7 @@ from broker.state.keys import Keys
 from broker.state.sites import SEQ_AHEAD
 from broker.state.store import Store
 from tests.integration.test_store import capacity, placement, site_with_job, spec
+from tests.support import site_keys
 
 OTHER = "guian-02"
 
@@ -25,8 +26,14 @@ def store(redis_client: aioredis.Redis, namespace: str) -> Store:
     return Store(redis_client, Keys(namespace))
 
 
+async def failed_over(store: Store) -> None:
+    """Every shard's recorded primary made an old one's, as a failover of the (one) Redis leaves them."""
+    for key in [store.keys.primary, *(store.keys.hub(hub).primary for hub in await store.hub_ids())]:
+        await store.redis.set(key, "the-old-primary's-id")
+
+
 async def aseq(store: Store, site: str) -> int:
-    return int(await store.redis.hget(store.keys.site(site), "aseq") or 0)
+    return int(await store.redis.hget((await site_keys(store, site)).site(site), "aseq") or 0)
 
 
 async def test_a_first_primary_is_recorded_and_changes_nothing(store: Store) -> None:
@@ -43,7 +50,7 @@ async def test_a_new_primary_moves_every_sequence_ahead_once_and_names_every_sit
     await site_with_job(store)
     assert await store.apply_capacity(capacity(1, {"A100-80G": (16, 0)}, site=OTHER))
     assert await store.new_primary() == []
-    await store.redis.set(store.keys.primary, "the-old-primary's-id")  # as a failover leaves it
+    await failed_over(store)
     replicas = [Store(store.redis, store.keys) for _ in range(2)]  # replicas that last saw the old primary
     renewed = await asyncio.gather(*(replica.new_primary() for replica in replicas))  # noticing at once
     assert sorted(renewed[0] + renewed[1]) == sorted(["guian-01", OTHER]), renewed
@@ -62,7 +69,7 @@ async def test_a_new_primary_moves_every_sequence_ahead_once_and_names_every_sit
 async def test_the_sweep_reconciles_every_site_after_a_new_primary(store: Store) -> None:
     await site_with_job(store)
     await store.new_primary()
-    await store.redis.set(store.keys.primary, "the-old-primary's-id")
+    await failed_over(store)
     replica = Store(store.redis, store.keys)  # a replica that last saw the old primary
     told: list[tuple[str, dict[str, Any]]] = []
 

@@ -74,6 +74,9 @@ async def transition_at(store: Store, job: str, action: str, site: str, attempt:
             k.tenant_usage, k.deadlines, k.job_history(job), k.queue_depth, k.usage]  # fmt: skip
     args = [job, action, site, str(attempt), "", now_ms, store.events_maxlen, store.max_attempts, HALF_LIFE_MS]
     (result,) = await store.run_scripts([(store._transition, keys, args)])
+    if isinstance(result, list):  # it gave devices back: the site shard's step it wrote, done as transitions() does
+        await store.run_steps([text(result[1])])
+        return text(result[0])
     return text(result)
 
 

@@ -34,7 +34,10 @@ def capacity(seq: int, total: int = 64, *, hub: str = "guizhou", cluster: str | 
 
 
 async def site_fields(store: Store, *names: str) -> list[str | None]:
-    raw = await store.redis.hmget(store.keys.site(SITE), list(names))
+    hub = await store.hub_of(SITE)
+    if hub is None:
+        return [None] * len(names)
+    raw = await store.redis.hmget(store.keys.hub(hub).site(SITE), list(names))
     return [v.decode() if v is not None else None for v in raw]
 
 

@@ -9,7 +9,7 @@ is away is lost. Other steps submit, schedule, report site events (and repeat th
 message, cancel (the API's calls), take a site away (the Last Will) and bring it back (its reconcile list
 maybe a few steps late), send capacity (fresh, replayed, after a restart with a new boot id) and sweep.
 
-After every step the state in Redis is checked against itself (pools, queue, site job sets, tenant
+After every step the state in Redis is checked against itself (pools, queue, site ledgers, tenant
 usage), against the capacity the sites reported and against the sites: work taken back from a site was
 stopped there or the site was told; once every message on its way is delivered, a connected site holds
 exactly what the broker counts there, and no job is live at two sites. At the end every site comes back,
@@ -60,6 +60,7 @@ from broker.state.audit import audit
 from broker.state.history import check_history
 from broker.state.holds import HoldOption
 from broker.state.keys import Keys
+from broker.state.ledger import HOLD_OWNER
 from broker.state.store import Store
 from common import topics
 from common.errors import Conflict, HoldNotStanding
@@ -113,6 +114,7 @@ PLANS = (
     SitePlan("wuhu-1", "yangtze", "wuhu", 12.0, {"H800": 8}),
 )
 SITE_IDS = tuple(p.id for p in PLANS)
+HUB_OF = {p.id: p.hub for p in PLANS}  # each site's hub (its place): the site shard that holds its keys
 
 
 # --------------------------------------------------------------------------- the sites
@@ -265,7 +267,8 @@ class World:
     jobs: dict[str, dict[str, str | None]]
     history: dict[str, list[dict[str, Any]]]
     capacity: dict[str, dict[str, int]]
-    site_jobs: dict[str, set[str]]
+    site_jobs: dict[str, set[str]]  # the jobs in each site's ledger
+    ledger: dict[str, dict[str, tuple[int, str, int]]]  # each site's ledger: owner -> (attempt, model, count)
     status: dict[str, str]
     queue: set[str]
     tenant_queues: dict[str, set[str]]  # what a pass may look at
@@ -275,11 +278,11 @@ class World:
     holds: dict[str, dict[str, str]]  # every hold the run has seen, as stored
     standing: set[str]  # the index of standing holds (the sweeper's)
     tenant_holds: dict[str, set[str]]
-    site_holds: dict[str, set[str]]
+    site_holds: dict[str, set[str]]  # the holds in each site's ledger (`hold:<id>` owners, by id)
 
     def holdings(self, site: str) -> set[Key]:
-        """(job, attempt) the broker counts at `site`."""
-        return {(job, int(self.jobs[job]["attempt"] or 0)) for job in self.site_jobs[site]
+        """(job, attempt) the broker counts at `site`: its ledger's entries of jobs holding devices."""
+        return {(job, self.ledger[site][job][0]) for job in self.site_jobs[site]
                 if job in self.jobs and self.jobs[job]["state"] in HOLDING}  # fmt: skip
 
     def standing_holds(self) -> dict[str, dict[str, str]]:
@@ -629,7 +632,7 @@ class BrokerNetwork(RuleBasedStateMachine):
             await asyncio.sleep(0.001)
         ttl = 10**12
         if silent is not None:  # silent: `silent` and the sites heard from before it, not those after
-            ttl = now - int(await store.redis.zscore(self.keys.seen, silent) or now)
+            ttl = now - int(await store.redis.zscore(self.keys.hub(HUB_OF[silent]).seen, silent) or now)
         # a preemption's hold handed over here waits for its accept as the replica's own assignments do
         await sweep(ClockAt(store, now), self.replicas[replica].publish, ttl, int(ACCEPT_TIMEOUT_S[replica] * 1000))
 
@@ -657,8 +660,8 @@ class BrokerNetwork(RuleBasedStateMachine):
         pipe = store.redis.pipeline(transaction=True)
         pipe.zcard(self.keys.tenant_holds(spec.tenant))
         for o in options:
-            pipe.hget(self.keys.site(o.site), "status")
-            pipe.hmget(self.keys.capacity(o.site), f"t:{o.model}", f"x:{o.model}", f"a:{o.model}")
+            pipe.hget(self.keys.hub(HUB_OF[o.site]).site(o.site), "status")
+            pipe.hmget(self.keys.hub(HUB_OF[o.site]).capacity(o.site), f"t:{o.model}", f"x:{o.model}", f"a:{o.model}")
         standing, *rows = await pipe.execute()
         codes = []
         for i, o in enumerate(options):
@@ -766,7 +769,8 @@ class BrokerNetwork(RuleBasedStateMachine):
         assert spec.hold is not None
         await clock_reaches(store, self.last_submit + 1)
         before = await store.get_hold(spec.hold)
-        status = _text(await store.redis.hget(self.keys.site(before.site), "status") or b"") if before else ""
+        status = _text(await store.redis.hget(self.keys.hub(HUB_OF[before.site]).site(before.site), "status")
+                       or b"") if before else ""  # fmt: skip
         t0 = await store.clock_ms()
         outcome = await store.submit_held(name, spec, int(ACCEPT_TIMEOUT_S[replica] * 1000))
         t1 = self.last_submit = await store.clock_ms()
@@ -908,7 +912,7 @@ class BrokerNetwork(RuleBasedStateMachine):
         await clock_reaches(store, before.expires_ms)
         job = await store.get_job(before.for_job)
         assert job is not None
-        status = _text(await store.redis.hget(self.keys.site(before.site), "status") or b"")
+        status = _text(await store.redis.hget(self.keys.hub(HUB_OF[before.site]).site(before.site), "status") or b"")
         waiting = job["state"] == "queued" or (job["state"] == "assigned" and not job.get("accepted_at"))
         await self._sweep(replica, None)
         after, job = await store.get_hold(hold_id), await store.get_job(before.for_job)
@@ -940,9 +944,9 @@ class BrokerNetwork(RuleBasedStateMachine):
             pipe.hmget(k.job(job), *JOB_FIELDS)
             pipe.lrange(k.job_history(job), 0, -1)
         for site in SITE_IDS:
-            pipe.hgetall(k.capacity(site))
-            pipe.smembers(k.site_jobs(site))
-            pipe.hget(k.site(site), "status")
+            pipe.hgetall(k.hub(HUB_OF[site]).capacity(site))
+            pipe.hgetall(k.hub(HUB_OF[site]).held(site))
+            pipe.hget(k.hub(HUB_OF[site]).site(site), "status")
         pipe.zrange(k.queue, 0, -1)
         for tenant in TENANTS:
             pipe.zrange(k.tenant_queue(tenant), 0, -1)
@@ -954,19 +958,24 @@ class BrokerNetwork(RuleBasedStateMachine):
         pipe.zrange(k.holds, 0, -1)
         for tenant in TENANTS:
             pipe.zrange(k.tenant_holds(tenant), 0, -1)
-        for site in SITE_IDS:
-            pipe.smembers(k.site_holds(site))
         raw = list(await pipe.execute())
         raw.reverse()
         jobs, history = {}, {}
         for job in self.jobs:
             jobs[job] = {f: (_text(v) if v is not None else None) for f, v in zip(JOB_FIELDS, raw.pop(), strict=True)}
             history[job] = [orjson.loads(item) for item in raw.pop()]
-        capacity, site_jobs, status = {}, {}, {}
+        capacity, status = {}, {}
+        ledger: dict[str, dict[str, tuple[int, str, int]]] = {}
         for site in SITE_IDS:
             capacity[site] = {_text(f): int(v) for f, v in raw.pop().items()}
-            site_jobs[site] = {_text(j) for j in raw.pop()}
+            ledger[site] = {}
+            for owner, entry in raw.pop().items():
+                attempt, model, count, _seq = _text(entry).split(" ")
+                ledger[site][_text(owner)] = (int(attempt), model, int(count))
             status[site] = _text(raw.pop() or b"")
+        site_jobs = {site: {o for o in entries if not o.startswith(HOLD_OWNER)} for site, entries in ledger.items()}
+        site_holds = {site: {o.removeprefix(HOLD_OWNER) for o in entries if o.startswith(HOLD_OWNER)}
+                      for site, entries in ledger.items()}  # fmt: skip
         queue = {_text(j) for j in raw.pop()}
         tenant_queues, tenant_parked = {}, {}
         for tenant in TENANTS:
@@ -977,9 +986,8 @@ class BrokerNetwork(RuleBasedStateMachine):
         holds = {hold: {_text(f): _text(v) for f, v in raw.pop().items()} for hold in self.hold_ids}
         standing = {_text(h) for h in raw.pop()}
         tenant_holds = {tenant: {_text(h) for h in raw.pop()} for tenant in TENANTS}
-        site_holds = {site: {_text(h) for h in raw.pop()} for site in SITE_IDS}
-        return World(jobs, history, capacity, site_jobs, status, queue, tenant_queues, tenant_parked, assigned, usage,
-                     holds, standing, tenant_holds, site_holds)  # fmt: skip
+        return World(jobs, history, capacity, site_jobs, ledger, status, queue, tenant_queues, tenant_parked, assigned,
+                     usage, holds, standing, tenant_holds, site_holds)  # fmt: skip
 
     def _check_pools(self, w: World) -> None:
         for plan in PLANS:
@@ -1024,7 +1032,12 @@ class BrokerNetwork(RuleBasedStateMachine):
                 assert not holders[job], f"{job} queued yet in the job sets of {holders[job]}"
                 assert job not in w.assigned, f"{job} queued yet waiting for an accept"
             elif state in HOLDING:
-                assert holders[job] == {j["site"]}, f"{job} {state} at {j['site']}, in the job sets of {holders[job]}"
+                assert holders[job] == {j["site"]}, f"{job} {state} at {j['site']}, in the ledgers of {holders[job]}"
+                entry = w.ledger[j["site"] or ""][job]
+                assert entry == (int(j["attempt"] or 0), j["model"], int(j["count"] or 0)), (
+                    f"{job} {state} at {j['site']} (attempt {j['attempt']}, {j['count']} {j['model']}), its ledger "
+                    f"entry {entry}"
+                )
                 assert not any(in_queue), f"{job} {state} yet queued: {in_queue}"
                 if state == "running" or j["accepted_at"]:
                     assert job not in w.assigned, f"{job} {state} (accepted) yet waiting for an accept"
@@ -1274,7 +1287,8 @@ class BrokerNetwork(RuleBasedStateMachine):
 
     async def _close(self) -> None:
         redis = self.replicas["a"].store.redis
-        keys = [key async for key in redis.scan_iter(match=f"{self.keys.prefix}:*", count=1000)]
+        prefixes = [self.keys.prefix, *(self.keys.hub(hub).prefix for hub in sorted(set(HUB_OF.values())))]
+        keys = [key for prefix in prefixes async for key in redis.scan_iter(match=f"{prefix}:*", count=1000)]
         if keys:
             await redis.unlink(*keys)
         for replica in self.replicas.values():

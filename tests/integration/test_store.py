@@ -15,6 +15,7 @@ from broker.sites.lifecycle import requeue_site
 from broker.state.keys import Keys
 from broker.state.store import Store, queue_score
 from common.protocol import ASSIGNMENTS_SCHEMA, Capacity
+from tests.support import ledger, site_keys
 
 SITE = "guian-01"
 MODEL = "A100-80G"
@@ -55,7 +56,10 @@ def placement(job: str, count: int = 8, site: str = SITE, model: str = MODEL) ->
 
 
 async def counters(store: Store, site: str = SITE) -> dict[str, int]:
-    raw = cast(dict[bytes, bytes], await store.redis.hgetall(store.keys.capacity(site)))
+    hub = await store.hub_of(site)
+    if hub is None:
+        return {}
+    raw = cast(dict[bytes, bytes], await store.redis.hgetall(store.keys.hub(hub).capacity(site)))
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
@@ -94,7 +98,7 @@ async def test_capacity_applies_only_newer_seq(store, second_seq, applied):
     assert bool(await store.apply_capacity(capacity(second_seq, {MODEL: (40, 2)}))) is applied
     expected = {f"t:{MODEL}": 40, f"x:{MODEL}": 2} if applied else {f"t:{MODEL}": 100, f"x:{MODEL}": 10}
     assert await counters(store) == expected
-    site = await store.redis.hgetall(store.keys.site(SITE))
+    site = await store.redis.hgetall((await site_keys(store, SITE)).site(SITE))
     assert int(site[b"seq"]) == (second_seq if applied else 5)
 
 
@@ -181,13 +185,21 @@ async def _unknown_site(store: Store) -> None:
     ids=["too-little-free", "not-queued", "offline-site", "unknown-site"],
 )  # fmt: skip
 async def test_allocate_refuses_and_changes_nothing(store, setup, refusal, job_state):
-    """A refused allocation says why (too little free, not queued, site not online) and leaves every key as it was."""
+    """A refused allocation says why (too little free, not queued, site not online) and leaves every key as it was:
+    a reservation the job shard refuses (not queued) is released, its devices free again and no ledger entry left
+    (only p:, what the pool could hold at the reservation, and a: at 0 may now be written)."""
+
+    async def free() -> dict[str, int]:
+        c = await counters(store)
+        return {k: v for k, v in c.items() if not k.startswith("p:") and not (k.startswith("a:") and v == 0)}
+
     await setup(store)
-    before = (await counters(store), await event_types(store), await store.queued(0, 10))
+    before = (await free(), await event_types(store), await store.queued(0, 10))
     assert outcomes(await store.allocate([placement("j1", 8)], 60_000)) == [refusal]
-    assert (await counters(store), await event_types(store), await store.queued(0, 10)) == before
+    assert (await free(), await event_types(store), await store.queued(0, 10)) == before
     assert await state(store, "j1") == job_state
     assert await store.jobs_at(SITE) == []
+    assert await ledger(store, SITE) == {}
 
 
 async def _overbooking_race(store: Store) -> None:

@@ -5,15 +5,17 @@
 -- one, then its runners-up on this hub) until one can take it.
 -- Idempotent by owner and attempt: asked again (a reply lost), it answers what it did the first time.
 -- KEYS: the hub's prefix ('{ns.hub}:'; every key is derived from it)
--- ARGV: owner, attempt, lease_ms, then per pool: site, model, count
+-- ARGV: owner, attempt, lease_ms, headroom (the most devices the owner's tenant may still take, as the caller
+--       last read it: a pool asking more is passed over; '' none; bind.lua checks the limit itself), then per
+--       pool: site, model, count
 -- Returns {choice (0 for the first pool), seq, lease_end_ms}, or the first pool's refusal: 0 too few devices
--- free, -2 the site is not online, -8 the owner's entry of an earlier attempt is still there (its release is
+-- free, -2 the site is not online, -3 more than the headroom, -8 the owner's entry of an earlier attempt is still there (its release is
 -- on its way: the caller tries again later).
-local prefix, owner, attempt, lease = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local prefix, owner, attempt, lease, headroom = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')  -- the lease is judged by Redis's clock, the job shard's step by its own
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local pools = {}
-for i = 4, #ARGV, 3 do
+for i = 5, #ARGV, 3 do
   pools[#pools + 1] = {ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])}
 end
 for i, pool in ipairs(pools) do
@@ -31,6 +33,8 @@ for i, pool in ipairs(pools) do
   local code
   if redis.call('HGET', prefix .. 'site:' .. site, 'status') ~= 'online' then
     code = -2
+  elseif headroom and count > headroom then
+    code = -3
   else
     local capacity = prefix .. 'cap:' .. site
     local cap = redis.call('HMGET', capacity, 't:' .. model, 'x:' .. model, 'a:' .. model)
