@@ -49,7 +49,12 @@ class StoreBase:
         self.wake_seen = 0  # the `wake` generation as of the last changed_sites()
         self.attempts: dict[str, int] = {}  # each job's attempt as of the last queue_heads()
         self.tenants_of: dict[str, str] = {}  # each job's tenant as of the last queue_heads()
-        self._primary_seen = ""  # the replication id this replica last found recorded (new_primary)
+        # what this replica last read, kept between calls (broker.state.ledger, broker.state.sites)
+        self.places_cache: dict[str, Any] = {}  # site -> its Place, read at `places_read` (monotonic s)
+        self.places_read = 0.0
+        self.cursors: dict[str, int] = {}  # change log -> the position changed_sites() read up to
+        self.hubs_seen: list[str] = []  # the hubs whose change logs changed_sites() reads
+        self.primaries_seen: dict[str, str] = {}  # a shard's primary key -> the replication id last found
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
 

@@ -16,7 +16,7 @@ from broker.model.records import Commit, Placement, Refusal
 from broker.model.reliability import HALF_LIFE_MS
 from broker.state.archive import read_archived
 from broker.state.connection import decode_hash, now_ms, text, translated
-from broker.state.ledger import HOLD_OWNER, Ledger, Reserved
+from broker.state.ledger import HOLD_OWNER, Ledger, Reserved, hold_owner
 from common.errors import Conflict, HoldNotStanding, NotDurable, StoreUnavailable, SuanwangError, TooManyRequests
 
 # Priority as a head start in queue time: a low job waits as if submitted 30 minutes later than a high
@@ -529,7 +529,7 @@ class JobQueue(Ledger):
     @staticmethod
     def _merge_entry(p: Placement, attempt: int) -> str:
         """The outbox entry bind.lua wrote for a placement with a hold: its hold's devices pass to the job."""
-        return "\t".join(["merge", p.hub, p.site, p.job, str(attempt), str(p.count), HOLD_OWNER + p.hold, "0"])
+        return "\t".join(["merge", p.hub, p.site, p.job, str(attempt), str(p.count), hold_owner(p.hold), "0"])
 
     def _bind_call(self, p: Placement, pool: tuple[str, str, str, int, float, float, str], accept_timeout_ms: int,
                    attempt: int | None, reserved: Reserved | None

@@ -66,9 +66,6 @@ class Reserved:
 class Ledger(StoreBase):
     """Places (which hub's shard holds a site) and the two-step protocol's site-shard side."""
 
-    _places: dict[str, Place]
-    _places_read: float
-
     def hub_keys(self, hub: str) -> HubKeys:
         return self.keys.hub(hub)
 
@@ -76,10 +73,10 @@ class Ledger(StoreBase):
     async def places(self, sites: Iterable[str]) -> dict[str, Place]:
         """Where each of `sites` is (a site with no place is left out), from what this replica read in the
         last `PLACES_TTL_S`, else read now in one round trip."""
-        cache = self.__dict__.setdefault("_places", {})
-        if time.monotonic() - self.__dict__.get("_places_read", 0.0) > PLACES_TTL_S:
+        cache = self.places_cache
+        if time.monotonic() - self.places_read > PLACES_TTL_S:
             cache.clear()
-            self._places_read = time.monotonic()
+            self.places_read = time.monotonic()
         wanted = list(dict.fromkeys(sites))
         missing = [s for s in wanted if s not in cache]
         if missing:
@@ -99,7 +96,7 @@ class Ledger(StoreBase):
         return found.hub if found else None
 
     def forget_place(self, site: str) -> None:
-        self.__dict__.setdefault("_places", {}).pop(site, None)
+        self.places_cache.pop(site, None)
 
     async def claim_place(self, site: str, hub: str) -> Place:
         """The site's place, made the hub it reports when it has none yet (its first message)."""
@@ -111,7 +108,7 @@ class Ledger(StoreBase):
             _, _, value = await pipe.execute()
         found_hub, _, cluster = text(value).partition("\t")
         found = Place(found_hub, cluster)
-        self.__dict__.setdefault("_places", {})[site] = found
+        self.places_cache[site] = found
         return found
 
     async def set_place(self, site: str, hub: str, cluster: str) -> None:
@@ -121,7 +118,7 @@ class Ledger(StoreBase):
             pipe.hset(self.keys.places, site, f"{hub}\t{cluster}")
             pipe.sadd(self.keys.hubs, hub)
             await pipe.execute()
-        self.__dict__.setdefault("_places", {})[site] = Place(hub, cluster)
+        self.places_cache[site] = Place(hub, cluster)
 
     async def hub_ids(self) -> list[str]:
         async with translated():

@@ -119,10 +119,10 @@ class SiteState(SiteReliability):
         the job shard's and every hub's counters): a job found unplaceable on the view this loads is parked at
         it, so any capacity change after this read wakes the job again. And Redis's clock (into `time_seen`),
         that the view's reliability scores decay by. One round trip (two when a hub is new to this replica)."""
-        cursors: dict[str, int] = self.__dict__.setdefault("_cursors", {})
+        cursors = self.cursors
         if since == 0 or since != sum(cursors.values()):
             cursors.clear()
-        hubs: list[str] = self.__dict__.setdefault("_hubs_seen", [])
+        hubs = self.hubs_seen
         wakes: dict[str, int] = {}
         changed: dict[str, None] = {}
 
@@ -231,7 +231,7 @@ class SiteState(SiteReliability):
         hubs = await self.hub_ids()
         shards = [("", self.keys.primary, self.keys.sites), *(
             (self.hub_keys(h).prefix + ":", self.hub_keys(h).primary, self.hub_keys(h).sites) for h in hubs)]
-        seen: dict[str, str] = self.__dict__.setdefault("_primaries_seen", {})
+        seen = self.primaries_seen
         out: list[str] = []
         job_shard_moved = False
         async with translated():
