@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from common import logs
-from suanwang.servers import MosquittoServer, RedisServer, mosquitto_available
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer, mosquitto_available
 
 
 def _ensure_debian_package(binary: str, package: str) -> None:
@@ -36,6 +36,33 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterGroup]:
+    """A real Redis Cluster of three masters (no replicas), shared by the session's tests."""
+    _ensure_debian_package("redis-server", "redis-server")
+    group = RedisClusterGroup(masters=3)
+    group.start()
+    yield group
+    group.cleanup()
+
+
+@pytest.fixture
+def redis_kind() -> str:
+    """Which Redis `redis_target` is: "redis" (one server) unless a test parametrizes it, e.g.
+    `pytestmark = pytest.mark.parametrize("redis_kind", ["redis", "cluster"])` runs a module on both."""
+    return "redis"
+
+
+@pytest.fixture
+def redis_target(redis_kind: str, request: pytest.FixtureRequest) -> RedisServer | RedisClusterGroup:
+    """The session's Redis the test runs on: one server, or the three-master cluster (`redis_kind`)."""
+    if redis_kind == "cluster":
+        return request.getfixturevalue("redis_cluster")  # type: ignore[no-any-return]
+    if redis_kind == "redis":
+        return request.getfixturevalue("redis_server")  # type: ignore[no-any-return]
+    raise ValueError(f"redis_kind must be 'redis' or 'cluster', not {redis_kind!r}")
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from broker.service import Broker, start_broker
 from broker.state.keys import HubKeys
 from broker.state.store import Store
 from common.config import Settings
-from suanwang.servers import MosquittoServer, RedisServer
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer
 
 WAIT = 15.0
 T = TypeVar("T")
@@ -34,7 +34,7 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], what: str = "cond
 
 
 @asynccontextmanager
-async def running_broker(redis: RedisServer, mqtt: MosquittoServer, namespace: str, **overrides: Any
+async def running_broker(redis: RedisServer | RedisClusterGroup, mqtt: MosquittoServer, namespace: str, **overrides: Any
                          ) -> AsyncIterator[Broker]:  # fmt: skip
     """An in-process broker replica, connected to MQTT before it is handed out."""
     settings = Settings(redis_url=redis.url, mqtt_url=mqtt.url, http="127.0.0.1:0", namespace=namespace,

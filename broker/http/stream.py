@@ -13,6 +13,7 @@ from common.errors import InvalidInput
 
 KEEPALIVE_S = 15.0
 BATCH = 500  # events written to the operator at once when many are waiting
+STARTED_WAIT_S = 10.0  # a replica just started: how long a stream waits for the tail to find the log's end
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
@@ -24,10 +25,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
             id_after(last, "0-0")
         except ValueError:
             raise InvalidInput("Last-Event-ID must be a stream id like 1700000000000-0", "Last-Event-ID") from None
+    await feed.wait_started(STARTED_WAIT_S)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})  # fmt: skip
-    await response.prepare(request)
-    await response.write(b": suanwang allocation stream\nretry: 2000\n\n")
 
     async def send(items: list[tuple[str, bytes]]) -> None:
         nonlocal last
@@ -49,6 +49,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
     try:
         async with feed.subscribe() as subscription:
+            # subscribed before the preamble: every event logged after the operator reads it is sent
+            await response.prepare(request)
+            await response.write(b": suanwang allocation stream\nretry: 2000\n\n")
             await catch_up()
             while True:
                 if subscription.overflowed and subscription.queue.empty():

@@ -16,6 +16,7 @@ from redis import exceptions as redis_errors
 from broker.state.connection import StreamEntries, StreamReply, translated
 from broker.state.store import Store
 from common import logs
+from common.errors import StoreUnavailable
 
 log = logs.get("suanwang.events")
 
@@ -66,6 +67,16 @@ class EventFeed:
         self.subscriber_buffer = subscriber_buffer
         self._subscribers: set[Subscription] = set()
         self.last_id = "$"
+        # set once the tail knows where the log ends: every event after a subscription made from then on
+        # reaches the subscriber (before it, events logged before the tail's first read would be skipped)
+        self.started = asyncio.Event()
+
+    async def wait_started(self, timeout: float) -> None:
+        """Until the tail knows where the log ends, or StoreUnavailable after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self.started.wait(), timeout)
+        except TimeoutError:
+            raise StoreUnavailable("the event log cannot be read yet") from None
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:
@@ -95,6 +106,7 @@ class EventFeed:
                 if self.last_id == "$":
                     newest = cast(StreamEntries, await redis.xrevrange(key, count=1))
                     self.last_id = newest[0][0].decode() if newest else "0-0"
+                    self.started.set()
                 reply = cast(StreamReply, await redis.xread({key: self.last_id}, block=self.block_ms, count=1000))
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("events.tail_failed", error=str(exc))

@@ -6,6 +6,9 @@ checks, once the system has settled, that Redis agrees with what users were told
 When the test ends and its processes have stopped, the audit and the history checker read what it left in
 Redis and fail the test at teardown on any violation (`final_problems`).
 
+Each test runs on a Redis of its own, or, where a module parametrizes `redis_kind` with "cluster", on the
+session's three-master Redis Cluster as well (`fault_redis`).
+
 The suite's `own_redis` takes its `appendfsync` from the `appendfsync` fixture (everysec), so a test can
 run on a Redis that writes every change to disk before it answers:
 `@pytest.mark.parametrize("appendfsync", ["always"])`.
@@ -22,7 +25,7 @@ from typing import Any
 import pytest
 
 from broker.state.store import Store
-from suanwang.servers import MosquittoServer, RedisServer
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer
 from suanwang.soak import Cluster, Wire
 from tests.faults.helpers import final_problems
 
@@ -52,13 +55,22 @@ def own_redis(appendfsync: str) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def make_cluster(own_redis: RedisServer, own_mosquitto: MosquittoServer, tmp_path: Path
-                       ) -> AsyncIterator[MakeCluster]:  # fmt: skip
+def fault_redis(redis_kind: str, request: pytest.FixtureRequest) -> RedisServer | RedisClusterGroup:
+    """The Redis a test's cluster runs on: its own server (AOF, `own_redis`, which a test may kill), or with
+    `redis_kind` "cluster" the session's three-master Redis Cluster (tests/conftest.py)."""
+    if redis_kind == "cluster":
+        return request.getfixturevalue("redis_cluster")  # type: ignore[no-any-return]
+    return request.getfixturevalue("own_redis")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def make_cluster(fault_redis: RedisServer | RedisClusterGroup, own_mosquitto: MosquittoServer,
+                       tmp_path: Path) -> AsyncIterator[MakeCluster]:  # fmt: skip
     """Start a cluster (options as for `Cluster`) and wait until its brokers are healthy and sites online."""
     clusters: list[Cluster] = []
 
     async def make(**options: Any) -> Cluster:
-        cluster = Cluster(own_redis.url, own_mosquitto.url, tmp_path, **options)
+        cluster = Cluster(fault_redis.url, own_mosquitto.url, tmp_path, **options)
         clusters.append(cluster)
         await cluster.start()
         return cluster
@@ -69,10 +81,10 @@ async def make_cluster(own_redis: RedisServer, own_mosquitto: MosquittoServer, t
     tails = _log_tails(tmp_path)
     if tails:
         print(tails)  # shown by pytest when the test failed
-    if own_redis.proc is None or own_redis.proc.poll() is not None:
+    if isinstance(fault_redis, RedisServer) and (fault_redis.proc is None or fault_redis.proc.poll() is not None):
         pytest.fail("Redis was left down: the audit and the history check could not run")
     for cluster in clusters:
-        problems = await final_problems(own_redis.url, cluster.namespace)
+        problems = await final_problems(fault_redis.url, cluster.namespace)
         assert not problems, f"{len(problems)} problems left in Redis:\n" + "\n".join(problems[:40])
 
 
@@ -82,8 +94,8 @@ async def cluster(make_cluster: MakeCluster) -> Cluster:
 
 
 @pytest.fixture
-async def store(own_redis: RedisServer, cluster: Cluster) -> AsyncIterator[Store]:
-    store = Store.from_url(own_redis.url, cluster.namespace)
+async def store(fault_redis: RedisServer | RedisClusterGroup, cluster: Cluster) -> AsyncIterator[Store]:
+    store = Store.from_url(fault_redis.url, cluster.namespace)
     yield store
     await store.close()
 

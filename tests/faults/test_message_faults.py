@@ -14,12 +14,13 @@ from adapters.site import SiteLink
 from broker.state.store import Store
 from common.config import MqttTarget
 from common.protocol import Assignments
-from suanwang.servers import MosquittoServer, RedisServer
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer
 from suanwang.soak import Client
 from tests.faults.conftest import MakeCluster
 from tests.faults.helpers import LOAD_RATE, assert_recovered, bodies
 
-pytestmark = pytest.mark.timeout(120)
+# on a Redis of its own and on the three-master Redis Cluster (tests/faults/conftest.py `fault_redis`)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.parametrize("redis_kind", ["redis", "cluster"])]
 
 FLAKY_MODEL = "Biren-BR104"  # only the flaky sites offer it, so its jobs must go through them
 DROP_ACCEPTED = 0.3
@@ -101,13 +102,13 @@ async def flaky_sites(mqtt: MosquittoServer, n: int, late_s: float) -> AsyncIter
 
 
 async def test_duplicated_dropped_and_late_site_events_change_nothing_twice(
-    make_cluster: MakeCluster, own_redis: RedisServer, own_mosquitto: MosquittoServer
+    make_cluster: MakeCluster, fault_redis: RedisServer | RedisClusterGroup, own_mosquitto: MosquittoServer
 ) -> None:
     """Every event twice, a third of `accepted` lost and their `running`/`completed` late: each lost accept
     returns the job to the queue once the accept timeout passes, late events of that attempt change
     nothing, duplicates are applied once, and every job completes."""
     cluster = await make_cluster(hubs=("guizhou",))
-    store = Store.from_url(own_redis.url, cluster.namespace)
+    store = Store.from_url(fault_redis.url, cluster.namespace)
     try:
         async with flaky_sites(own_mosquitto, 2, late_s=cluster.accept_timeout_s + 1.5) as sites:
             await cluster.ready()

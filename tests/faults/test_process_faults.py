@@ -11,7 +11,8 @@ from broker.state.store import Store
 from suanwang.soak import Client, Cluster, Wire
 from tests.faults.helpers import LOAD_RATE, assert_recovered, bodies
 
-pytestmark = pytest.mark.timeout(120)
+# on a Redis of its own and on the three-master Redis Cluster (tests/faults/conftest.py `fault_redis`)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.parametrize("redis_kind", ["redis", "cluster"])]
 
 
 async def test_broker_killed_mid_load_and_restarted_loses_nothing(cluster: Cluster, store: Store) -> None:

@@ -179,6 +179,9 @@ class MemoryFeed:
     def __init__(self, events: Sequence[tuple[str, bytes]] = ()) -> None:
         self.events = list(events)
 
+    async def wait_started(self, timeout: float) -> None:
+        return None  # the log is all there from the start
+
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:
         yield Subscription(100)

@@ -24,15 +24,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from adapters.site import SiteLink
+from broker.state.connection import redis_client
 from broker.state.keys import Keys
 from common.config import MqttTarget
 from common.protocol import Assignment, Assignments
-from suanwang.servers import MosquittoServer, RedisServer, free_port
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL, DEVICES, SITES, JOBS = "A100-80G", 20, 3, 300
+# on one Redis and on a real three-master Redis Cluster (tests/conftest.py `redis_target`)
+pytestmark = pytest.mark.parametrize("redis_kind", ["redis", "cluster"])
+MODEL, DEVICES, JOBS = "A100-80G", 20, 300
 TENANT = "race"
-HUB = "guizhou"  # every site's hub: the site shard that holds their keys
+# each site on a hub of its own, so that on the cluster their keys are on the hubs' shards, apart from the jobs'
+PLACES = {"race-1": ("guizhou", "guian"), "race-2": ("neimenggu", "horinger"), "race-3": ("yangtze", "wuhu")}
 WAIT = 30.0
 
 
@@ -42,7 +46,8 @@ class RecordingSite:
     def __init__(self, mqtt: MosquittoServer, site: str) -> None:
         pool = {"arch": "GPU", "model": MODEL, "memory_gb": 80, "total": DEVICES, "in_use_external": 0,
                 "per_node": 4, "price_cny_per_hour": 10.0}  # fmt: skip
-        self.link = SiteLink(MqttTarget.from_url(mqtt.url), site, HUB, [pool], cluster="guian",
+        hub, cluster = PLACES[site]
+        self.link = SiteLink(MqttTarget.from_url(mqtt.url), site, hub, [pool], cluster=cluster,
                              on_assignments=self.on_assignments, interval=2.0)  # fmt: skip
         self.runs: Counter[tuple[str, int]] = Counter()
         self.counts: dict[tuple[str, int], int] = {}
@@ -69,7 +74,7 @@ class RecordingSite:
 
 @asynccontextmanager
 async def recording_sites(mqtt: MosquittoServer) -> AsyncIterator[dict[str, RecordingSite]]:
-    sites = {f"race-{i}": RecordingSite(mqtt, f"race-{i}") for i in range(1, SITES + 1)}
+    sites = {site: RecordingSite(mqtt, site) for site in PLACES}
     tasks = [asyncio.create_task(s.link.run()) for s in sites.values()]
     try:
         async with asyncio.timeout(WAIT):
@@ -86,8 +91,8 @@ async def recording_sites(mqtt: MosquittoServer) -> AsyncIterator[dict[str, Reco
 
 
 @pytest.fixture
-def replicas(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespace: str, tmp_path: Path
-             ) -> Iterator[list[str]]:  # fmt: skip
+def replicas(redis_target: RedisServer | RedisClusterGroup, own_mosquitto: MosquittoServer, namespace: str,
+             tmp_path: Path) -> Iterator[list[str]]:  # fmt: skip
     """Two `suanwang serve` processes on one Redis namespace and one MQTT broker; their base URLs."""
     procs: list[subprocess.Popen[bytes]] = []
     urls: list[str] = []
@@ -96,7 +101,7 @@ def replicas(redis_server: RedisServer, own_mosquitto: MosquittoServer, namespac
             port = free_port()
             with (tmp_path / f"replica-{i}.log").open("wb") as log:
                 procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "suanwang.cli", "serve", "--redis", redis_server.url,
+                    [sys.executable, "-m", "suanwang.cli", "serve", "--redis", redis_target.url,
                      "--mqtt", own_mosquitto.url, "--http", f"127.0.0.1:{port}", "--namespace", namespace,
                      "--auth", "off", "--log-level", "warning"],
                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -162,7 +167,7 @@ async def quiet(redis: aioredis.Redis, keys: Keys, sites: list[str]) -> None:
             pipe.zcard(keys.assigned)
             pipe.xlen(keys.events)
             for site in sites:
-                pipe.hlen(keys.hub(HUB).held(site))
+                pipe.hlen(keys.hub(PLACES[site][0]).held(site))
             queued, assigned, logged, *held = await pipe.execute()
             snapshot = (queued, assigned, logged, *held)
             settled = queued + sum(held) == JOBS and assigned == 0
@@ -172,11 +177,11 @@ async def quiet(redis: aioredis.Redis, keys: Keys, sites: list[str]) -> None:
 
 
 async def test_two_replicas_never_over_allocate_lose_or_duplicate_jobs(
-    replicas: list[str], own_mosquitto: MosquittoServer, redis_server: RedisServer, namespace: str
+    replicas: list[str], own_mosquitto: MosquittoServer, redis_target: RedisServer | RedisClusterGroup, namespace: str
 ) -> None:
     """300 jobs submitted concurrently to two replicas end up placed within capacity or queued, each exactly once."""
     keys = Keys(namespace)
-    redis = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    redis = redis_client(redis_target.url, decode_responses=True)
     try:
         async with aiohttp.ClientSession() as session, recording_sites(own_mosquitto) as sites:
             for url in replicas:
@@ -203,9 +208,9 @@ async def test_two_replicas_never_over_allocate_lose_or_duplicate_jobs(
             # --- what Redis holds
             queue = set(await redis.zrange(keys.queue, 0, -1))
             # each site's ledger: owner -> "attempt model count seq" (no holds in this test: every owner a job)
-            ledgers = {site: await redis.hgetall(keys.hub(HUB).held(site)) for site in sites}
+            ledgers = {site: await redis.hgetall(keys.hub(PLACES[site][0]).held(site)) for site in sites}
             held_at = {site: set(ledger) for site, ledger in ledgers.items()}
-            capacity = {site: await redis.hgetall(keys.hub(HUB).capacity(site)) for site in sites}
+            capacity = {site: await redis.hgetall(keys.hub(PLACES[site][0]).capacity(site)) for site in sites}
             placed: Counter[str] = Counter()
             for job_id, job in jobs.items():
                 holders = [site for site, held in held_at.items() if job_id in held]

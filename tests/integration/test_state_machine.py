@@ -96,6 +96,7 @@ SUBMISSIONS_WITH_A_HOLD = ("as quoted", "as quoted", "as quoted", "another tenan
 # Heartbeats this far apart by Redis's clock (no two in one millisecond), so that a sweep finds silent
 # exactly the sites heard from last at or before a given one, whatever the timing of the run.
 HEARTBEAT_GAP_MS = 1
+STEP_LIMIT_S = 30.0  # no step waits this long: one that does is stuck
 
 
 @dataclass(frozen=True)
@@ -360,12 +361,21 @@ class BrokerNetwork(RuleBasedStateMachine):
     # ------------------------------------------------------------------ plumbing
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """One step's work on the machine's own event loop."""
+        """One step's work on the machine's own event loop; a step still at it after `STEP_LIMIT_S` fails
+        naming itself (every step waits at most for a short deadline of Redis's clock)."""
+        name = coro.__qualname__
         try:
-            return self.runner.run(coro)
+            return self.runner.run(self._bounded(coro, name))
         except BaseException:
             self.failed = True
             raise
+
+    @staticmethod
+    async def _bounded(coro: Coroutine[Any, Any, T], name: str) -> T:
+        try:
+            return await asyncio.wait_for(coro, STEP_LIMIT_S)
+        except TimeoutError:
+            raise AssertionError(f"the step {name} did not end within {STEP_LIMIT_S}s") from None
 
     async def _start(self) -> dict[str, Replica]:
         replicas = {}
