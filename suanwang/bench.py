@@ -29,7 +29,7 @@ from rich.table import Table
 from common.errors import SuanwangError
 from regions import load_geography
 from suanwang.samples import sample_job
-from suanwang.servers import MosquittoServer, RedisServer, free_port
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer, free_port
 
 
 class BenchError(SuanwangError):
@@ -52,6 +52,7 @@ class BenchOptions:
     batch: int = 0  # jobs per POST /v1/jobs:batch (0: one POST /v1/jobs per job)
     tokens: bool = False  # authentication on: submits with a user token, the stream with an operator's
     durable: int = 0  # durable accept: the brokers wait for this many replicas (of a Redis started here)
+    shards: int = 0  # a Redis Cluster of this many masters started here (0: one redis-server)
 
 
 @dataclass
@@ -63,6 +64,7 @@ class _Run:
     last_submit: float = 0.0
     errors: int = 0
     error_statuses: Counter[str] = field(default_factory=Counter)  # HTTP status (or "connection") -> count
+    node_cpu_s: dict[str, float] = field(default_factory=dict)  # each Redis node's CPU over the run
     refusals: dict[str, float] = field(default_factory=dict)  # the brokers' refused commits, by reason
     submit_headers: dict[str, str] = field(default_factory=dict)  # Authorization for submits
     operator_headers: dict[str, str] = field(default_factory=dict)  # Authorization for the stream, sites, metrics
@@ -173,18 +175,19 @@ async def _tokens(redis_url: str, namespace: str) -> tuple[dict[str, str], dict[
 
 
 async def _cpu_now(procs: list[subprocess.Popen[bytes]], options: BenchOptions, redis_url: str,
-                   mosquitto: subprocess.Popen[bytes] | None) -> dict[str, float]:  # fmt: skip
-    """CPU seconds used so far by the brokers, the simulated sites, Redis, Mosquitto (when started here) and
-    this client."""
+                   mosquitto: subprocess.Popen[bytes] | None) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+    """CPU seconds used so far by the brokers, the simulated sites, Redis (its nodes summed), Mosquitto (when
+    started here) and this client; and by each Redis node."""
+    nodes = {node: cpu for node, (_commands, _reads, cpu) in (await redis_node_counts(redis_url)).items()}
     return {"mosquitto": _cpu_s(mosquitto.pid) if mosquitto is not None else 0.0,
             "brokers": sum(_cpu_s(p.pid) for p in procs[: options.brokers]),
-            "sites": sum(_cpu_s(p.pid) for p in procs[options.brokers :]), "redis": await _redis_cpu_s(redis_url),
-            "client": time.process_time()}  # fmt: skip
+            "sites": sum(_cpu_s(p.pid) for p in procs[options.brokers :]), "redis": sum(nodes.values()),
+            "client": time.process_time()}, nodes  # fmt: skip
 
 
-async def _redis_cpu_s(url: str) -> float:
-    """CPU seconds the Redis server has used (INFO cpu; a cluster's summed over its nodes), or 0 when it cannot
-    be asked."""
+async def redis_node_counts(url: str) -> dict[str, tuple[float, float, float]]:
+    """(commands processed, socket reads, CPU seconds) of each Redis node so far, by "host:port": one entry for
+    one Redis, one per master for a cluster (INFO stats and cpu); empty when it cannot be asked."""
     from redis.asyncio.cluster import RedisCluster
 
     from broker.state.connection import redis_client
@@ -192,12 +195,19 @@ async def _redis_cpu_s(url: str) -> float:
     client = redis_client(url, max_connections=2)
     try:
         if isinstance(client, RedisCluster):
-            infos = list((await client.info("cpu", target_nodes=RedisCluster.ALL_NODES)).values())
+            nodes = RedisCluster.ALL_NODES
+            stats = await client.info("stats", target_nodes=nodes)
+            cpus = await client.info("cpu", target_nodes=nodes)
+            infos = {name: (stats[name], cpus[name]) for name in sorted(stats)}
         else:
-            infos = [await client.info("cpu")]
-        return sum(float(info.get("used_cpu_user", 0)) + float(info.get("used_cpu_sys", 0)) for info in infos)
+            kwargs = client.connection_pool.connection_kwargs
+            infos = {f"{kwargs.get('host', '')}:{kwargs.get('port', '')}": (await client.info("stats"),
+                                                                           await client.info("cpu"))}  # fmt: skip
+        return {name: (float(st.get("total_commands_processed", 0)), float(st.get("total_reads_processed", 0)),
+                       float(cpu.get("used_cpu_user", 0)) + float(cpu.get("used_cpu_sys", 0)))
+                for name, (st, cpu) in infos.items()}  # fmt: skip
     except Exception:
-        return 0.0
+        return {}
     finally:
         await client.aclose()
 
@@ -305,10 +315,16 @@ async def _submit_batches(urls: list[str], bodies: list[bytes], run: _Run, concu
     await asyncio.gather(*(worker(i) for i in range(min(concurrency, len(bodies)))))
 
 
-def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any], replicas: int = 0
-                  ) -> tuple[str, str]:  # fmt: skip
-    """The Redis and MQTT URLs to use: the ones given, or of a redis-server (with `replicas` replicas) and a
-    Mosquitto started here (appended to `own`, for the caller to clean up)."""
+def start_servers(redis_url: str | None, mqtt_url: str | None, own: list[Any], replicas: int = 0,
+                  shards: int = 0) -> tuple[str, str]:  # fmt: skip
+    """The Redis and MQTT URLs to use: the ones given, or of a redis-server (with `replicas` replicas), or with
+    `shards` a Redis Cluster of that many masters, and a Mosquitto started here (appended to `own`, for the
+    caller to clean up)."""
+    if not redis_url and shards:
+        group = RedisClusterGroup(masters=shards)
+        own.append(group)
+        group.start()
+        redis_url = group.url
     if not redis_url:
         server = RedisServer()
         server.start()
@@ -332,7 +348,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
     own: list[Any] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        redis_url, mqtt_url = start_servers(options.redis_url, options.mqtt_url, own, options.durable)
+        redis_url, mqtt_url = start_servers(options.redis_url, options.mqtt_url, own, options.durable,
+                                            options.shards)  # fmt: skip
         namespace = f"bench{uuid.uuid4().hex[:6]}"
         env = {
             **os.environ,
@@ -401,7 +418,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         run.committed_ms["__offset__"] = int((time.time() - time.monotonic()) * 1000)
         bodies = _batches(jobs, options.batch) if options.batch else jobs
         mosquitto = next((server.proc for server in own if isinstance(server, MosquittoServer)), None)
-        cpu_before = await _cpu_now(procs, options, redis_url, mosquitto)
+        cpu_before, nodes_before = await _cpu_now(procs, options, redis_url, mosquitto)
         run.first_submit = time.monotonic()
         if options.rate:
             # the rate is in jobs a second: a batch of n jobs is one request every n / rate seconds
@@ -424,8 +441,10 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await listener
         run.refusals = await _refusals(urls, run.operator_headers)
-        cpu_after = await _cpu_now(procs, options, redis_url, mosquitto)
+        cpu_after, nodes_after = await _cpu_now(procs, options, redis_url, mosquitto)
         run.cpu_s = {name: spent - cpu_before[name] for name, spent in cpu_after.items()}
+        run.node_cpu_s = {node: spent - nodes_before[node] for node, spent in nodes_after.items()
+                          if node in nodes_before}  # fmt: skip
         return _report(options, run, sites_seen, startup_s)
     finally:
         for proc in procs:
@@ -473,6 +492,11 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
         "cpu_ms_per_placement": {
             name: round(1000 * spent / max(len(placed), 1), 3) for name, spent in run.cpu_s.items()
         },
+        # a cluster's share of that by node: how evenly the shards carry it
+        "redis_cpu_ms_per_placement_by_node": {
+            node: round(1000 * spent / max(len(placed), 1), 3) for node, spent in run.node_cpu_s.items()
+        },
+        "redis_shards": len(run.node_cpu_s),
         "refused_commits": int(sum(run.refusals.values())),
         "refused_commits_pct": round(100 * sum(run.refusals.values()) / max(len(placed), 1), 2),
         "refused_by_reason": {k: int(v) for k, v in run.refusals.items()},

@@ -29,24 +29,25 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
-import redis.asyncio as aioredis
 from rich.table import Table
 
 from adapters.fleet import all_sites
 from broker.metrics import Metrics
 from broker.sites.ingest import Ingest
 from broker.sites.link import MqttLink
+from broker.state.cluster import NamespaceCluster
 from broker.state.store import Store
 from common import topics
 from common.config import MqttTarget
 from common.errors import SuanwangError
 from common.protocol import CAPACITY_SCHEMA, Capacity
 from regions import SiteSeed, load_geography
-from suanwang.servers import MosquittoServer, RedisServer, mosquitto_available
+from suanwang.servers import MosquittoServer, RedisClusterGroup, RedisServer, mosquitto_available
 
 Message = tuple[str, bytes]
 PATHS = ("direct", "link", "link-paced", "mosquitto")
@@ -104,11 +105,14 @@ async def _online(ingest: Ingest, seeds: list[SiteSeed], boot: str) -> None:
         await ingest.handle(topics.capacity(seed.id), _encode(seed, seq=1, boot=boot, step=0))
 
 
-async def _redis_counts(redis: aioredis.Redis) -> tuple[float, float, float]:
-    """(commands, socket reads, CPU seconds) Redis has processed and spent so far."""
-    stats, cpu = await redis.info("stats"), await redis.info("cpu")
-    return (float(stats["total_commands_processed"]), float(stats["total_reads_processed"]),
-            float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))  # fmt: skip
+async def _redis_counts(url: str) -> dict[str, tuple[float, float, float]]:
+    """(commands, socket reads, CPU seconds) each Redis node has processed and spent so far."""
+    from suanwang.bench import redis_node_counts
+
+    counts = await redis_node_counts(url)
+    if not counts:
+        raise BenchError(f"could not read INFO stats and cpu of {url}")
+    return counts
 
 
 async def _verify(store: Store, last: dict[str, bytes]) -> int:
@@ -294,7 +298,8 @@ async def _path(redis_url: str, name: str, seeds: list[SiteSeed], updates: int, 
     try:
         await _online(_ingest(store), seeds, boot)
         messages, last = _messages(seeds, updates, boot)
-        before = await _redis_counts(store.redis)
+        first = await _redis_counts(redis_url)
+        before = await _redis_counts(redis_url)  # (the reads of `before` itself: before - first)
         cpu = time.process_time()
         if name == "direct":
             elapsed, latencies, ingest = await _direct(store, messages)
@@ -305,28 +310,41 @@ async def _path(redis_url: str, name: str, seeds: list[SiteSeed], updates: int, 
         elif mqtt_url is not None:
             elapsed, latencies, ingest = await _mosquitto(store, messages, mqtt_url, batched=name == "mosquitto")
         cpu = time.process_time() - cpu
-        after = await _redis_counts(store.redis)
-        # less the two INFO calls that read `before`
-        counts = (after[0] - before[0] - 2, after[1] - before[1] - 2, after[2] - before[2])
-        return _summary(updates, elapsed, cpu, latencies, counts, await _verify(store, last), ingest)
+        after = await _redis_counts(redis_url)
+        spent = {node: tuple(a - b - max(b - f, 0) if i < 2 else a - b
+                             for i, (a, b, f) in enumerate(zip(after[node], before[node], first[node], strict=True)))
+                 for node in after if node in before and node in first}  # fmt: skip
+        counts = tuple(sum(n[i] for n in spent.values()) for i in range(3))
+        summary = _summary(updates, elapsed, cpu, latencies, counts, await _verify(store, last), ingest)
+        if len(spent) > 1:  # a cluster: how the shards share Redis's CPU, and how many hubs each serves
+            summary["redis_cpu_us_per_update_by_node"] = {node: round(n[2] / updates * 1e6, 1)
+                                                          for node, n in spent.items()}  # fmt: skip
+            summary["hubs_by_node"] = _hubs_by_node(store, {seed.hub for seed in seeds})
+        return summary
     finally:
         await store.close()
 
 
 async def measure(updates: int, sites: int, redis_url: str | None, *, mqtt_url: str | None = None,
-                  paths: tuple[str, ...] = PATHS, rate: float = 2000.0) -> dict[str, Any]:  # fmt: skip
+                  paths: tuple[str, ...] = PATHS, rate: float = 2000.0, shards: int = 0) -> dict[str, Any]:  # fmt: skip
     """Feed `updates` capacity messages from `sites` sites through each of `paths` ("direct", "link",
     "link-paced": offered at `rate` a second, for latency below saturation, "mosquitto", and
     "mosquitto-direct": Mosquitto to `handle` one message after another); a redis-server and a Mosquitto of
-    its own when no URL is given. Each path's figures, and whether every effect landed."""
+    its own when no URL is given (with `shards`, a Redis Cluster of that many masters). Each path's figures,
+    and whether every effect landed."""
     if updates < 1 or sites < 1:
         raise ValueError("updates and sites must be at least 1")
     unknown = set(paths) - {*PATHS, "mosquitto-direct"}
     if unknown:
         raise ValueError(f"unknown ingest paths: {', '.join(sorted(unknown))}")
-    own: list[RedisServer | MosquittoServer] = []
+    own: list[RedisServer | RedisClusterGroup | MosquittoServer] = []
     own_redis = not redis_url
     try:
+        if not redis_url and shards:
+            group = RedisClusterGroup(masters=shards)
+            own.append(group)
+            group.start()
+            redis_url = group.url
         if not redis_url:
             server = RedisServer()
             server.start()
@@ -349,12 +367,25 @@ async def measure(updates: int, sites: int, redis_url: str | None, *, mqtt_url: 
             "sites": len(seeds),
             "paced_rate": rate,
             "results": results,
-            "redis": "own redis-server" if own_redis else "given (its counts include other clients')",
+            "redis": _whose(own_redis, shards),
             "cpu_count": os.cpu_count(),
         }
     finally:
         for own_server in own:
             own_server.cleanup()
+
+
+def _hubs_by_node(store: Store, hubs: set[str]) -> dict[str, int]:
+    """How many of `hubs` each cluster node serves (the node of each hub's tag)."""
+    redis = cast(NamespaceCluster, store.redis)
+    served = Counter(redis.node_of(store.keys.hub(hub).prefix).name for hub in hubs)
+    return dict(sorted(served.items()))
+
+
+def _whose(own: bool, shards: int) -> str:
+    if not own:
+        return "given (its counts include other clients')"
+    return f"own Redis Cluster of {shards} masters" if shards else "own redis-server"
 
 
 def ingest_table(report: dict[str, Any]) -> Table:

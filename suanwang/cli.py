@@ -376,18 +376,26 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
 @click.option("--durable-accept", "durable", type=click.IntRange(min=0), default=0, metavar="N",
               help="Durable accept: start N replicas of the benchmark's own Redis and accept a job only once N "
                    "have it (as `serve --durable-accept N`)")  # fmt: skip
+@click.option("--shards", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Run on a Redis Cluster of N masters (at least 3) started here instead of one redis-server, "
+                   "and report Redis's CPU by node (the placement and --ingest benches)")  # fmt: skip
 @click.option("--matrix", is_flag=True,
               help="Run at 1 and 2 brokers, single and batch submits (--batch, default 500), closed loop and open "
                    "loop (--rate, default 300 jobs/s): one row each")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
           matching_sizes: str | None, memory_sizes: str | None, soak_s: float | None, rate: float | None,
-          batch: int, tokens: bool, durable: int, matrix: bool, ingest_updates: int | None,
+          batch: int, tokens: bool, durable: int, shards: int, matrix: bool, ingest_updates: int | None,
           as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
 
     logs.configure("error")
+    if shards and redis_url:
+        raise click.BadParameter("the benchmark starts the cluster itself: leave out --redis", param_hint="--shards")
+    if shards and (shards < 3 or durable):
+        raise click.BadParameter("a cluster needs at least 3 masters, and has no replicas for --durable-accept",
+                                 param_hint="--shards")  # fmt: skip
     if matching_sizes:
         from suanwang.bench_matching import measure
 
@@ -411,7 +419,7 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
 
         if sites < 1:
             raise click.BadParameter("at least 1 site", param_hint="--sites")
-        report = _run(measure_ingest(ingest_updates, sites, redis_url, mqtt_url=mqtt_url))
+        report = _run(measure_ingest(ingest_updates, sites, redis_url, mqtt_url=mqtt_url, shards=shards))
     elif soak_s is not None:
         from suanwang.soak import SoakOptions, run_soak
 
@@ -422,7 +430,7 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
             raise click.BadParameter("the benchmark starts the replicas itself: leave out --redis",
                                      param_hint="--durable-accept")  # fmt: skip
         options = BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers, rate=rate, batch=batch,
-                               tokens=tokens, durable=durable)  # fmt: skip
+                               tokens=tokens, durable=durable, shards=shards)  # fmt: skip
         if matrix:
             from suanwang.bench import run_matrix
 

@@ -31,3 +31,14 @@ async def test_the_bench_with_tokens_on_places_every_job(redis_server: RedisServ
                                           concurrency=4, tokens=True))  # fmt: skip
     assert report["auth"] == "tokens"
     assert report["jobs_submitted"] == report["jobs_placed"] == 40 and report["submit_errors"] == 0
+
+
+async def test_the_bench_on_a_cluster_of_its_own_reports_redis_cpu_by_node(mosquitto: MosquittoServer) -> None:
+    """`--shards 3`: the bench starts a real three-master Redis Cluster, places every job on it, and splits
+    Redis's CPU per placement by node (the nodes' shares add up to the total)."""
+    report = await run_bench(BenchOptions(None, mosquitto.url, sites=16, heartbeat_s=2.0, jobs=60, concurrency=4,
+                                          shards=3))  # fmt: skip
+    assert report["jobs_submitted"] == report["jobs_placed"] == 60 and report["submit_errors"] == 0
+    by_node = report["redis_cpu_ms_per_placement_by_node"]
+    assert report["redis_shards"] == len(by_node) == 3
+    assert abs(sum(by_node.values()) - report["cpu_ms_per_placement"]["redis"]) <= 0.005

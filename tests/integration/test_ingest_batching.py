@@ -24,6 +24,7 @@ from common import topics
 from common.errors import StoreUnavailable
 from common.protocol import CAPACITY_SCHEMA, Capacity
 from regions import load_geography
+from suanwang.bench_ingest import measure as measure_ingest
 from suanwang.servers import MosquittoServer, RedisServer
 from tests.support import eventually
 
@@ -229,3 +230,17 @@ def test_bench_ingest_reports_updates_per_second(redis_server: RedisServer, mosq
         assert result["latency_ms"]["p99"] >= result["latency_ms"]["p50"] > 0, name
     assert report["results"]["direct"]["redis_reads_per_update"] >= 1  # a round trip each
     assert report["results"]["link"]["redis_reads_per_update"] < 0.5  # pipelined
+
+
+async def test_bench_ingest_on_a_cluster_reports_redis_cpu_by_node_and_the_hubs_each_serves() -> None:
+    """`bench --ingest --shards 3`: a real three-master cluster started for it; every effect lands, Redis's CPU
+    per update is given by node (summing to the total) and each hub is served by one node."""
+    report = await measure_ingest(1000, 40, None, paths=("link",), shards=3)
+    assert report["redis"] == "own Redis Cluster of 3 masters"
+    result = report["results"]["link"]
+    assert result["sites_wrong"] == 0 and result["dropped"] == 0
+    by_node = result["redis_cpu_us_per_update_by_node"]
+    assert len(by_node) == 3
+    assert abs(sum(by_node.values()) - result["cpu_us_per_update"]["redis"]) <= 0.2
+    assert set(result["hubs_by_node"]) <= set(by_node)
+    assert sum(result["hubs_by_node"].values()) == len(load_geography().hubs)
