@@ -199,6 +199,17 @@ class HoldBook(JobQueue):
         (the options of one hub's shard in one step), then the hold on the job shard; or say why the first
         could not."""
         owner = hold_owner(hold_id)
+        # what the job shard would refuse whatever the sites have, first (hold.lua checks it again when it
+        # binds): a tenant at its limit or a hold id taken costs no reservation and is told so
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.exists(self.keys.hold(hold_id))
+            pipe.zcard(self.keys.tenant_holds(tenant))
+            exists, standing = await pipe.execute()
+        if exists:
+            return TakenHold(None, refusal=_TAKE_REFUSALS[-6])
+        if max_holds is not None and int(standing) >= max_holds:
+            return TakenHold(None, refusal=_TAKE_REFUSALS[-5])
         refusal: int | None = None
         got: list[Any] | None = None
         start = 0

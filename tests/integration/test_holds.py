@@ -113,6 +113,12 @@ async def test_a_hold_falls_back_in_order_and_refuses_like_a_commit(store: Store
     await store.set_tenant_limit("default", None)
     many = await store.take_hold("h4", "default", [option(OTHER, count=1)], 60_000, "x", max_holds=1)
     assert many.refusal is Refusal.TOO_MANY_HOLDS
+    # at its limit the tenant is told so even where no devices are free, and nothing is reserved for it
+    full = await store.take_hold("h5", "default", [option(count=12)], 60_000, "x", max_holds=1)
+    assert full.refusal is Refusal.TOO_MANY_HOLDS
+    again = await store.take_hold("h1", "default", [option(OTHER, count=1)], 60_000, "x")
+    assert again.refusal is Refusal.HOLD_NOT_STANDING, "a hold id already taken"
+    assert (await ledger(store, SITE)) == {}
 
 
 async def test_racing_holds_never_take_more_than_the_pool_has(store: Store) -> None:

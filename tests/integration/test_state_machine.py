@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -1305,7 +1305,10 @@ class BrokerNetwork(RuleBasedStateMachine):
             await replica.store.close()
 
 
+# No shrinking: each example drives real servers, and shrinking one failure can take longer than the test's
+# time; the failing steps are printed as they ran (and a written-out run below replays them).
 SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None, database=None,
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate], report_multiple_bugs=False,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])  # fmt: skip
 
 
