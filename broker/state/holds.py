@@ -313,7 +313,9 @@ class HoldBook(JobQueue):
         keys, args, fields = self._submission(item, rate_limit, max_queued)
         calls: list[tuple[Any, Sequence[Any], Sequence[Any]]] = [(self._submit, keys, args)]
         hold = await self.get_hold(spec.hold)  # what the caller believes; both scripts check it
-        if hold is not None:
+        # a hold at a site gone away since it was taken: the job is stored and waits like any other
+        away = hold is not None and bool(await self.offline_sites([(hold.hub, hold.site)]))
+        if hold is not None and not away:
             record = orjson.dumps({"chosen": hold.offer, "runners_up": [], "hold": hold.id}).decode()
             placement = Placement(job_id, hold.site, hold.hub, hold.model, hold.count, hold.price, hold.latency_ms,
                                   arch=hold.arch, decision=record, hold=hold.id)  # fmt: skip
@@ -331,6 +333,10 @@ class HoldBook(JobQueue):
                 if job is None:
                     return StoreUnavailable("the job an Idempotency-Key names no longer exists")
                 return job, False, None
+            if len(replies) < 2:
+                job = await self.get_job(job_id)
+                return (job or fields), True, Commit(refusal=Refusal.SITE_NOT_ONLINE if away else
+                                                     Refusal.HOLD_NOT_STANDING)  # fmt: skip
             if isinstance(replies[1], Exception):
                 raise StoreUnavailable(f"Redis error: {replies[1]}")
             bound = int(replies[1])

@@ -511,7 +511,27 @@ class JobQueue(Ledger):
             await self.run_scripts(follow)  # what is not done here the sweeper does once the lease is over
         return results
 
+    async def offline_sites(self, places: Iterable[tuple[str, str]]) -> set[str]:
+        """Which of the (hub, site) pairs are not online now (their hub shard's word)."""
+        wanted = list(dict.fromkeys(places))
+        if not wanted:
+            return set()
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for hub, site in wanted:
+                pipe.hget(self.keys.hub(hub).site(site), "status")
+            statuses = await pipe.execute()
+        return {site for (_hub, site), status in zip(wanted, statuses, strict=True) if text(status) != "online"}
+
     async def _commit_held(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
+        # A hold's devices are already the hold's at the site, so no reservation (which checks the site is
+        # online) comes first: the site's status is read here. A site that goes away after this read has its
+        # jobs given back by the lost-site sweep, or this one by its accept timeout.
+        offline = await self.offline_sites((p.hub, p.site) for p in placements)
+        if offline:
+            ready = [p for p in placements if p.site not in offline]
+            done = iter(await self._commit_held(ready, accept_timeout_ms) if ready else [])
+            return [Commit(refusal=Refusal.SITE_NOT_ONLINE) if p.site in offline else next(done) for p in placements]
         calls = [self._bind_call(p, _pool(p, 0), accept_timeout_ms, None, None) for p in placements]
         async with translated():
             replies = await self.run_scripts(calls)

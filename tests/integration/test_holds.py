@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from broker.model.records import Refusal
+from broker.model.records import Placement, Refusal
 from broker.state.audit import audit, audit_report
 from broker.state.history import check_history
-from broker.state.holds import HoldOption
+from broker.state.holds import Hold, HoldOption
 from broker.state.keys import Keys
 from broker.state.store import Store
 from common.errors import Conflict, HoldNotStanding
@@ -60,6 +60,33 @@ async def test_a_hold_takes_the_devices_and_the_held_job_gets_them_at_the_quoted
     again = await store.submit_held("j2", job.model_copy(update={"hold": "h1"}), 30_000)
     assert isinstance(again, HoldNotStanding) and again.state == "used"
     assert await store.get_job("j2") is None, "a job refused for its hold is not stored"
+
+
+def placement_on_hold(job: str, hold: Hold) -> Placement:
+    """The scheduler's placement of `job` exactly on its hold (as commit_hold makes it)."""
+    return Placement(job, hold.site, hold.hub, hold.model, hold.count, hold.price, hold.latency_ms, arch=hold.arch,
+                     hold=hold.id)  # fmt: skip
+
+
+async def test_a_job_on_a_hold_whose_site_went_away_is_stored_and_waits(store: Store) -> None:
+    """The hold stands, but its site is offline: the job is stored and queued (site_not_online), not assigned
+    to a site that is gone, and the hold keeps its devices."""
+    await store.apply_capacity(capacity(1, {MODEL: (16, 0)}))
+    job = spec(count=8)
+    taken = await store.take_hold("h1", "default", [option()], 60_000, job.placement_hash())
+    assert taken.hold is not None
+    assert await store.set_site_status(SITE, "offline")
+    result = await store.submit_held("j1", job.model_copy(update={"hold": "h1"}), 30_000)
+    assert not isinstance(result, Exception)
+    record, created, commit = result
+    assert created and commit is not None and commit.refusal is Refusal.SITE_NOT_ONLINE, commit
+    assert record["state"] == "queued" and (await store.get_job("j1") or {})["state"] == "queued"
+    hold = await store.get_hold("h1")
+    assert hold is not None and hold.standing
+    assert set(await ledger(store, SITE)) == {"hold:h1"}
+    (again,) = await store.allocate([placement_on_hold("j1", hold)], 30_000)
+    assert again.refusal is Refusal.SITE_NOT_ONLINE, "nor does the scheduler's commit place it there"
+    assert (await store.get_job("j1") or {})["state"] == "queued"
 
 
 async def test_a_hold_past_its_time_refuses_the_job_and_the_sweep_gives_the_devices_back(store: Store) -> None:
