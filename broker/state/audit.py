@@ -256,7 +256,8 @@ class _Audit:
             op, step_hub, site, *rest = text(member).split("\t")
             if step_hub == hub:
                 out.add((site, rest[0]))
-                out.update((site, rest[i]) for i in range(4, len(rest), 2) if op == "merge")
+                # a merge's sources: `...\towner\tattempt\tcount\tsource\tattempt\tsource\tattempt...`
+                out.update((site, rest[i]) for i in range(3, len(rest), 2) if op == "merge")
         return out
 
     async def _site_state(self, hub: str, sites: Sequence[str]) -> dict[str, _SiteState]:

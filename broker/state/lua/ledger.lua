@@ -6,7 +6,8 @@
 --   merge:   owner, attempt, count, then (owner, attempt) of each source -- the sources' devices pass to the
 --            owner's entry (made when there is none), which then holds `count` of them; devices beyond that
 --            come free. Returns the entry's seq; 0 when the sources are gone and the entry too (done, and
---            ended since); -1 when some but not all sources are there, or of another model.
+--            ended since); -1 when some but not all sources are there, or of two models. An entry of the
+--            owner in another model (a stale reservation) is given back.
 --   recheck: -- every entry of every site of the hub goes to the pending set, due now unless already on
 --            its lease: after a new primary, the sweeper checks each against the job shard
 local prefix, action, site = KEYS[1], ARGV[1], ARGV[2]
@@ -61,10 +62,18 @@ elseif action == 'merge' then
   local have, seq = 0, nil
   if mine then
     local a, m, n, s = parse(mine)
-    if m ~= model then return -1 end
-    have, seq = n, tonumber(s)
     redis.call('ZREM', prefix .. 'pending', site .. '\t' .. owner .. '\t' .. a)
-  else
+    if m ~= model then
+      -- the owner's entry of another model: a reservation of a stopped try, or an earlier attempt's whose
+      -- release is on its way; neither can be bound now that the merge's attempt is, so its devices come free
+      redis.call('HINCRBY', capacity, 'a:' .. m, -n)
+      redis.call('INCR', prefix .. 'wake')
+      mine = nil
+    else
+      have, seq = n, tonumber(s)
+    end
+  end
+  if not mine then
     seq = redis.call('HINCRBY', prefix .. 'site:' .. site, 'aseq', 1)
   end
   for _, s in ipairs(sources) do
