@@ -258,6 +258,12 @@ class HubKeys:
         return f"{self.prefix}:pending"
 
     @property
+    def reservations(self) -> str:
+        """Hash: `site\towner\tattempt` of an entry on its lease -> the id of the call that reserved it; the
+        same call sent again (a reply lost) gets the same reservation, any other is refused it."""
+        return f"{self.prefix}:reservations"
+
+    @property
     def sites(self) -> str:
         """Sorted set: site -> change version; the hub's sites and the change log the matcher follows."""
         return f"{self.prefix}:sites"

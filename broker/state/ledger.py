@@ -29,6 +29,7 @@ way) says so.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,10 +127,13 @@ class Ledger(StoreBase):
 
     # the site shard's steps -----------------------------------------------------------------------------
     def reserve_call(self, hub: str, owner: str, attempt: int, pools: Sequence[tuple[str, str, int]],
-                     headroom: int | None = None) -> tuple[Any, list[str], list[Any]]:  # fmt: skip
+                     headroom: int | None = None, call: str | None = None
+                     ) -> tuple[Any, list[str], list[Any]]:  # fmt: skip
         """reserve.lua's call: take devices for (owner, attempt) at the first of `pools` (site, model, count)
-        that can give them (and asks no more than `headroom`, when given)."""
-        args: list[Any] = [owner, attempt, LEASE_MS, "" if headroom is None else headroom]
+        that can give them (and asks no more than `headroom`, when given). `call` names the call (a new id
+        when None): only the same call sent again is given the reservation it made."""
+        args: list[Any] = [owner, attempt, LEASE_MS, "" if headroom is None else headroom,
+                           call if call is not None else uuid.uuid4().hex]  # fmt: skip
         for site, model, count in pools:
             args += [site, model, count]
         return self._reserve, [self.hub_keys(hub).prefix + ":"], args

@@ -19,19 +19,19 @@ def store(redis_client: aioredis.Redis, namespace: str) -> Store:
     return Store(redis_client, Keys(namespace))
 
 
-async def _reserve(store: Store, job: str, count: int = 8) -> list[int]:
-    """Step one alone: the devices reserved for the job's first attempt, as a broker stopped after it left them."""
+async def _reserve(store: Store, job: str, count: int = 8, call: str = "call-1") -> list[int] | int:
+    """Step one alone, as call `call`: the devices reserved for the job's first attempt, as a broker stopped after
+    it left them (or the refusal)."""
     hub = await store.hub_of(SITE)
     assert hub is not None
-    (reply,) = await store.run_scripts([store.reserve_call(hub, job, 1, [(SITE, MODEL, count)])])
-    assert isinstance(reply, list), reply
-    return [int(v) for v in reply]
+    (reply,) = await store.run_scripts([store.reserve_call(hub, job, 1, [(SITE, MODEL, count)], call=call)])
+    return [int(v) for v in reply] if isinstance(reply, list) else int(reply)
 
 
 async def test_a_reservation_never_bound_is_released_by_the_sweeper_once_its_lease_is_over(store: Store) -> None:
     await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
     await store.submit("j1", spec(count=8), at_ms=T0)
-    _choice, _seq, lease_end = await _reserve(store, "j1")
+    _choice, _seq, lease_end = await _reserve(store, "j1")  # type: ignore[misc]
     assert (await counters(store))[f"a:{MODEL}"] == 8 and "j1" in await ledger(store, SITE)
     # on its lease it is on its way: the sweeper leaves it, the audit does not report it
     assert (await store.sweep_ledger(lease_end))["released"] == 0
@@ -46,7 +46,7 @@ async def test_a_reservation_never_bound_is_released_by_the_sweeper_once_its_lea
 async def test_a_binding_after_the_lease_is_refused_so_the_sweepers_read_cannot_go_stale(store: Store) -> None:
     await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
     await store.submit("j1", spec(count=8), at_ms=T0)
-    choice, seq, lease_end = await _reserve(store, "j1")
+    choice, seq, lease_end = await _reserve(store, "j1")  # type: ignore[misc]
     p = placement("j1")
     over = Reserved(choice, seq, lease_end - LEASE_MS - 1)  # the lease as it stood, already over
     late = store._bind_call(p, (p.site, p.hub, p.model, p.count, p.price, p.latency_ms, p.arch), 30_000, 1, over)
@@ -61,6 +61,22 @@ async def test_the_same_reservation_asked_twice_takes_the_devices_once(store: St
     first = await _reserve(store, "j1")
     assert await _reserve(store, "j1") == first  # a reply lost, the step sent again
     assert (await counters(store))[f"a:{MODEL}"] == 8
+
+
+async def test_a_reservation_has_one_binder_so_a_refused_bind_never_releases_anothers_devices(store: Store) -> None:
+    """Two replicas place the same job at the same attempt and pool (one slow past its claim): the second's
+    reservation is refused, not shared, so it neither binds nor releases. Were it given the first's, its bind
+    would be refused (the job no longer queued) and its release would take the first's bound devices away."""
+    await store.apply_capacity(capacity(1, {MODEL: (16, 0)}))
+    await store.submit("j1", spec(count=8), at_ms=T0)
+    choice, seq, lease_end = await _reserve(store, "j1", call="replica-a")  # type: ignore[misc]
+    p = placement("j1")
+    pool = (p.site, p.hub, p.model, p.count, p.price, p.latency_ms, p.arch)
+    (bound,) = await store.run_scripts([store._bind_call(p, pool, 30_000, 1, Reserved(choice, seq, lease_end))])
+    assert int(bound) == 1, "replica a bound it (and stopped before settling)"
+    assert await _reserve(store, "j1", call="replica-b") == -8, "replica b is refused the reservation"
+    assert (await ledger(store, SITE))["j1"][:3] == (1, MODEL, 8) and (await counters(store))[f"a:{MODEL}"] == 8
+    assert (await store.get_job("j1") or {})["state"] == "assigned"
 
 
 async def test_a_release_left_in_the_outbox_is_done_by_the_sweeper(store: Store) -> None:

@@ -19,6 +19,12 @@ local function parse(entry)
   return a, model, tonumber(count), seq
 end
 
+local function off_lease(owner, attempt)
+  local member = site .. '\t' .. owner .. '\t' .. attempt
+  redis.call('HDEL', prefix .. 'reservations', member)
+  return redis.call('ZREM', prefix .. 'pending', member)
+end
+
 local function changed()
   redis.call('ZADD', prefix .. 'sites', redis.call('INCR', prefix .. 'clock'), site)
 end
@@ -31,12 +37,12 @@ if action == 'release' then
   if attempt ~= '' and a ~= attempt then return 0 end
   redis.call('HDEL', held, owner)
   redis.call('HINCRBY', capacity, 'a:' .. model, -count)
-  redis.call('ZREM', prefix .. 'pending', site .. '\t' .. owner .. '\t' .. a)
+  off_lease(owner, a)
   changed()
   redis.call('INCR', prefix .. 'wake')  -- devices came free: parked jobs are looked at again
   return 1
 elseif action == 'settle' then
-  return redis.call('ZREM', prefix .. 'pending', site .. '\t' .. ARGV[3] .. '\t' .. ARGV[4])
+  return off_lease(ARGV[3], ARGV[4])
 elseif action == 'merge' then
   local owner, attempt, count = ARGV[3], ARGV[4], tonumber(ARGV[5])
   local found, total, model = 0, 0, nil
@@ -62,7 +68,7 @@ elseif action == 'merge' then
   local have, seq = 0, nil
   if mine then
     local a, m, n, s = parse(mine)
-    redis.call('ZREM', prefix .. 'pending', site .. '\t' .. owner .. '\t' .. a)
+    off_lease(owner, a)
     if m ~= model then
       -- the owner's entry of another model: a reservation of a stopped try, or an earlier attempt's whose
       -- release is on its way; neither can be bound now that the merge's attempt is, so its devices come free
@@ -78,7 +84,7 @@ elseif action == 'merge' then
   end
   for _, s in ipairs(sources) do
     redis.call('HDEL', held, s[1])
-    redis.call('ZREM', prefix .. 'pending', site .. '\t' .. s[1] .. '\t' .. s[2])
+    off_lease(s[1], s[2])
   end
   redis.call('HSET', held, owner, attempt .. ' ' .. model .. ' ' .. count .. ' ' .. seq)
   local spare = have + total - count
