@@ -13,7 +13,11 @@ of ownership that spans them is two fenced steps:
 - Devices given back or passed on (a job ends or goes back to the queue, a hold ends, a hold passes to its
   job, a preemption's victims' devices pass to its hold): the job shard's step decides it and writes the
   site shard's step into the outbox in the same script; the step (`ledger.lua`: release, merge) runs next,
-  idempotent, and its outbox entry is removed once it is done.
+  idempotent, and its outbox entry is removed once it is done. Steps on one owner may be done out of the
+  order they were decided in (one left in the outbox is done later by the sweeper): a release that comes
+  first leaves a tombstone, so the merge that comes after gives its devices back rather than make an entry
+  for an owner that has moved on; a merge whose sources are not there yet waits in the outbox for the
+  older merge that brings them.
 
 Nothing is lost when a broker stops between two steps: the sweeper (`sweep_ledger`) takes every ledger entry
 whose lease ended more than `MARGIN_MS` ago and still is not settled, reads its owner on the job shard, and
@@ -41,6 +45,7 @@ from broker.state.keys import HubKeys
 LEASE_MS = 10_000  # how long a reservation waits for its binding on the job shard
 MARGIN_MS = 5_000  # after the lease, before the sweeper judges it: more than two shards' clocks differ
 OUTBOX_AGE_MS = 5_000  # an outbox step older than this was left behind: the sweeper does it
+GONE_MS = 3_600_000  # how long a tombstone is kept: far longer than any outbox step waits
 PLACES_TTL_S = 10.0  # how long a replica trusts the places it read (the registry may move a cluster)
 HOLD_OWNER = "hold:"
 
@@ -169,6 +174,7 @@ class Ledger(StoreBase):
         hubs = await self.hub_ids()
         if not hubs:
             return moved
+        await self._forget_tombstones(hubs, now_ms - GONE_MS, limit)
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             for hub in hubs:
@@ -198,6 +204,22 @@ class Ledger(StoreBase):
         async with translated():
             await self.run_scripts(calls)
         return moved
+
+    async def _forget_tombstones(self, hubs: Sequence[str], before_ms: int, limit: int) -> None:
+        """The hubs' tombstones (owners taken off a ledger ahead of a merge, ledger.lua) older than `before_ms`."""
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for hub in hubs:
+                pipe.zrangebyscore(self.hub_keys(hub).prefix + ":gone-at", "-inf", before_ms, 0, limit)
+            old = await pipe.execute()
+            if not any(old):
+                return
+            pipe = self.redis.pipeline(transaction=False)
+            for hub, members in zip(hubs, old, strict=True):
+                if members:
+                    pipe.hdel(self.hub_keys(hub).prefix + ":gone", *members)
+                    pipe.zrem(self.hub_keys(hub).prefix + ":gone-at", *members)
+            await pipe.execute()
 
     async def recheck_all(self) -> int:
         """Every ledger entry of every hub to the pending set (due now unless on its lease): the job shard's

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from broker.state.audit import audit
 from broker.state.keys import Keys
-from broker.state.ledger import LEASE_MS, MARGIN_MS, OUTBOX_AGE_MS, Reserved
+from broker.state.ledger import GONE_MS, LEASE_MS, MARGIN_MS, OUTBOX_AGE_MS, Reserved
 from broker.state.store import Store
 from tests.integration.test_store import MODEL, SITE, T0, capacity, counters, placement, spec
 from tests.support import ledger, site_keys
@@ -104,3 +104,25 @@ async def test_a_release_left_in_the_outbox_is_done_by_the_sweeper(store: Store)
     (again,) = await store.run_scripts([store.ledger_call(hub, "release", SITE, "j1", 1)])
     assert int(again) == 0 and (await counters(store))[f"a:{MODEL}"] == 0
     assert await audit(store) == []
+
+
+async def test_a_release_ahead_of_its_merge_leaves_a_tombstone_the_merge_obeys_and_the_sweeper_forgets(
+    store: Store,
+) -> None:
+    """A hold's release done before the merge that would give it devices (a preemption's victims' merge left in the
+    outbox): the release finds nothing and buries the hold; the merge, when it comes, gives the victim's devices
+    back instead of making an entry for a hold that has ended. An hour on, the sweeper forgets the tombstone."""
+    await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
+    await store.submit("v", spec(count=8), at_ms=T0)
+    (commit,) = await store.allocate([placement("v")], 30_000)
+    assert commit.attempt == 1
+    hub = (await site_keys(store, SITE)).hub_id
+    (released,) = await store.run_scripts([store.ledger_call(hub, "release", SITE, "hold:p1", 0)])
+    assert int(released) == 0
+    (merged,) = await store.run_scripts([store.ledger_call(hub, "merge", SITE, "hold:p1", 0, 8, "v", 1)])
+    assert int(merged) == 0
+    assert await ledger(store, SITE) == {} and (await counters(store))[f"a:{MODEL}"] == 0
+    gone = store.keys.hub(hub).prefix + ":gone"
+    assert await store.redis.hlen(gone) == 2  # the hold, and the victim whose devices came back
+    await store.sweep_ledger(await store.clock_ms() + GONE_MS + 1)
+    assert await store.redis.hlen(gone) == 0

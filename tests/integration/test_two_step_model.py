@@ -37,11 +37,8 @@ At the end, after the sweeper ran twice past every lease, margin and outbox age,
 are empty, every site's ledger is exactly its owners' (the jobs holding there, the holds standing there), the
 audit finds nothing and the history checker no violation.
 
-The machine can pass devices from owner to owner (`merges`: preemptions, hand-overs, jobs submitted onto holds,
-the ledger's merge step), but the suite runs it without: a merge left in the outbox is not yet ordered against a
-later step on the same owner, and the written-out runs marked `MERGE_ORDER` are those failures, minimal, through the
-same gated store (expected to fail until that is fixed: they fail the suite once they pass). The other written-out
-runs are failures the machine found and that are fixed.
+The written-out runs at the end are failures the machine found (and that are fixed), minimal, through the same
+gated store.
 """
 
 from __future__ import annotations
@@ -955,13 +952,11 @@ SETTINGS = settings(max_examples=100, stateful_step_count=30, deadline=None, dat
 
 @pytest.mark.timeout(240)
 def test_a_broker_stopped_between_any_two_round_trips_loses_no_device(redis_server: RedisServer) -> None:
-    """Allocations (jobs of one model or either of two), transitions, holds taken, released and expired, and sweeps,
-    each maybe stopped after any of its round trips and carried on by a fresh store: no pool over-allocated, every
-    owner's devices in its site's ledger and every entry its owner's or on its way, after every step; nothing left
-    over once the sweeper has run. Devices passing from owner to owner (the ledger's merge step: preemptions,
-    hand-overs, jobs submitted onto holds) are left out while the merge's ordering is open (the written-out runs
-    below marked so)."""
-    machine = type("Broker", (TwoStepBroker,), {"redis_url": redis_server.url, "merges": False})
+    """Allocations (jobs of one model or either of two), transitions, holds taken, released, expired and submitted
+    onto, preemptions and their hand-over, and sweeps, each maybe stopped after any of its round trips and carried
+    on by a fresh store: no pool over-allocated, every owner's devices in its site's ledger and every entry its
+    owner's or on its way, after every step; nothing left over once the sweeper has run."""
+    machine = type("Broker", (TwoStepBroker,), {"redis_url": redis_server.url})
     run_state_machine_as_test(machine, settings=SETTINGS)
 
 
@@ -1032,13 +1027,6 @@ class Run:
         await self.store.close()
 
 
-# A merge step left in the outbox (a preemption's victims' devices passing to its hold, a hold's to its job) is
-# not ordered against a later step on the same owner, nor fenced on its attempt: these runs show it, and are
-# expected to fail until it is fixed (strict: one that passes fails the suite, to be unmarked).
-_UNORDERED = "a merge in the outbox is not ordered against later steps on its owner"
-MERGE_ORDER = pytest.mark.xfail(strict=True, raises=AssertionError, reason=_UNORDERED)
-
-
 LOW = ("t1", (H800,), 2, "low", True)  # a preemptible job, the victim
 HIGH = ("t1", (H800,), 2, "high", False)  # the job it gives way to
 
@@ -1055,7 +1043,6 @@ async def _preempted(run: Run) -> None:
     assert (await run.ledger("g1")) == {"v": (1, H800, 2)}
 
 
-@MERGE_ORDER
 @pytest.mark.timeout(60)
 async def test_a_preemptions_hold_released_before_its_merge_is_done_gives_its_devices_back(
     redis_server: RedisServer, namespace: str
@@ -1073,7 +1060,6 @@ async def test_a_preemptions_hold_released_before_its_merge_is_done_gives_its_de
         await run.close()
 
 
-@MERGE_ORDER
 @pytest.mark.timeout(60)
 async def test_a_preemptions_hold_handed_over_before_its_merge_is_done_passes_its_devices_to_the_job(
     redis_server: RedisServer, namespace: str
@@ -1176,7 +1162,6 @@ async def test_a_job_reserved_in_one_model_and_then_placed_in_another_at_the_sam
         await run.close()
 
 
-@MERGE_ORDER
 @pytest.mark.timeout(60)
 async def test_a_hand_overs_merge_done_after_its_job_moved_on_to_a_new_attempt_leaves_that_attempt_its_devices(
     redis_server: RedisServer, namespace: str

@@ -6,8 +6,10 @@
 --   merge:   owner, attempt, count, then (owner, attempt) of each source -- the sources' devices pass to the
 --            owner's entry (made when there is none), which then holds `count` of them; devices beyond that
 --            come free. Returns the entry's seq; 0 when the sources are gone and the entry too (done, and
---            ended since); -1 when some but not all sources are there, or of two models. An entry of the
---            owner in another model (a stale reservation) is given back.
+--            ended since), or when the owner has moved on (buried at this attempt, or its entry of a newer
+--            one): the sources' devices come free; -1 when the sources are of two models; an error (the step
+--            stays in the outbox) while a source is not there yet. An entry of the owner in another model (a
+--            stale reservation) is given back.
 --   recheck: -- every entry of every site of the hub goes to the pending set, due now unless already on
 --            its lease: after a new primary, the sweeper checks each against the job shard
 local prefix, action, site = KEYS[1], ARGV[1], ARGV[2]
@@ -25,6 +27,25 @@ local function off_lease(owner, attempt)
   return redis.call('ZREM', prefix .. 'pending', member)
 end
 
+-- Tombstones: an owner a step took off the ledger ahead of a merge that may still come for it (a release that
+-- found no entry of its attempt, a hold's or a leased entry's release, a merge's sources), with the highest
+-- attempt taken off; a merge into or from an owner buried at its attempt knows it is late. Kept an hour.
+local gone, gone_at = prefix .. 'gone', prefix .. 'gone-at'
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function bury(owner, attempt)
+  local f = site .. '\t' .. owner
+  local was = redis.call('HGET', gone, f)
+  if not was or tonumber(attempt) > tonumber(was) then redis.call('HSET', gone, f, attempt) end
+  redis.call('ZADD', gone_at, now_ms(), f)
+end
+local function buried(owner, attempt)
+  local was = redis.call('HGET', gone, site .. '\t' .. owner)
+  return was and tonumber(was) >= tonumber(attempt)
+end
+
 local function changed()
   redis.call('ZADD', prefix .. 'sites', redis.call('INCR', prefix .. 'clock'), site)
 end
@@ -32,9 +53,17 @@ end
 if action == 'release' then
   local owner, attempt = ARGV[3], ARGV[4]
   local entry = redis.call('HGET', held, owner)
-  if not entry then return 0 end
+  if not entry then
+    if attempt ~= '' then bury(owner, attempt) end
+    return 0
+  end
   local a, model, count = parse(entry)
-  if attempt ~= '' and a ~= attempt then return 0 end
+  if attempt ~= '' and a ~= attempt then
+    bury(owner, attempt)
+    return 0
+  end
+  local leased = redis.call('ZSCORE', prefix .. 'pending', site .. '\t' .. owner .. '\t' .. a)
+  if leased or string.sub(owner, 1, 5) == 'hold:' then bury(owner, a) end
   redis.call('HDEL', held, owner)
   redis.call('HINCRBY', capacity, 'a:' .. model, -count)
   off_lease(owner, a)
@@ -45,26 +74,43 @@ elseif action == 'settle' then
   return off_lease(ARGV[3], ARGV[4])
 elseif action == 'merge' then
   local owner, attempt, count = ARGV[3], ARGV[4], tonumber(ARGV[5])
-  local found, total, model = 0, 0, nil
-  local sources = {}
+  local mine = redis.call('HGET', held, owner)
+  local sources, waiting, model = {}, false, nil
   for i = 6, #ARGV, 2 do
     local entry = redis.call('HGET', held, ARGV[i])
-    if entry then
-      local a, m, n = parse(entry)
-      if a ~= ARGV[i + 1] or (model and m ~= model) then return -1 end
+    local a, m, n
+    if entry then a, m, n = parse(entry) end
+    if entry and a == ARGV[i + 1] then
+      if model and m ~= model then return -1 end
       model = m
-      found = found + 1
-      total = total + n
-      sources[#sources + 1] = {ARGV[i], a}
+      sources[#sources + 1] = {ARGV[i], a, m, n}
+    elseif not buried(ARGV[i], ARGV[i + 1]) and not (entry and tonumber(a) > tonumber(ARGV[i + 1])) then
+      waiting = true  -- not here yet: the step that brings it (an older merge) is still in the outbox
     end
   end
-  local mine = redis.call('HGET', held, owner)
-  if found == 0 then
+  local function give_back()  -- the owner has moved on: the sources' devices come free
+    for _, s in ipairs(sources) do
+      redis.call('HDEL', held, s[1])
+      off_lease(s[1], s[2])
+      bury(s[1], s[2])
+      redis.call('HINCRBY', capacity, 'a:' .. s[3], -s[4])
+    end
+    if #sources > 0 then
+      changed()
+      redis.call('INCR', prefix .. 'wake')
+    end
+    return 0
+  end
+  local ma = mine and parse(mine)
+  if buried(owner, attempt) or (ma and tonumber(ma) > tonumber(attempt)) then return give_back() end
+  if waiting then return redis.error_reply('WAIT a source of the merge is not there yet') end
+  if #sources == 0 then
     if not mine then return 0 end
     local _, _, _, seq = parse(mine)
     return tonumber(seq)
   end
-  if found ~= (#ARGV - 5) / 2 then return -1 end
+  local total = 0
+  for _, s in ipairs(sources) do total = total + s[4] end
   local have, seq = 0, nil
   if mine then
     local a, m, n, s = parse(mine)
@@ -85,6 +131,7 @@ elseif action == 'merge' then
   for _, s in ipairs(sources) do
     redis.call('HDEL', held, s[1])
     off_lease(s[1], s[2])
+    bury(s[1], s[2])
   end
   redis.call('HSET', held, owner, attempt .. ' ' .. model .. ' ' .. count .. ' ' .. seq)
   local spare = have + total - count
