@@ -363,7 +363,7 @@ class BrokerNetwork(RuleBasedStateMachine):
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """One step's work on the machine's own event loop; a step still at it after `STEP_LIMIT_S` fails
         naming itself (every step waits at most for a short deadline of Redis's clock)."""
-        name = coro.__qualname__
+        name = getattr(coro, "__qualname__", "step")
         try:
             return self.runner.run(self._bounded(coro, name))
         except BaseException:

@@ -78,19 +78,11 @@ from broker.state.store import Store
 from common.errors import HoldNotStanding
 from common.protocol import Capacity
 from suanwang.servers import RedisServer
+from tests.integration.test_state_machine import SitePlan
 
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------- the world
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    id: str
-    hub: str
-    cluster: str
-    price: float
-    pools: dict[str, int]  # model -> total devices
 
 
 A100, H800 = "A100-80G", "H800"
