@@ -57,6 +57,9 @@ class StoreBase:
         self.primaries_seen: dict[str, str] = {}  # a shard's primary key -> the replication id last found
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
+        # outbox steps done whose entries are still to remove: sent with the next round trip (`_send`), not one
+        # of their own (a broker that stops first leaves them to the sweeper, which does them again, harmlessly)
+        self.steps_done: list[str] = []
 
     async def run_scripts(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]],
                           *, raise_on_error: bool = True) -> list[Any]:  # fmt: skip
@@ -102,9 +105,20 @@ class StoreBase:
         for script, keys, args in calls:
             # as pipe.evalsha sends it (a cluster pipeline refuses the method, not the command)
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        done, self.steps_done = (self.steps_done, []) if wait is None else ([], self.steps_done)
+        if done:
+            pipe.execute_command("ZREM", self.keys.outbox, *done)
         if wait is not None:
             pipe.execute_command("WAIT", *wait)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except BaseException:
+            self.steps_done[:0] = done  # removed with a later round trip, or by the sweeper
+            raise
+        if done:
+            removed = replies.pop()
+            if isinstance(removed, Exception):
+                self.steps_done[:0] = done
         if wait is None:
             return replies, 0
         acked = replies.pop()

@@ -17,7 +17,8 @@ of ownership that spans them is two fenced steps:
   order they were decided in (one left in the outbox is done later by the sweeper): a release that comes
   first leaves a tombstone, so the merge that comes after gives its devices back rather than make an entry
   for an owner that has moved on; a merge whose sources are not there yet waits in the outbox for the
-  older merge that brings them.
+  older merge that brings them, for at most `MERGE_WAIT_MS`: then it goes on with the sources that are
+  there and buries the others, so the step that would bring one later gives its devices back.
 
 Nothing is lost when a broker stops between two steps: the sweeper (`sweep_ledger`) takes every ledger entry
 whose lease ended more than `MARGIN_MS` ago and still is not settled, reads its owner on the job shard, and
@@ -34,9 +35,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from broker.state.base import StoreBase
 from broker.state.connection import text, translated
@@ -45,6 +46,7 @@ from broker.state.keys import HubKeys
 LEASE_MS = 10_000  # how long a reservation waits for its binding on the job shard
 MARGIN_MS = 5_000  # after the lease, before the sweeper judges it: more than two shards' clocks differ
 OUTBOX_AGE_MS = 5_000  # an outbox step older than this was left behind: the sweeper does it
+MERGE_WAIT_MS = 60_000  # how long a merge waits for a source an older step brings; then it goes on without it
 GONE_MS = 3_600_000  # how long a tombstone is kept: far longer than any outbox step waits
 PLACES_TTL_S = 10.0  # how long a replica trusts the places it read (the registry may move a cluster)
 HOLD_OWNER = "hold:"
@@ -146,31 +148,45 @@ class Ledger(StoreBase):
     def ledger_call(self, hub: str, *args: Any) -> tuple[Any, list[str], list[Any]]:
         return self._ledger, [self.hub_keys(hub).prefix + ":"], list(args)
 
-    def step_call(self, entry: str) -> tuple[Any, list[str], list[Any]]:
-        """The ledger.lua call an outbox entry (`op\\thub\\tsite\\t...`) stands for."""
+    def step_call(self, entry: str, late: bool = False) -> tuple[Any, list[str], list[Any]]:
+        """The ledger.lua call an outbox entry (`op\\thub\\tsite\\t...`) stands for; `late`: a merge that has
+        waited `MERGE_WAIT_MS` for its sources goes on without those still missing."""
         op, hub, site, *rest = entry.split("\t")
-        return self.ledger_call(hub, op, site, *rest)
+        return self.ledger_call(hub, "merge-now" if late and op == "merge" else op, site, *rest)
 
-    async def run_steps(self, entries: Sequence[str]) -> list[Any]:
-        """Do outbox steps (site shard), then remove the entries of those done (job shard): two round trips.
-        The replies in order, an error in the place of a step not done (it stays in the outbox)."""
+    async def run_steps(self, entries: Sequence[str], late: Collection[str] = ()) -> list[Any]:
+        """Do outbox steps (site shard) in one round trip; the entries of those done are removed (job shard)
+        with the next round trip (`steps_done`). The replies in order, an error in the place of a step not done
+        (it stays in the outbox). The merges in `late` have waited long enough for their sources (`step_call`)."""
         if not entries:
             return []
         async with translated():
-            replies = await self.run_scripts([self.step_call(e) for e in entries], raise_on_error=False)
-            done = [e for e, r in zip(entries, replies, strict=True) if not isinstance(r, Exception)]
-            if done:
-                await self.redis.zrem(self.keys.outbox, *done)
+            replies = await self.run_scripts([self.step_call(e, e in late) for e in entries], raise_on_error=False)
+        self.steps_done += [e for e, r in zip(entries, replies, strict=True) if not isinstance(r, Exception)]
         return replies
+
+    async def flush_steps(self) -> None:
+        """Remove now the outbox entries of the steps done (`steps_done`) rather than with the next round trip."""
+        done, self.steps_done = self.steps_done, []
+        if done:
+            try:
+                async with translated():
+                    await self.redis.zrem(self.keys.outbox, *done)
+            except BaseException:
+                self.steps_done[:0] = done
+                raise
 
     async def sweep_ledger(self, now_ms: int, limit: int = 500) -> dict[str, int]:
         """Settle or release the ledger entries whose lease is long over, and do the outbox steps left behind;
         how many of each."""
         moved = {"settled": 0, "released": 0, "steps": 0}
         async with translated():
-            old = [text(e) for e in await self.redis.zrangebyscore(
-                self.keys.outbox, "-inf", now_ms - OUTBOX_AGE_MS, 0, limit)]  # fmt: skip
-        moved["steps"] = sum(1 for r in await self.run_steps(old) if not isinstance(r, Exception))
+            rows = cast(list[tuple[bytes, float]], await self.redis.zrangebyscore(
+                self.keys.outbox, "-inf", now_ms - OUTBOX_AGE_MS, 0, limit, withscores=True))  # fmt: skip
+        old = [text(e) for e, _ in rows]
+        late = {text(e) for e, at in rows if at < now_ms - MERGE_WAIT_MS}
+        moved["steps"] = sum(1 for r in await self.run_steps(old, late) if not isinstance(r, Exception))
+        await self.flush_steps()  # a sweep leaves no step it did behind for the next to do again
         hubs = await self.hub_ids()
         if not hubs:
             return moved

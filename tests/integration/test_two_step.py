@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 
 from broker.state.audit import audit
 from broker.state.keys import Keys
-from broker.state.ledger import GONE_MS, LEASE_MS, MARGIN_MS, OUTBOX_AGE_MS, Reserved
+from broker.state.ledger import GONE_MS, LEASE_MS, MARGIN_MS, MERGE_WAIT_MS, OUTBOX_AGE_MS, Reserved
 from broker.state.store import Store
 from tests.integration.test_store import MODEL, SITE, T0, capacity, counters, placement, spec
 from tests.support import ledger, site_keys
@@ -126,3 +126,74 @@ async def test_a_release_ahead_of_its_merge_leaves_a_tombstone_the_merge_obeys_a
     assert await store.redis.hlen(gone) == 2  # the hold, and the victim whose devices came back
     await store.sweep_ledger(await store.clock_ms() + GONE_MS + 1)
     assert await store.redis.hlen(gone) == 0
+
+
+async def test_a_merge_waits_for_a_missing_source_only_so_long_then_goes_on_and_the_late_source_comes_free(
+    store: Store,
+) -> None:
+    """A merge step whose source never comes (the step that was to bring it lost with a hub shard's unreplicated
+    writes) waits in the outbox, redone by every sweep, only `MERGE_WAIT_MS`: then it goes on with the source
+    that is there and buries the missing one, and a step that brings that one after all gives its devices back."""
+    await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
+    hub = (await site_keys(store, SITE)).hub_id
+    a, v = await store.run_scripts([store.reserve_call(hub, "hold:a", 0, [(SITE, MODEL, 4)]),
+                                    store.reserve_call(hub, "v", 1, [(SITE, MODEL, 4)])])  # fmt: skip
+    assert isinstance(a, list) and isinstance(v, list)
+    await store.run_scripts([store.ledger_call(hub, "settle", SITE, "hold:a", 0),
+                             store.ledger_call(hub, "settle", SITE, "v", 1)])  # fmt: skip
+    now = await store.clock_ms()
+    step = "\t".join(["merge", hub, SITE, "j", "1", "4", "hold:a", "0", "hold:b", "0"])
+    await store.redis.zadd(store.keys.outbox, {step: now})
+    assert (await store.sweep_ledger(now + OUTBOX_AGE_MS + 1))["steps"] == 0, "hold:b may still come"
+    assert set(await ledger(store, SITE)) == {"hold:a", "v"} and await store.redis.zcard(store.keys.outbox) == 1
+    assert (await store.sweep_ledger(now + MERGE_WAIT_MS + 1))["steps"] == 1
+    assert await store.redis.zcard(store.keys.outbox) == 0
+    held = await ledger(store, SITE)
+    assert set(held) == {"j", "v"} and held["j"][0] == 1 and held["j"][2] == 4
+    assert (await counters(store))[f"a:{MODEL}"] == 8
+    # the step that was to bring hold:b comes after all: v's devices come free instead of passing to hold:b
+    (late,) = await store.run_scripts([store.ledger_call(hub, "merge", SITE, "hold:b", 0, 4, "v", 1)])
+    assert int(late) == 0
+    assert set(await ledger(store, SITE)) == {"j"} and (await counters(store))[f"a:{MODEL}"] == 4
+
+
+async def test_a_batch_of_transitions_costs_two_round_trips_and_its_outbox_entries_go_with_the_next(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs ending: their transitions on the job shard, then their releases on the site shard; the releases'
+    outbox entries are removed with the store's next round trip instead of one of their own."""
+    await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
+    for job in ("j1", "j2"):
+        await store.submit(job, spec(count=4), at_ms=T0)
+    commits = await store.allocate([placement("j1", count=4), placement("j2", count=4)], 30_000)
+    assert [c.attempt for c in commits] == [1, 1]
+    hub = (await site_keys(store, SITE)).hub_id
+    await store.transition("none", "completed")  # the scripts loaded: round trips of the steady state counted
+    await store.run_scripts([store.ledger_call(hub, "settle", SITE, "none", 1)])
+    sent: list[str] = []
+    real_pipeline, real_command = store.redis.pipeline, store.redis.execute_command
+
+    def pipeline(*args: object, **kwargs: object) -> object:
+        pipe = real_pipeline(*args, **kwargs)  # type: ignore[arg-type]
+        execute = pipe.execute
+
+        async def counted(*a: object, **kw: object) -> object:
+            sent.append("pipeline")
+            return await execute(*a, **kw)  # type: ignore[arg-type]
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    async def command(*args: object, **kwargs: object) -> object:
+        sent.append(str(args[0]))
+        return await real_command(*args, **kwargs)
+
+    monkeypatch.setattr(store.redis, "pipeline", pipeline)
+    monkeypatch.setattr(store.redis, "execute_command", command)
+    states = await store.transitions([("j1", "completed", SITE, 1, ""), ("j2", "completed", SITE, 1, "")])
+    assert states == ["completed", "completed"]
+    assert len(sent) == 2, f"round trips: {sent}"
+    assert (await counters(store))[f"a:{MODEL}"] == 0 and await ledger(store, SITE) == {}
+    assert await store.redis.zcard(store.keys.outbox) == 2, "done, their entries not yet removed"
+    await store.transitions([("j1", "completed", SITE, 1, "")])  # any next round trip carries the removal
+    assert await store.redis.zcard(store.keys.outbox) == 0 and store.steps_done == []

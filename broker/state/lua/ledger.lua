@@ -10,6 +10,9 @@
 --            one): the sources' devices come free; -1 when the sources are of two models; an error (the step
 --            stays in the outbox) while a source is not there yet. An entry of the owner in another model (a
 --            stale reservation) is given back.
+--   merge-now: as merge, for a step that has waited `MERGE_WAIT_MS` in the outbox: a source still not there
+--            is taken as gone (buried at its attempt, so a step that brings it later gives its devices back)
+--            and the merge goes on with the others
 --   recheck: -- every entry of every site of the hub goes to the pending set, due now unless already on
 --            its lease: after a new primary, the sweeper checks each against the job shard
 local prefix, action, site = KEYS[1], ARGV[1], ARGV[2]
@@ -72,8 +75,9 @@ if action == 'release' then
   return 1
 elseif action == 'settle' then
   return off_lease(ARGV[3], ARGV[4])
-elseif action == 'merge' then
+elseif action == 'merge' or action == 'merge-now' then
   local owner, attempt, count = ARGV[3], ARGV[4], tonumber(ARGV[5])
+  local late = action == 'merge-now'
   local mine = redis.call('HGET', held, owner)
   local sources, waiting, model = {}, false, nil
   for i = 6, #ARGV, 2 do
@@ -85,7 +89,11 @@ elseif action == 'merge' then
       model = m
       sources[#sources + 1] = {ARGV[i], a, m, n}
     elseif not buried(ARGV[i], ARGV[i + 1]) and not (entry and tonumber(a) > tonumber(ARGV[i + 1])) then
-      waiting = true  -- not here yet: the step that brings it (an older merge) is still in the outbox
+      if late then
+        bury(ARGV[i], ARGV[i + 1])  -- waited long enough: the step that would bring it gives it back instead
+      else
+        waiting = true  -- not here yet: the step that brings it (an older merge) is still in the outbox
+      end
     end
   end
   local function give_back()  -- the owner has moved on: the sources' devices come free
