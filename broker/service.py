@@ -33,7 +33,7 @@ from broker.state.store import Store
 from broker.state.tokens import Tokens
 from common import logs, topics
 from common.config import Settings, redact_url
-from common.errors import InvalidInput
+from common.errors import InvalidInput, StoreUnavailable
 from regions import load_geography, load_transfer
 
 log = logs.get("suanwang.broker")
@@ -80,6 +80,19 @@ class Broker:
         await self.store.close()
 
 
+async def _use_layout(store: Store, job_shards: int | None) -> None:
+    """The deployment's job shards (Store.use_layout), waiting for Redis if it is not answering yet."""
+    delay = 0.2
+    while True:
+        try:
+            await store.use_layout(job_shards)
+            return
+        except StoreUnavailable as exc:
+            log.warning("broker.waiting_for_redis", error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def start_broker(settings: Settings) -> Broker:
     """Start every part of a replica and return once HTTP is listening."""
     transfer = load_transfer().with_egress(dict(settings.egress_cny_per_gb))  # a bad hub stops it here
@@ -87,6 +100,7 @@ async def start_broker(settings: Settings) -> Broker:
                           archive_days=settings.archive_retention_days)  # fmt: skip
     store = Store.from_url(settings.redis_url, settings.namespace, retention=retention)
     store.durable_replicas, store.durable_timeout_ms = settings.durable_accept, settings.durable_accept_timeout_ms
+    await _use_layout(store, settings.job_shards)  # before anything reads the store's keys
     geo = load_geography()
     stop = asyncio.Event()
     kick = asyncio.Event()

@@ -32,6 +32,7 @@ _NUMBER_VARS: tuple[tuple[str, str, type[float] | type[int], str], ...] = (
     ("max_preemptions", "SUANWANG_MAX_PREEMPTIONS", int, "a number"),
     ("durable_accept", "SUANWANG_DURABLE_ACCEPT", int, "a number of replicas"),
     ("durable_accept_timeout_ms", "SUANWANG_DURABLE_ACCEPT_TIMEOUT_MS", int, "a number of milliseconds"),
+    ("job_shards", "SUANWANG_JOB_SHARDS", int, "a number of job shards"),
 )  # fmt: skip
 
 
@@ -168,6 +169,9 @@ class Settings:
     # a failover to one of them loses no accepted job; 0 answers once the primary has it.
     durable_accept: int = 0
     durable_accept_timeout_ms: int = 1000
+    # Job shards: tenants' jobs, queues and holds spread over this many hash tags (Redis Cluster spreads them
+    # over its nodes). Fixed from a deployment's first start; None: as recorded (1 for a new one).
+    job_shards: int | None = None
     replica: str = field(default_factory=lambda: f"{os.uname().nodename}-{os.getpid()}")
 
     def __post_init__(self) -> None:

@@ -53,6 +53,8 @@ class BenchOptions:
     tokens: bool = False  # authentication on: submits with a user token, the stream with an operator's
     durable: int = 0  # durable accept: the brokers wait for this many replicas (of a Redis started here)
     shards: int = 0  # a Redis Cluster of this many masters started here (0: one redis-server)
+    job_shards: int = 1  # the brokers' job shards (serve --job-shards)
+    tenants: int = 1  # jobs spread round-robin over this many tenants (without --tokens; a token has one)
 
 
 @dataclass
@@ -357,6 +359,7 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             "SUANWANG_MQTT_URL": mqtt_url,
             "SUANWANG_NAMESPACE": namespace,
             "SUANWANG_DURABLE_ACCEPT": str(options.durable),
+            "SUANWANG_JOB_SHARDS": str(options.job_shards),
         }
         run = _Run()
         auth = ["--auth", "off"]
@@ -411,7 +414,8 @@ async def run_bench(options: BenchOptions) -> dict[str, Any]:
             raise BenchError(f"the system did not come up: {sites_seen} of {options.sites} sites seen after "
                              f"{startup_s:.0f} s; {said or 'no process exited'} (logs in {_LOGS})")  # fmt: skip
         rng = random.Random(options.seed)
-        jobs = [orjson.dumps(sample_job(rng, tenant="bench")) for _ in range(options.jobs)]
+        names = ["bench"] if options.tenants == 1 else [f"bench{i}" for i in range(options.tenants)]
+        jobs = [orjson.dumps(sample_job(rng, tenant=names[i % len(names)])) for i in range(options.jobs)]
         ready = asyncio.Event()
         listener = asyncio.create_task(_listen(urls[0], run, ready))
         await asyncio.wait_for(ready.wait(), 10)
@@ -497,6 +501,8 @@ def _report(options: BenchOptions, run: _Run, sites_seen: int, startup_s: float)
             node: round(1000 * spent / max(len(placed), 1), 3) for node, spent in run.node_cpu_s.items()
         },
         "redis_shards": len(run.node_cpu_s),
+        "job_shards": options.job_shards,
+        "tenants": options.tenants,
         "refused_commits": int(sum(run.refusals.values())),
         "refused_commits_pct": round(100 * sum(run.refusals.values()) / max(len(placed), 1), 2),
         "refused_by_reason": {k: int(v) for k, v in run.refusals.items()},

@@ -121,11 +121,10 @@ async def _queue_state(store: Store, tenants: int) -> tuple[int, int]:
     """(jobs in the queue, jobs parked by the scheduler as unplaceable), read in one round trip."""
     k = store.keys
     pipe = store.redis.pipeline(transaction=False)
-    pipe.zcard(k.queue)
     for i in range(tenants):
-        pipe.zcard(k.tenant_parked(f"mem-t{i}"))
-    queued, *parked = await pipe.execute()
-    return int(queued), sum(int(n) for n in parked)
+        pipe.zcard(k.for_tenant(f"mem-t{i}").tenant_parked(f"mem-t{i}"))
+    parked = await pipe.execute()
+    return await store.queue_length(), sum(int(n) for n in parked)
 
 
 def _status_kb(pid: int, field: str) -> int:

@@ -111,11 +111,15 @@ def main() -> None:
 @click.option("--max-queued-per-tenant", type=int, default=None, help="Most queued jobs per tenant [10000]")
 @click.option("--durable-accept", type=click.IntRange(min=0), default=None,
               help="Accept a job only once this many Redis replicas have it (WAIT) [env SUANWANG_DURABLE_ACCEPT; 0]")
+@click.option("--job-shards", type=click.IntRange(min=1), default=None,
+              help="Job shards of a new deployment, fixed from its first start: tenants' jobs spread over that many "
+                   "hash tags (Redis Cluster) [env SUANWANG_JOB_SHARDS; as recorded, else 1]")
 @log_option
 def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str, share_group: str,
           site_ttl: float | None, accept_timeout: float | None, auth: str | None, require_registered: bool | None,
           tls_cert: str | None, tls_key: str | None, submit_rate: float | None, submit_burst: int | None,
-          max_queued_per_tenant: int | None, durable_accept: int | None, log_level: str) -> None:  # fmt: skip
+          max_queued_per_tenant: int | None, durable_accept: int | None, job_shards: int | None,
+          log_level: str) -> None:  # fmt: skip
     """Run one broker replica: HTTP API, MQTT ingest and the matcher."""
     from broker.service import serve as serve_broker
 
@@ -124,7 +128,8 @@ def serve(redis_url: str | None, mqtt_url: str | None, http: str, namespace: str
         redis_url=redis_url, mqtt_url=mqtt_url, http=http, namespace=namespace, share_group=share_group,
         site_ttl_s=site_ttl, accept_timeout_s=accept_timeout, auth=auth, require_registered=require_registered,
         tls_cert=tls_cert, tls_key=tls_key, submit_rate=submit_rate, submit_burst=submit_burst,
-        max_queued_per_tenant=max_queued_per_tenant, durable_accept=durable_accept))  # fmt: skip
+        max_queued_per_tenant=max_queued_per_tenant, durable_accept=durable_accept,
+        job_shards=job_shards))  # fmt: skip
     _run(serve_broker(settings))
 
 
@@ -284,6 +289,7 @@ def audit(redis_url: str | None, namespace: str, with_history: bool, as_json: bo
     async def _audit() -> tuple[Report, HistoryReport | None]:
         store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
         try:
+            await store.use_layout()
             return await audit_report(store), await check_history(store) if with_history else None
         finally:
             await store.close()
@@ -333,6 +339,7 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
     async def _set() -> None:
         store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
         try:
+            await store.use_layout()
             await store.set_tenant_limit(name, devices)
         finally:
             await store.close()
@@ -379,14 +386,18 @@ def tenant_limit(name: str, devices: int | None, redis_url: str | None, namespac
 @click.option("--shards", type=click.IntRange(min=0), default=0, metavar="N",
               help="Run on a Redis Cluster of N masters (at least 3) started here instead of one redis-server, "
                    "and report Redis's CPU by node (the placement and --ingest benches)")  # fmt: skip
+@click.option("--job-shards", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="The brokers' job shards (serve --job-shards): with --tenants, jobs spread over N hash tags")
+@click.option("--tenants", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Submit the jobs round-robin as N tenants (not with --tokens, whose token has one tenant)")
 @click.option("--matrix", is_flag=True,
               help="Run at 1 and 2 brokers, single and batch submits (--batch, default 500), closed loop and open "
                    "loop (--rate, default 300 jobs/s): one row each")  # fmt: skip
 @json_option
 def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, concurrency: int, brokers: int,
           matching_sizes: str | None, memory_sizes: str | None, soak_s: float | None, rate: float | None,
-          batch: int, tokens: bool, durable: int, shards: int, matrix: bool, ingest_updates: int | None,
-          as_json: bool) -> None:  # fmt: skip
+          batch: int, tokens: bool, durable: int, shards: int, job_shards: int, tenants: int, matrix: bool,
+          ingest_updates: int | None, as_json: bool) -> None:  # fmt: skip
     """Measure the real system: placements per second and submit-to-allocation latency."""
     from suanwang.bench import BenchOptions, print_report, run_bench
 
@@ -396,6 +407,8 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
     if shards and (shards < 3 or durable):
         raise click.BadParameter("a cluster needs at least 3 masters, and has no replicas for --durable-accept",
                                  param_hint="--shards")  # fmt: skip
+    if tenants > 1 and tokens:
+        raise click.BadParameter("a user token submits as its one tenant: leave out --tokens", param_hint="--tenants")
     if matching_sizes:
         from suanwang.bench_matching import measure
 
@@ -430,7 +443,8 @@ def bench(redis_url: str | None, mqtt_url: str | None, sites: int, n_jobs: int, 
             raise click.BadParameter("the benchmark starts the replicas itself: leave out --redis",
                                      param_hint="--durable-accept")  # fmt: skip
         options = BenchOptions(redis_url, mqtt_url, sites, n_jobs, concurrency, brokers, rate=rate, batch=batch,
-                               tokens=tokens, durable=durable, shards=shards)  # fmt: skip
+                               tokens=tokens, durable=durable, shards=shards, job_shards=job_shards,
+                               tenants=tenants)  # fmt: skip
         if matrix:
             from suanwang.bench import run_matrix
 

@@ -28,6 +28,7 @@ namespace_option = click.option("--namespace", envvar="SUANWANG_NAMESPACE", defa
 async def with_store(redis_url: str | None, namespace: str, work: Callable[[Store], Awaitable[T]]) -> T:
     store = Store.from_url(redis_url or DEFAULT_REDIS, namespace)
     try:
+        await store.use_layout()
         return await work(store)
     finally:
         await store.close()

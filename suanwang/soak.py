@@ -338,7 +338,7 @@ async def settle(store: Store, jobs: list[str], timeout: float = 60.0, quiet_s: 
     while time.monotonic() - started < timeout:
         try:
             rows = await store.get_jobs(jobs, "state")
-            logged = int(await store.redis.xlen(store.keys.events))
+            logged = sum([int(await store.redis.xlen(sk.events)) for sk in store.keys.each_shard])
             overdue = len(await store.overdue_assignments(int(time.time() * 1000)))
         except (StoreUnavailable, OSError, Exception):  # Redis may still be loading its AOF
             await asyncio.sleep(0.3)
@@ -574,7 +574,8 @@ async def _placement_resumed(store: Store, after_ms: int, since_ms: int, timeout
     while time.monotonic() - started < timeout:
         with contextlib.suppress(StoreUnavailable):
             async with translated():
-                entries = cast(StreamEntries, await store.redis.xrevrange(store.keys.events, count=500))
+                entries = [e for sk in store.keys.each_shard
+                           for e in cast(StreamEntries, await store.redis.xrevrange(sk.events, count=500))]
             times = [int(raw.get(b"ts", 0)) for _id, raw in entries if raw.get(b"type") == b"allocated"]
             later = [ts for ts in times if ts > after_ms]
             if later:
@@ -706,16 +707,18 @@ Stream = list[tuple[str, dict[str, str]]]  # the event log: (entry id, fields), 
 
 
 async def read_stream(store: Store) -> Stream:
-    """The whole event stream, a page at a time."""
+    """The whole event stream (every job shard's, merged by id), a page at a time."""
     out: Stream = []
-    after = "-"
-    while True:
-        async with translated():
-            entries = cast(StreamEntries, await store.redis.xrange(store.keys.events, after, "+", count=5000))
-        out += [(text(event_id), {text(k): text(v) for k, v in raw.items()}) for event_id, raw in entries]
-        if len(entries) < 5000:
-            return out
-        after = "(" + text(entries[-1][0])
+    for sk in store.keys.each_shard:
+        after = "-"
+        while True:
+            async with translated():
+                entries = cast(StreamEntries, await store.redis.xrange(sk.events, after, "+", count=5000))
+            out += [(text(event_id), {text(k): text(v) for k, v in raw.items()}) for event_id, raw in entries]
+            if len(entries) < 5000:
+                break
+            after = "(" + text(entries[-1][0])
+    return sorted(out, key=lambda row: tuple(int(p) for p in row[0].split("-")))
 
 
 def _ms(event_id: str) -> float:

@@ -33,6 +33,9 @@ __all__ = ["DEPS", "Deps", "EventSource", "HoldDesk", "Limits", "MqttUp", "Publi
 class StateStore(Protocol):
     """Jobs and sites in the state store, as far as the API reads and changes them."""
 
+    def id_for(self, base: str, tenant: str) -> str:
+        """A new job's or hold's id for a tenant, from a unique `base` (it names the tenant's job shard)."""
+
     async def submit(self, job_id: str, spec: JobSpec, *, idempotency_key: str | None, body_hash: str,
                      rate_limit: SubmitRate | None, max_queued: int | None
                      ) -> tuple[dict[str, str], bool]:  # fmt: skip
@@ -74,6 +77,9 @@ class EventSource(Protocol):
     """The event log: its entries after an id, and the live feed of new ones."""
 
     async def wait_started(self, timeout: float) -> None: ...
+
+    def valid(self, position: str) -> bool:
+        """Whether `position` (an event's id) is one the log can resume after."""
 
     def subscribe(self) -> AbstractAsyncContextManager[Subscription]: ...
 

@@ -94,7 +94,8 @@ async def hold_offer(request: web.Request, spec: JobSpec, quote: dict[str, Any],
         raise Conflict(f"nothing to hold: {quote.get('waiting', 'no site can take this job now')}", code="hold_refused")
     offers = [{**offer_view(c), "duration_hours": spec.duration_hours} for c in candidates]
     options = [HoldOption.of_offer(o) for o in offers]
-    taken = await desk.take_hold(new_hold_id(), spec.tenant, options, int(ttl_s * 1000), spec.placement_hash(),
+    hold_id = deps.store.id_for(new_hold_id(), spec.tenant)
+    taken = await desk.take_hold(hold_id, spec.tenant, options, int(ttl_s * 1000), spec.placement_hash(),
                                  max_holds=deps.limits.max_holds_per_tenant)  # fmt: skip
     if taken.hold is None:
         why = _WHY.get(taken.refusal, str(taken.refusal)) if taken.refusal else "refused"

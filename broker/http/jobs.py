@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import Field
 
 from broker.http import auth
-from broker.http.deps import DEPS
+from broker.http.deps import DEPS, Deps
 from broker.http.holds import HOLD_PARAMS, desk_of, hold_offer, hold_request
 from broker.http.responses import error_body, json_body, json_response, status_of
 from broker.http.routes import ID, TENANT_HEADER_PARAM, TENANT_QUERY_PARAM, Route, param
@@ -33,6 +33,11 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 def new_job_id() -> str:
     """Sortable by submission time: milliseconds in hex, then randomness."""
     return f"j{int(time.time() * 1000):011x}{secrets.token_hex(5)}"
+
+
+def _job_id(deps: Deps, spec: JobSpec) -> str:
+    """A new job's id, on its tenant's job shard."""
+    return deps.store.id_for(new_job_id(), spec.tenant)
 
 
 def check_against_network(spec: JobSpec, geo: Geography) -> None:
@@ -98,7 +103,7 @@ async def submit_job(request: web.Request) -> web.Response:
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
     if spec.hold is not None:
         return await _submit_held(request, spec, key, rate)
-    stored, created = await deps.store.submit(new_job_id(), spec, idempotency_key=key, body_hash="",
+    stored, created = await deps.store.submit(_job_id(deps, spec), spec, idempotency_key=key, body_hash="",
                                               rate_limit=rate, max_queued=limits.max_queued_per_tenant)  # fmt: skip
     if created:
         deps.kick.set()
@@ -118,7 +123,7 @@ async def _submit_held(request: web.Request, spec: JobSpec, key: str | None, rat
     is stored. Should the site have gone offline since, the job waits in the queue like any other."""
     deps = request.app[DEPS]
     limits = deps.limits
-    outcome = await desk_of(deps).submit_held(new_job_id(), spec, int(limits.accept_timeout_s * 1000),
+    outcome = await desk_of(deps).submit_held(_job_id(deps, spec), spec, int(limits.accept_timeout_s * 1000),
                                               idempotency_key=key, rate_limit=rate,
                                               max_queued=limits.max_queued_per_tenant)  # fmt: skip
     if isinstance(outcome, SuanwangError):
@@ -184,7 +189,7 @@ async def submit_batch(request: web.Request) -> web.Response:
             field = f"jobs[{i}]" + (f".{inner}" if inner else "")
             results[i] = {"status": status_of(exc), "error": {**error_body(exc), "field": field}}
             continue
-        submissions.append((i, Submission(new_job_id(), spec, f"{key}#{i}" if key else None)))
+        submissions.append((i, Submission(_job_id(deps, spec), spec, f"{key}#{i}" if key else None)))
     limits, caller = deps.limits, auth.identity_of(request)
     rate = SubmitRate(caller.id, limits.submit_rate, limits.submit_burst) if caller.id else None
     outcomes = await deps.store.submit_many([s for _, s in submissions], rate_limit=rate,
@@ -233,7 +238,7 @@ async def quote_job(request: web.Request) -> web.Response:
             seconds = max(1, math.ceil(wait_ms / 1000))
             raise TooManyRequests(f"too many quotes: at most {limits.quote_rate:g}/s in bursts of {limits.quote_burst} "
                                   f"per token; retry in {seconds} s", seconds, code="quote_rate_limited")  # fmt: skip
-    quoted = await deps.quoter(new_job_id(), spec)
+    quoted = await deps.quoter(_job_id(deps, spec), spec)
     view = quote_view(quoted, limit)
     if hold:
         view["hold"] = await hold_offer(request, spec, quoted, hold_site, hold_ttl_s)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from broker.http.deps import DEPS
 from broker.http.routes import STR, Route, param
-from broker.state.events import id_after
+from broker.state.events import cursor_after
 from common.errors import InvalidInput
 
 KEEPALIVE_S = 15.0
@@ -20,11 +20,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the backlog after `Last-Event-ID` (if given), then every event live."""
     feed = request.app[DEPS].feed
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or ""
-    if last:
-        try:
-            id_after(last, "0-0")
-        except ValueError:
-            raise InvalidInput("Last-Event-ID must be a stream id like 1700000000000-0", "Last-Event-ID") from None
+    if last and not feed.valid(last):
+        raise InvalidInput("Last-Event-ID must be an event's id, a stream id like 1700000000000-0 (with more than "
+                           "one job shard, one per shard, comma-separated)", "Last-Event-ID")  # fmt: skip
     await feed.wait_started(STARTED_WAIT_S)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})  # fmt: skip
@@ -33,7 +31,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         nonlocal last
         chunk = bytearray()
         for event_id, data in items:
-            if last and not id_after(event_id, last):
+            if last and not cursor_after(event_id, last):
                 continue
             chunk += b"id: " + event_id.encode() + b"\nevent: allocation\ndata: " + data + b"\n\n"
             last = event_id

@@ -104,12 +104,14 @@ class Preemptor:
         for c in candidates:
             table = snapshot.tables[c.model]
             free = int(table.total[c.row]) - int(table.external[c.row]) - int(table.allocated[c.row])
-            victims = choose_victims(holdings.get(c.site, []), c.model, c.devices - max(free, 0), req.priority,
+            # a preemption is one step on its job's shard: it stops only jobs of that shard
+            mine = [h for h in holdings.get(c.site, []) if self.store.same_shard(h.job, req.job_id)]
+            victims = choose_victims(mine, c.model, c.devices - max(free, 0), req.priority,
                                      self.store.usage, now)  # fmt: skip
             if not victims:
                 continue
             grace_ms = max(v.grace_ms for v in victims)
-            hold_id = f"p{int(now):011x}{secrets.token_hex(4)}"
+            hold_id = self.store.keys.with_shard_of(f"p{int(now):011x}{secrets.token_hex(4)}", req.job_id)
             option = HoldOption.of_offer({**c.as_dict(), "duration_hours": req.duration_hours})
             _, refusal = await self.store.preempt(req.job_id, hold_id, option, grace_ms, self.max_preemptions,
                                                   [(v.job, v.attempt) for v in victims])  # fmt: skip

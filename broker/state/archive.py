@@ -49,7 +49,7 @@ class Archived:
 async def read_archived(redis: aioredis.Redis, keys: Keys, job_id: str) -> Archived | None:
     """The archived record of `job_id`, or None when there is none."""
     async with translated():
-        raw = await redis.get(keys.archived_job(job_id))
+        raw = await redis.get(keys.for_id(job_id).archived_job(job_id))
     if raw is None:
         return None
     record = orjson.loads(raw)
@@ -63,13 +63,18 @@ class JobArchive(StoreBase):
         """One bounded step of upkeep: archive up to `retention.batch` jobs finished before the retention, and
         trim the global usage log (approximately, whole stream nodes at a time). Returns how many jobs were
         archived."""
-        k, r = self.keys, self.retention
+        r = self.retention
         finished_before = now_ms - int(r.finished_hours * HOUR_MS)
         ttl = int(r.archive_days * DAY_MS)
+        shards = self.keys.each_shard
+        calls = [(self._archive, [sk.finished, sk.prefix + ":"], [finished_before, r.batch, ttl, now_ms])
+                 for sk in shards]  # fmt: skip
         async with translated():
-            archived = int(await self._archive(keys=[k.finished, k.prefix + ":"],
-                                               args=[finished_before, r.batch, ttl, now_ms]))  # fmt: skip
-            await self.redis.xtrim(k.usage, minid=str(now_ms - int(r.usage_days * DAY_MS)), approximate=True)
+            archived = sum(int(n) for n in await self.run_scripts(calls))
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in shards:
+                pipe.xtrim(sk.usage, minid=str(now_ms - int(r.usage_days * DAY_MS)), approximate=True)
+            await pipe.execute()
         if archived:
             log.info("jobs.archived", jobs=archived, finished_before=finished_before)
         return archived

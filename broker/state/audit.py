@@ -40,6 +40,7 @@ from typing import Any, TypeVar, cast
 from redis.exceptions import WatchError
 
 from broker.model.records import counted_models, pool_counts
+from broker.state.cluster import NamespaceCluster
 from broker.state.connection import StreamEntries, text, translated
 from broker.state.ledger import HOLD_OWNER
 from broker.state.store import Store
@@ -213,7 +214,7 @@ class _Audit:
     async def _watched(self, keys: Sequence[str], read: Callable[[], Awaitable[T]]) -> T | None:
         """`read()` done while none of `keys` changed (None when they kept changing)."""
         for _ in range(RETRIES):
-            async with self.redis.pipeline(transaction=True) as watch:
+            async with self.redis.pipeline(transaction=True, shard_hint=keys[0]) as watch:  # keys of one shard
                 try:
                     await watch.watch(*keys)
                     value = await read()
@@ -227,9 +228,13 @@ class _Audit:
     async def _jobs_read(self, jobs: Sequence[str]) -> dict[str, tuple[Row | None, Places]]:
         """Each job's record (None: none) and places, read at one moment by one script call per page."""
         out: dict[str, tuple[Row | None, Places]] = {}
-        for start in range(0, len(jobs), self.page):
-            ids = jobs[start : start + self.page]
-            raw = await self._read_page(keys=[self.k.prefix + ":", self.k.queue], args=list(ids))
+        by_shard: dict[int, list[str]] = {}
+        for job in jobs:
+            by_shard.setdefault(self.k.id_shard(job), []).append(job)
+        pages = [(self.k.shard(i), of[start : start + self.page]) for i, of in by_shard.items()
+                 for start in range(0, len(of), self.page)]  # fmt: skip
+        for sk, ids in pages:
+            raw = await self._read_page(keys=[sk.prefix + ":", sk.queue], args=list(ids))
             for i, job in enumerate(ids):
                 values = raw[9 * i : 9 * i + 9]
                 out[job] = _row(values[:6]), (bool(values[6]), bool(values[7]), bool(values[8]))
@@ -252,13 +257,20 @@ class _Audit:
         for member in await self.redis.zrange(self.k.hub(hub).pending, 0, -1):
             site, owner, _attempt = text(member).split("\t")
             out.add((site, owner))
-        for member in await self.redis.zrange(self.k.outbox, 0, -1):
-            op, step_hub, site, *rest = text(member).split("\t")
+        for member in await self._outbox():
+            op, step_hub, site, *rest = member.split("\t")
             if step_hub == hub:
                 out.add((site, rest[0]))
                 # a merge's sources: `...\towner\tattempt\tcount\tsource\tattempt\tsource\tattempt...`
                 out.update((site, rest[i]) for i in range(3, len(rest), 2) if op == "merge")
         return out
+
+    async def _outbox(self) -> list[str]:
+        """Every job shard's outbox: the steps on their way."""
+        pipe = self.redis.pipeline(transaction=False)
+        for sk in self.k.each_shard:
+            pipe.zrange(sk.outbox, 0, -1)
+        return [text(m) for members in await pipe.execute() for m in members]
 
     async def _site_state(self, hub: str, sites: Sequence[str]) -> dict[str, _SiteState]:
         """Each site's capacity hash and ledger (read together on the hub's shard), its owners' records and
@@ -281,7 +293,7 @@ class _Audit:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for hold in holds:
-            pipe.hmget(self.k.hold(hold), "state", "site", "model", "count", "tenant")
+            pipe.hmget(self.k.for_id(hold).hold(hold), "state", "site", "model", "count", "tenant")
         return {hold: _row(raw) for hold, raw in zip(holds, await pipe.execute(), strict=True)}
 
     async def _again(self, read: Callable[[], Awaitable[list[Violation]]]) -> list[Violation]:
@@ -330,8 +342,7 @@ class _Audit:
             hub = places[row[1]].hub if row[1] in places else ""
             pipe.hget(self.k.hub(hub).held(row[1]), job)
         entries = await pipe.execute()
-        moving = {text(m).split("\t")[3] for m in await self.redis.zrange(self.k.outbox, 0, -1)
-                  if text(m).startswith("merge\t")}  # fmt: skip
+        moving = {m.split("\t")[3] for m in await self._outbox() if m.startswith("merge\t")}
         out = []
         for job, raw in zip(order, entries, strict=True):
             row = holding[job]
@@ -345,16 +356,20 @@ class _Audit:
         return out
 
     async def _jobs(self) -> None:
-        """Every job against the queues and its site's set."""
-        prefix = self.k.job("")
-        cursor: int = 0
-        while True:
-            cursor, keys = await self.redis.scan(cursor, match=f"{prefix}*", count=self.page)
-            ids = [rest for rest in (text(key)[len(prefix) :] for key in keys) if ":" not in rest]
-            if ids:
-                await self._job_page(ids)
-            if not cursor:
-                return
+        """Every job against the queues and its site's set, a job shard at a time."""
+        for sk in self.k.each_shard:
+            prefix = sk.job("")
+            # on Redis Cluster, the node serving the shard's slot (a SCAN walks one node's keys)
+            where: dict[str, Any] = (
+                {"target_nodes": self.redis.node_of(sk.prefix)} if isinstance(self.redis, NamespaceCluster) else {})
+            cursor: int = 0
+            while True:
+                cursor, keys = await self.redis.scan(cursor, match=f"{prefix}*", count=self.page, **where)
+                ids = [rest for rest in (text(key)[len(prefix) :] for key in keys) if ":" not in rest]
+                if ids:
+                    await self._job_page(ids)
+                if not cursor:
+                    break
 
     async def _job_page(self, ids: Sequence[str]) -> None:
         rows: dict[str, Row] = {}
@@ -372,48 +387,57 @@ class _Audit:
     async def _tenants(self) -> None:
         """Devices counted per tenant against what its jobs hold; queued counts against its queue."""
         usage: dict[str, int] = {}
-        cursor: int = 0
-        while True:
-            cursor, fields = await self.redis.hscan(self.k.tenant_usage, cursor, count=self.page)
-            usage.update({text(t): int(v) for t, v in cast(dict[bytes, bytes], fields).items()})
-            if not cursor:
-                break
+        for sk in self.k.each_shard:
+            cursor: int = 0
+            while True:
+                cursor, fields = await self.redis.hscan(sk.tenant_usage, cursor, count=self.page)
+                usage.update({text(t): int(v) for t, v in cast(dict[bytes, bytes], fields).items()})
+                if not cursor:
+                    break
+            async for tenants in self._zscan(sk.queued_tenants):
+                self.tenants.update(tenants)
         self.tenants.update(usage)
-        async for tenants in self._zscan(self.k.queued_tenants):
-            self.tenants.update(tenants)
         for tenant in sorted(set(usage) | set(self.held)):
             if usage.get(tenant, 0) != self.held[tenant]:
                 self.report.add(await self._confirm_usage(tenant))
         tenants = sorted(self.tenants)
-        for start in range(0, len(tenants), self.page):
-            pipe = self.redis.pipeline(transaction=True)  # each count and its queue in one moment
-            for tenant in tenants[start : start + self.page]:
-                pipe.zcard(self.k.tenant_queue(tenant))
-                pipe.zcard(self.k.tenant_parked(tenant))
-                pipe.zscore(self.k.queued_tenants, tenant)
-            raw = await pipe.execute()
-            for i, tenant in enumerate(tenants[start : start + self.page]):
-                queued, counted = int(raw[3 * i]) + int(raw[3 * i + 1]), int(raw[3 * i + 2] or 0)
-                if queued != counted:
-                    self.report.add([Violation("queue_count", tenant, f"{queued} queued, counted {counted}")])
-            for tenant in tenants[start : start + self.page]:
-                await self._members_exist(self.k.tenant_queue(tenant))
-                await self._members_exist(self.k.tenant_parked(tenant))
+        by_shard: dict[int, list[str]] = {}
+        for tenant in tenants:
+            by_shard.setdefault(self.k.shard_index(tenant), []).append(tenant)
+        for index, of in sorted(by_shard.items()):
+            sk = self.k.shard(index)
+            for start in range(0, len(of), self.page):
+                page = of[start : start + self.page]
+                pipe = self.redis.pipeline(transaction=True, shard_hint=sk.prefix)  # each count and its queue at once
+                for tenant in page:
+                    pipe.zcard(sk.tenant_queue(tenant))
+                    pipe.zcard(sk.tenant_parked(tenant))
+                    pipe.zscore(sk.queued_tenants, tenant)
+                raw = await pipe.execute()
+                for i, tenant in enumerate(page):
+                    queued, counted = int(raw[3 * i]) + int(raw[3 * i + 1]), int(raw[3 * i + 2] or 0)
+                    if queued != counted:
+                        self.report.add([Violation("queue_count", tenant, f"{queued} queued, counted {counted}")])
+                for tenant in page:
+                    await self._members_exist(sk.tenant_queue(tenant))
+                    await self._members_exist(sk.tenant_parked(tenant))
 
     async def _confirm_usage(self, tenant: str) -> list[Violation]:
+        sk = self.k.for_tenant(tenant)
+
         async def read() -> tuple[int, int]:
-            counted = int(await self.redis.hget(self.k.tenant_usage, tenant) or 0)
+            counted = int(await self.redis.hget(sk.tenant_usage, tenant) or 0)
             holding: dict[str, int] = {}  # only the jobs holding devices: a ZSCAN may repeat a member
-            async for jobs in self._zscan(self.k.tenant_jobs(tenant)):
+            async for jobs in self._zscan(sk.tenant_jobs(tenant)):
                 for job, row in (await self._rows(jobs)).items():
                     if row is not None and row[0] in HOLDING:
                         holding[job] = row[3]
-            holds = [text(h) for h in await self.redis.zrange(self.k.tenant_holds(tenant), 0, -1)]
+            holds = [text(h) for h in await self.redis.zrange(sk.tenant_holds(tenant), 0, -1)]
             standing = await self._hold_rows(holds)
             return counted, sum(holding.values()) + sum(r[3] for r in standing.values() if r and r[0] == "held")
 
         # every allocation and release of the tenant writes its usage counter
-        result = await self._watched([self.k.tenant_usage], read)
+        result = await self._watched([sk.tenant_usage], read)
         if result is None:
             return [_unconfirmed(tenant, "its device count")]
         counted, held = result
@@ -421,34 +445,40 @@ class _Audit:
                                                      f"counted {counted}, its jobs and holds hold {held}")]
 
     async def _queue(self) -> None:
-        await self._members_exist(self.k.queue)
+        for sk in self.k.each_shard:
+            await self._members_exist(sk.queue)
 
     async def _members_exist(self, key: str) -> None:
         """Every member of the queue `key` has a job record."""
         async for jobs in self._zscan(key):
-            if await self.redis.exists(*(self.k.job(job) for job in jobs)) == len(jobs):
-                continue  # the usual case: one command for the page
+            if await self.redis.exists(*(self.k.for_id(job).job(job) for job in jobs)) == len(jobs):
+                continue  # the usual case: one command for the page (a queue's jobs are on its shard)
             pipe = self.redis.pipeline(transaction=False)
             for job in jobs:
-                pipe.exists(self.k.job(job))
+                pipe.exists(self.k.for_id(job).job(job))
             for job, exists in zip(jobs, await pipe.execute(), strict=True):
                 if exists:
                     continue
-                pipe = self.redis.pipeline(transaction=True)
+                pipe = self.redis.pipeline(transaction=True, shard_hint=self.k.for_id(job).prefix)
                 pipe.zscore(key, job)
-                pipe.exists(self.k.job(job))
+                pipe.exists(self.k.for_id(job).job(job))
                 still, exists_now = await pipe.execute()
                 if still is not None and not exists_now:
                     self.report.add([Violation("unknown_job", job, f"in {key} but has no record")])
 
     async def _events(self) -> None:
-        """The newest state change logged for each job agrees with the job's state."""
+        """The newest state change logged for each job agrees with the job's state: each job shard's log against
+        its jobs."""
+        for sk in self.k.each_shard:
+            await self._shard_events(sk.events)
+
+    async def _shard_events(self, log: str) -> None:
         seen: set[str] = set()
         suspects: dict[str, str] = {}  # job -> state last logged
         top, upper, read = "", "+", 0
         while read < self.event_window:
             count = min(self.page, self.event_window - read)
-            entries = cast(StreamEntries, await self.redis.xrevrange(self.k.events, upper, "-", count=count))
+            entries = cast(StreamEntries, await self.redis.xrevrange(log, upper, "-", count=count))
             if not entries:
                 break
             top = top or text(entries[0][0])
@@ -464,22 +494,22 @@ class _Audit:
                 if row is not None and row[0] != logged[job]:  # no record: archived, nothing to compare
                     suspects[job] = logged[job]
         if suspects:
-            self.report.add(await self._confirm_events(top, suspects))
+            self.report.add(await self._confirm_events(log, top, suspects))
 
-    async def _confirm_events(self, top: str, suspects: dict[str, str]) -> list[Violation]:
+    async def _confirm_events(self, log: str, top: str, suspects: dict[str, str]) -> list[Violation]:
         """The suspects' states and the log's newest id read in one MULTI, then the entries logged after `top`
         up to that id: what each job's newest logged state was at the moment its state was read."""
         jobs = list(suspects)
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=True, shard_hint=self.k.for_id(jobs[0]).prefix)  # one shard's
         for job in jobs:
-            pipe.hget(self.k.job(job), "state")
-        pipe.xrevrange(self.k.events, "+", "-", count=1)
+            pipe.hget(self.k.for_id(job).job(job), "state")
+        pipe.xrevrange(log, "+", "-", count=1)
         *states, newest = await pipe.execute()
         until = text(newest[0][0]) if newest else top
         logged = dict(suspects)
         after = "(" + top
         while True:
-            entries = cast(StreamEntries, await self.redis.xrange(self.k.events, after, until, count=self.page))
+            entries = cast(StreamEntries, await self.redis.xrange(log, after, until, count=self.page))
             for _id, fields in entries:
                 job = text(fields.get(b"job"))
                 if job in logged and text(fields.get(b"type")) != "released":

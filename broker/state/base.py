@@ -11,7 +11,9 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from broker.state.cluster import NamespaceCluster
+from broker.state.connection import translated
 from broker.state.keys import Keys
+from common.errors import InvalidInput
 
 SCRIPTS = ("capacity", "site_status", "bind", "reserve", "ledger", "transition", "submit", "reconcile", "archive",
            "waiting", "heads", "hold", "preempt", "primary")
@@ -57,6 +59,7 @@ class StoreBase:
         self.primaries_seen: dict[str, str] = {}  # a shard's primary key -> the replication id last found
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
+        self.queued_tenants_seen: dict[int, int] = {}  # job shard -> its tenants with queued jobs, likewise
         # outbox steps done whose entries are still to remove: sent with the next round trip (`_send`), not one
         # of their own (a broker that stops first leaves them to the sweeper, which does them again, harmlessly)
         self.steps_done: list[str] = []
@@ -106,8 +109,9 @@ class StoreBase:
             # as pipe.evalsha sends it (a cluster pipeline refuses the method, not the command)
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         done, self.steps_done = (self.steps_done, []) if wait is None else ([], self.steps_done)
-        if done:
-            pipe.execute_command("ZREM", self.keys.outbox, *done)
+        removals = self.by_outbox(done)
+        for outbox, entries in removals.items():
+            pipe.execute_command("ZREM", outbox, *entries)
         if wait is not None:
             pipe.execute_command("WAIT", *wait)
         try:
@@ -115,9 +119,10 @@ class StoreBase:
         except BaseException:
             self.steps_done[:0] = done  # removed with a later round trip, or by the sweeper
             raise
-        if done:
-            removed = replies.pop()
-            if isinstance(removed, Exception):
+        if removals:
+            removed = replies[len(replies) - len(removals):]
+            del replies[len(replies) - len(removals):]
+            if any(isinstance(r, Exception) for r in removed):
                 self.steps_done[:0] = done
         if wait is None:
             return replies, 0
@@ -126,6 +131,35 @@ class StoreBase:
             raise acked
         return replies, int(acked)
 
+
+    async def use_layout(self, job_shards: int | None = None) -> int:
+        """Lay the store's keys out over the deployment's job shards, a number recorded in Redis at its first
+        start: `job_shards` is recorded when none is (1 when None), and must be the one recorded otherwise
+        (a tenant's shard is a hash of its name over that number, so it never changes). Returns the number."""
+        if job_shards is not None and job_shards < 1:
+            raise InvalidInput(f"job shards must be at least 1, not {job_shards}", "job_shards")
+        async with translated():
+            if job_shards is not None:
+                await self.redis.set(self.keys.job_shards, job_shards, nx=True)
+            recorded = await self.redis.get(self.keys.job_shards)
+        found = int(recorded) if recorded is not None else 1
+        if job_shards is not None and found != job_shards:
+            raise InvalidInput(f"this deployment (namespace {self.keys.namespace!r}) has {found} job shards; it "
+                               f"cannot start with {job_shards}", "job_shards")  # fmt: skip
+        if found != self.keys.shards:
+            self.keys = Keys(self.keys.namespace, found)
+        return found
+
+    def id_for(self, base: str, tenant: str) -> str:
+        """A new job's or hold's id (`base`, unique) for a tenant: on the tenant's job shard (Keys.with_shard)."""
+        return self.keys.with_shard(base, tenant)
+
+    def by_outbox(self, entries: Sequence[str]) -> dict[str, list[str]]:
+        """Outbox entries by the outbox they are in (their owner's job shard's)."""
+        out: dict[str, list[str]] = {}
+        for entry in entries:
+            out.setdefault(self.keys.for_step(entry).outbox, []).append(entry)
+        return out
 
     async def run_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:
         """Run (script, keys, args) calls in one MULTI/EXEC, so nothing runs between them; the replies in order,
@@ -143,7 +177,8 @@ class StoreBase:
         return replies
 
     async def _exec_atomically(self, calls: Sequence[tuple[AsyncScript, Sequence[Any], Sequence[Any]]]) -> list[Any]:
-        pipe = self.redis.pipeline(transaction=True)
+        # one shard's calls (a transaction cannot span two): its node, named by the first call's first key
+        pipe = self.redis.pipeline(transaction=True, shard_hint=calls[0][1][0] if calls and calls[0][1] else None)
         for script, keys, args in calls:
             pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
         return list(await pipe.execute(raise_on_error=False))

@@ -34,6 +34,12 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def entry_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as (ms, seq), to order the entries of several streams (ValueError if it is none)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {text(k): text(v) for k, v in raw.items()}
 

@@ -13,7 +13,7 @@ from typing import Any, cast
 import orjson
 from redis import exceptions as redis_errors
 
-from broker.state.connection import StreamEntries, StreamReply, translated
+from broker.state.connection import StreamEntries, StreamReply, entry_key, text, translated
 from broker.state.store import Store
 from common import logs
 from common.errors import StoreUnavailable
@@ -50,6 +50,16 @@ def id_after(a: str, b: str) -> bool:
     return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
 
 
+def cursor_after(a: str, b: str) -> bool:
+    """Whether the live stream's position `a` comes after `b`. A position is the stream id of the last event
+    read of each job shard's log, comma-separated (with one shard, that one id): `a` is after `b` when it has
+    read further in any of them. ValueError for a position that is neither."""
+    pa, pb = a.split(","), b.split(",")
+    if len(pa) != len(pb):
+        raise ValueError(f"a position of {len(pa)} logs against one of {len(pb)}")
+    return any(id_after(x, y) for x, y in zip(pa, pb, strict=True))
+
+
 class Subscription:
     """A live view's queue; `overflowed` is set when it fell too far behind and was dropped."""
 
@@ -59,17 +69,31 @@ class Subscription:
 
 
 class EventFeed:
-    """Tails the stream once and hands each event, encoded once, to every subscriber."""
+    """Tails every job shard's log once and hands each event, encoded once, to every subscriber, with the
+    position after it (`cursor_after`): `backlog` given that position reads on from there."""
 
     def __init__(self, store: Store, block_ms: int = 1000, subscriber_buffer: int = 10_000) -> None:
         self.store = store
         self.block_ms = block_ms
         self.subscriber_buffer = subscriber_buffer
         self._subscribers: set[Subscription] = set()
-        self.last_id = "$"
-        # set once the tail knows where the log ends: every event after a subscription made from then on
+        self.logs = [sk.events for sk in store.keys.each_shard]
+        self.positions = ["$"] * len(self.logs)  # the last id read of each log ('$': its end not yet found)
+        # set once the tail knows where every log ends: every event after a subscription made from then on
         # reaches the subscriber (before it, events logged before the tail's first read would be skipped)
         self.started = asyncio.Event()
+
+    @property
+    def last_id(self) -> str:
+        return ",".join(self.positions)
+
+    def valid(self, position: str) -> bool:
+        """Whether `position` is one this feed's logs can resume from."""
+        parts = position.split(",")
+        try:
+            return len(parts) == len(self.logs) and all(entry_key(p) >= (0, 0) for p in parts)
+        except ValueError:
+            return False
 
     async def wait_started(self, timeout: float) -> None:
         """Until the tail knows where the log ends, or StoreUnavailable after `timeout` seconds."""
@@ -92,36 +116,61 @@ class EventFeed:
         self._subscribers.add(subscription)
 
     async def backlog(self, after: str, count: int = 1000) -> list[tuple[str, bytes]]:
-        """Events after id `after` (exclusive), oldest first, at most `count`."""
+        """Events after position `after` (exclusive), each log's oldest first, at most `count`, each with the
+        position after it."""
+        positions = after.split(",")
         async with translated():
-            rows = cast(StreamEntries, await self.store.redis.xrange(self.store.keys.events, f"({after}", "+",
-                                                                     count=count))  # fmt: skip
-        return [(event["id"], orjson.dumps(event)) for event in (decode_event(i, f) for i, f in rows)]
+            pipe = self.store.redis.pipeline(transaction=False)
+            for log, position in zip(self.logs, positions, strict=True):
+                pipe.xrange(log, f"({position}", "+", count=count)
+            found = cast(list[StreamEntries], await pipe.execute())
+        rows = sorted(((entry_key(text(i)), shard, i, f) for shard, entries in enumerate(found) for i, f in entries),
+                      key=lambda row: (row[0], row[1]))[:count]  # fmt: skip
+        out = []
+        for _key, shard, event_id, fields in rows:
+            positions[shard] = text(event_id)
+            out.append((",".join(positions), orjson.dumps(self._event(shard, event_id, fields))))
+        return out
+
+    def _event(self, shard: int, event_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
+        event = decode_event(event_id, fields)
+        if len(self.logs) > 1:
+            event["shard"] = shard
+        return event
 
     async def run(self, stop: asyncio.Event) -> None:
-        redis = self.store.redis
-        key = self.store.keys.events
+        tails = [asyncio.create_task(self._tail(shard, stop)) for shard in range(len(self.logs))]
+        try:
+            await asyncio.gather(*tails)
+        finally:
+            for tail in tails:
+                tail.cancel()
+
+    async def _tail(self, shard: int, stop: asyncio.Event) -> None:
+        redis, key = self.store.redis, self.logs[shard]
         while not stop.is_set():
             try:
-                if self.last_id == "$":
+                if self.positions[shard] == "$":
                     newest = cast(StreamEntries, await redis.xrevrange(key, count=1))
-                    self.last_id = newest[0][0].decode() if newest else "0-0"
-                    self.started.set()
-                reply = cast(StreamReply, await redis.xread({key: self.last_id}, block=self.block_ms, count=1000))
+                    self.positions[shard] = newest[0][0].decode() if newest else "0-0"
+                    if "$" not in self.positions:
+                        self.started.set()
+                reply = cast(StreamReply, await redis.xread({key: self.positions[shard]}, block=self.block_ms,
+                                                            count=1000))  # fmt: skip
             except (redis_errors.RedisError, OSError) as exc:
                 log.warning("events.tail_failed", error=str(exc))
                 await asyncio.sleep(1)
                 continue
             for _stream, entries in reply or ():
                 for event_id, fields in entries:
-                    event = decode_event(event_id, fields)
-                    self.last_id = event["id"]
-                    item = (event["id"], orjson.dumps(event))
+                    event = self._event(shard, event_id, fields)
+                    self.positions[shard] = event["id"]
+                    item = (self.last_id, orjson.dumps(event))
                     for subscription in list(self._subscribers):
                         try:
                             subscription.queue.put_nowait(item)
                         except asyncio.QueueFull:
-                            # a subscriber this far behind catches up from the log by its last id
+                            # a subscriber this far behind catches up from the log by its last position
                             self._subscribers.discard(subscription)
                             subscription.overflowed = True
 
@@ -131,8 +180,19 @@ async def run_mirror(store: Store, consumer: str, publish: Callable[[list[bytes]
                      ) -> None:  # fmt: skip
     """Publish every event to the MQTT mirror once, sharing the work between replicas: each event as its own
     message with `publish` (given a read's events in order), and each read of the log as one JSON array with
-    `publish_batch` (either may be None)."""
-    redis, key = store.redis, store.keys.events
+    `publish_batch` (either may be None). Each job shard's log has its own consumer group and loop."""
+    loops = [asyncio.create_task(_mirror_log(store, sk.events, consumer, publish, stop, publish_batch))
+             for sk in store.keys.each_shard]  # fmt: skip
+    try:
+        await asyncio.gather(*loops)
+    finally:
+        for loop in loops:
+            loop.cancel()
+
+
+async def _mirror_log(store: Store, key: str, consumer: str, publish: Callable[[list[bytes]], Awaitable[None]] | None,
+                      stop: asyncio.Event, publish_batch: Callable[[bytes], Awaitable[None]] | None) -> None:
+    redis = store.redis
     created = False
     while not stop.is_set():
         try:

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from redis import exceptions as redis_errors
 
 from broker.model.job import Residency
-from broker.state.connection import StreamEntries, text, translated
+from broker.state.connection import StreamEntries, entry_key, text, translated
 from broker.state.registry import SiteRegistry
 from broker.state.store import Store
 from regions import Geography, load_geography
@@ -233,11 +233,11 @@ class _Checker:
             live.end, track.live = at, None
 
 
-async def _stream_info(store: Store) -> bool | None:
+async def _stream_info(store: Store, stream: str) -> bool | None:
     """Whether entries were ever removed from the stream (None: this Redis does not say)."""
     async with translated():
         try:
-            info = await store.redis.xinfo_stream(store.keys.events)
+            info = await store.redis.xinfo_stream(stream)
         except redis_errors.ResponseError as exc:
             if "no such key" in str(exc).lower():
                 return False
@@ -246,15 +246,15 @@ async def _stream_info(store: Store) -> bool | None:
     return int(added) > int(info.get("length", 0)) if added is not None else None
 
 
-async def _read(store: Store, checker: _Checker, after: str, page: int, rounds: int | None
+async def _read(store: Store, stream: str, checker: _Checker, after: str, page: int, rounds: int | None
                 ) -> tuple[str, int, set[str]]:  # fmt: skip
-    """Feed the events after stream id `after` (exclusive; '-' for all) to `checker`, a page at a time, at
-    most `rounds` pages when given; returns the last id read, how many were read and the jobs they named."""
+    """Feed the events of `stream` after id `after` (exclusive; '-' for all) to `checker`, a page at a time,
+    at most `rounds` pages when given; returns the last id read, how many were read and the jobs they named."""
     read, jobs, done = 0, set[str](), 0
     while rounds is None or done < rounds:
         start = after if after == "-" else "(" + after
         async with translated():
-            rows = cast(StreamEntries, await store.redis.xrange(store.keys.events, start, "+", count=page))
+            rows = cast(StreamEntries, await store.redis.xrange(stream, start, "+", count=page))
         for event_id, fields in rows:
             checker.feed(event_id, fields)
             jobs.add(text(fields.get(b"job")))
@@ -340,7 +340,7 @@ async def _records(store: Store, jobs: list[str]) -> dict[str, _Record]:
         async with translated():
             pipe = store.redis.pipeline(transaction=False)
             for job in batch:
-                pipe.hmget(store.keys.job(job), "state", "attempt", "spec")
+                pipe.hmget(store.keys.for_id(job).job(job), "state", "attempt", "spec")
             rows = await pipe.execute()
         for job, (state, attempt, spec) in zip(batch, rows, strict=True):
             out[job] = _Record(text(state) or None, _int(attempt) or 0, _residency(spec))
@@ -349,7 +349,7 @@ async def _records(store: Store, jobs: list[str]) -> dict[str, _Record]:
             async with translated():
                 pipe = store.redis.pipeline(transaction=False)
                 for job in missing:
-                    pipe.exists(store.keys.archived_job(job))
+                    pipe.exists(store.keys.for_id(job).archived_job(job))
                 archived = await pipe.execute()
             for job, found in zip(missing, archived, strict=True):
                 if found:
@@ -395,14 +395,25 @@ async def check_history(
     """Read the whole event log of `store`'s namespace and check every job's history (see the module).
     `site_runs`: job -> what the sites recorded of its runs, checked against the log when given."""
     checker = _Checker()
-    last, events, _ = await _read(store, checker, "-", page, None)
+    # every job shard's log on its own: a job's events, and a hold's, are all in its shard's
+    streams = [sk.events for sk in store.keys.each_shard]
+    lasts, events = {}, 0
+    for stream in streams:
+        lasts[stream], read, _ = await _read(store, stream, checker, "-", page, None)
+        events += read
     records = await _records(store, list(checker.tracks))
     # jobs that moved while the records were read: their records may be newer than the log read so far
-    last, more, moving = await _read(store, checker, last, page, TAIL_ROUNDS)
-    events += more
-    trimmed = await _stream_info(store)  # read last: trimming while the log was read counts
+    moving: set[str] = set()
+    for stream in streams:
+        lasts[stream], read, moved = await _read(store, stream, checker, lasts[stream], page, TAIL_ROUNDS)
+        events, moving = events + read, moving | moved
+    # read last: trimming while the log was read counts (trimmed when any shard's log was)
+    infos = [await _stream_info(store, stream) for stream in streams]
+    trimmed = True if True in infos else (None if None in infos else False)
     async with translated():
-        first = cast(StreamEntries, await store.redis.xrange(store.keys.events, "-", "+", count=1))
+        firsts = [cast(StreamEntries, await store.redis.xrange(stream, "-", "+", count=1)) for stream in streams]
+    first_ids = [text(f[0][0]) for f in firsts if f]
+    last_ids = [last for last in lasts.values() if last != "-"]
     sites = {a.site for t in checker.tracks.values() for a in t.allocations}
     places = await _places(store, sites, geography or load_geography())
     for job, track in checker.tracks.items():
@@ -421,7 +432,8 @@ async def check_history(
     tracks = checker.tracks.values()
     return HistoryReport(
         violations=tuple(checker.violations), events=events, jobs=len(checker.tracks),
-        first_event=text(first[0][0]) if first else None, last_event=last if last != "-" else None,
+        first_event=min(first_ids, key=entry_key) if first_ids else None,
+        last_event=max(last_ids, key=entry_key) if last_ids else None,
         trimmed=trimmed, partial_jobs=sum(1 for t in tracks if t.partial),
         live_jobs=sum(1 for t in tracks if t.live is not None),
     )  # fmt: skip

@@ -133,8 +133,9 @@ class HoldBook(JobQueue):
             pipe = self.redis.pipeline(transaction=False)
             for jobs in members:
                 for job in jobs:
-                    pipe.hmget(self.keys.job(job), "state", "site", "attempt", "model", "count", "priority", "tenant",
-                               "preemptible", "started_at", "assigned_at", "grace_ms")  # fmt: skip
+                    pipe.hmget(self.keys.for_id(job).job(job), "state", "site", "attempt", "model", "count",
+                               "priority", "tenant", "preemptible", "started_at", "assigned_at",
+                               "grace_ms")  # fmt: skip
             rows = iter(await pipe.execute())
         out: dict[str, list[Holding]] = {}
         for site, jobs in zip(sites, members, strict=True):
@@ -169,8 +170,8 @@ class HoldBook(JobQueue):
                            lease_end]  # fmt: skip
         for job, attempt in victims:
             args += [job, attempt]
-        async with translated():
-            reply = await self._preempt(keys=[self.keys.prefix + ":"], args=args)
+        async with translated():  # on the job's shard, whose jobs alone it may preempt (`same_shard`)
+            reply = await self._preempt(keys=[self.keys.for_id(job_id).prefix + ":"], args=args)
         if isinstance(reply, list):
             await self.run_steps([text(reply[2])])
             return int(reply[1]), None
@@ -199,12 +200,15 @@ class HoldBook(JobQueue):
         (the options of one hub's shard in one step), then the hold on the job shard; or say why the first
         could not."""
         owner = hold_owner(hold_id)
+        sk = self.keys.for_tenant(tenant)
+        if self.keys.for_id(hold_id) is not sk:
+            raise ValueError(f"hold id {hold_id!r} is not of tenant {tenant!r}'s shard (Keys.with_shard)")
         # what the job shard would refuse whatever the sites have, first (hold.lua checks it again when it
         # binds): a tenant at its limit or a hold id taken costs no reservation and is told so
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
-            pipe.exists(self.keys.hold(hold_id))
-            pipe.zcard(self.keys.tenant_holds(tenant))
+            pipe.exists(sk.hold(hold_id))
+            pipe.zcard(sk.tenant_holds(tenant))
             exists, standing = await pipe.execute()
         if exists:
             return TakenHold(None, refusal=_TAKE_REFUSALS[-6])
@@ -235,7 +239,7 @@ class HoldBook(JobQueue):
                            o.site, o.hub, o.model, o.arch, o.count, o.price, o.latency_ms,
                            orjson.dumps(o.offer).decode()]  # fmt: skip
         async with translated():
-            reply = await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args)
+            reply = await self._hold(keys=[sk.hold(hold_id), sk.prefix + ":"], args=args)
             step = "settle" if int(reply) > 0 else "release"
             await self.run_scripts([self.ledger_call(o.hub, step, o.site, owner, 0)])
         if int(reply) <= 0:
@@ -246,8 +250,9 @@ class HoldBook(JobQueue):
     async def release_hold(self, hold_id: str, tenant: str = "", reason: str = "released") -> bool:
         """Give a standing hold's devices back (only the tenant's own when `tenant` is given)."""
         args: list[Any] = ["release", hold_id, tenant, reason, self.events_maxlen, ""]
+        sk = self.keys.for_id(hold_id)
         async with translated():
-            reply = await self._hold(keys=[self.keys.hold(hold_id), self.keys.prefix + ":"], args=args)
+            reply = await self._hold(keys=[sk.hold(hold_id), sk.prefix + ":"], args=args)
         if not reply:
             return False
         await self.run_steps([text(reply)])
@@ -256,7 +261,7 @@ class HoldBook(JobQueue):
     async def expire_holds(self, hold_ids: Sequence[str], now_ms: int | None = None) -> list[bool]:
         """End the holds whose time is up (each checked by the script against Redis's clock), in one round trip,
         then give their devices back on the sites' shards."""
-        calls = [(self._hold, [self.keys.hold(h), self.keys.prefix + ":"],
+        calls = [(self._hold, [self.keys.for_id(h).hold(h), self.keys.for_id(h).prefix + ":"],
                   ["expire", h, "its time was up", self.events_maxlen, now_ms if now_ms is not None else ""])
                  for h in hold_ids]  # fmt: skip
         async with translated():
@@ -267,36 +272,52 @@ class HoldBook(JobQueue):
     async def due_holds(self, at_ms: int, limit: int = DUE_BATCH) -> list[tuple[str, str]]:
         """(hold, the job it is for or '') of standing holds whose time is up at `at_ms`, soonest first."""
         async with translated():
-            ids = [text(h) for h in await self.redis.zrangebyscore(self.keys.holds, "-inf", at_ms, 0, limit)]
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.zrangebyscore(sk.holds, "-inf", at_ms, 0, limit, withscores=True)
+            due = sorted((float(at), text(h)) for rows in await pipe.execute() for h, at in rows)[:limit]
+            ids = [h for _at, h in due]
             if not ids:
                 return []
             pipe = self.redis.pipeline(transaction=False)
             for h in ids:
-                pipe.hget(self.keys.hold(h), "for")
+                pipe.hget(self.keys.for_id(h).hold(h), "for")
             fors = await pipe.execute()
         return [(h, text(f)) for h, f in zip(ids, fors, strict=True)]
 
     async def get_hold(self, hold_id: str) -> Hold | None:
         async with translated():
-            raw = await self.redis.hgetall(self.keys.hold(hold_id))
+            raw = await self.redis.hgetall(self.keys.for_id(hold_id).hold(hold_id))
         return Hold.of_hash(decode_hash(raw)) if raw else None
 
     async def list_holds(self, tenant: str | None = None, limit: int = 100) -> list[Hold]:
         """Standing holds (of one tenant, or all), soonest to expire first."""
-        index = self.keys.tenant_holds(tenant) if tenant is not None else self.keys.holds
+        indexes = ([self.keys.for_tenant(tenant).tenant_holds(tenant)] if tenant is not None
+                   else [sk.holds for sk in self.keys.each_shard])  # fmt: skip
         async with translated():
-            ids = await self.redis.zrange(index, 0, limit - 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for index in indexes:
+                pipe.zrange(index, 0, limit - 1, withscores=True)
+            ids = [text(h) for _at, h in sorted((float(at), text(h)) for rows in await pipe.execute()
+                                                for h, at in rows)[:limit]]  # fmt: skip
             if not ids:
                 return []
             pipe = self.redis.pipeline(transaction=False)
             for h in ids:
-                pipe.hgetall(self.keys.hold(text(h)))
+                pipe.hgetall(self.keys.for_id(h).hold(h))
             raws = await pipe.execute()
         return [Hold.of_hash(decode_hash(raw)) for raw in raws if raw]
 
     async def standing_holds(self) -> int:
         async with translated():
-            return int(await self.redis.zcard(self.keys.holds))
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.zcard(sk.holds)
+            return sum(int(n) for n in await pipe.execute())
+
+    def same_shard(self, a: str, b: str) -> bool:
+        """Whether two jobs (or holds) are on one job shard: a preemption stops only jobs of its own."""
+        return self.keys.id_shard(a) == self.keys.id_shard(b)
 
     async def submit_held(self, job_id: str, spec: JobSpec, accept_timeout_ms: int, *,
                           idempotency_key: str | None = None, rate_limit: SubmitRate | None = None,

@@ -16,6 +16,7 @@ from broker.model.records import Commit, Placement, Refusal
 from broker.model.reliability import HALF_LIFE_MS
 from broker.state.archive import read_archived
 from broker.state.connection import decode_hash, now_ms, text, translated
+from broker.state.keys import ShardKeys
 from broker.state.ledger import HOLD_OWNER, Ledger, Reserved, hold_owner
 from common.errors import Conflict, HoldNotStanding, NotDurable, StoreUnavailable, SuanwangError, TooManyRequests
 
@@ -230,11 +231,15 @@ class JobQueue(Ledger):
             "reason": "waiting for the matcher", **({"deadline": deadline} if deadline else {}),
             **({"preemptible": "1", "grace_ms": str(int(spec.grace_s * 1000))} if spec.preemptible else {}),
         }  # fmt: skip
-        idem_key = k.idempotency(spec.tenant, key) if key else k.idempotency("-", "-")
-        bucket = k.submit_bucket(rate_limit.key if rate_limit else "-")
-        keys = [k.job(item.job_id), k.queue, k.tenant_queue(spec.tenant), k.queued_tenants, k.tenant_jobs(spec.tenant),
-                k.events, k.deadlines, idem_key, k.job_history(item.job_id), k.queue_depth, bucket,
-                k.tenant_state(spec.tenant, JobState.QUEUED.value), k.hold(spec.hold or "-")]  # fmt: skip
+        sk = k.for_tenant(spec.tenant)
+        if k.for_id(item.job_id) is not sk:
+            raise ValueError(f"job id {item.job_id!r} is not of tenant {spec.tenant!r}'s shard (Keys.with_shard)")
+        idem_key = sk.idempotency(spec.tenant, key) if key else sk.idempotency("-", "-")
+        bucket = sk.submit_bucket(rate_limit.key if rate_limit else "-")
+        keys = [sk.job(item.job_id), sk.queue, sk.tenant_queue(spec.tenant), sk.queued_tenants,
+                sk.tenant_jobs(spec.tenant), sk.events, sk.deadlines, idem_key, sk.job_history(item.job_id),
+                sk.queue_depth, bucket, sk.tenant_state(spec.tenant, JobState.QUEUED.value),
+                sk.hold(spec.hold or "-")]  # fmt: skip
         args: list[Any] = [item.job_id, qscore, created, spec.tenant, deadline, IDEMPOTENCY_TTL_S if key else "",
                            body_hash, self.events_maxlen, rate_limit.per_s if rate_limit else "",
                            rate_limit.burst if rate_limit else "",
@@ -309,7 +314,7 @@ class JobQueue(Ledger):
     async def history(self, job_id: str) -> list[dict[str, Any]]:
         """The job's transitions, oldest first, from the hot set or else the archive."""
         async with translated():
-            items = await self.redis.lrange(self.keys.job_history(job_id), 0, -1)
+            items = await self.redis.lrange(self.keys.for_id(job_id).job_history(job_id), 0, -1)
         if items:
             return [orjson.loads(item) for item in items]
         archived = await read_archived(self.redis, self.keys, job_id)
@@ -323,45 +328,76 @@ class JobQueue(Ledger):
         Each tenant gets an equal share of `batch` (at least 4) of its window, and as many again of its
         parked jobs that capacity may have grown for since they were parked (those come after the window,
         with the generation they were parked at as their score). Also refreshes `usage` and `limits`. One
-        round trip whatever the number of tenants.
+        round trip whatever the number of tenants (one call per job shard, the batch shared among them).
         """
-        k = self.keys
+        shards = self.keys.each_shard
+        calls = [(self._heads, [sk.prefix + ":", sk.queued_tenants, sk.tenant_usage, sk.tenant_limits],
+                  [claimer or "-", *self._shares(sk.index, batch, max_tenants), claim_ms, self.wake_seen])
+                 for sk in shards]  # fmt: skip
         async with translated():
-            usage, limits, flat = await self._heads(
-                keys=[k.prefix + ":", k.queued_tenants, k.tenant_usage, k.tenant_limits],
-                args=[claimer or "-", batch, max_tenants, claim_ms, self.wake_seen],
-            )
-        self.usage = {text(usage[i]): int(usage[i + 1]) for i in range(0, len(usage), 2)}
-        self.limits = {text(limits[i]): int(limits[i + 1]) for i in range(0, len(limits), 2)}
-        self.attempts = {text(flat[i]): int(flat[i + 4]) for i in range(0, len(flat), 5)}
-        self.tenants_of = {text(flat[i]): text(flat[i + 3]) for i in range(0, len(flat), 5)}
-        return [
-            (text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3])) for i in range(0, len(flat), 5)
-        ]
+            replies = await self.run_scripts(calls)
+        self.usage, self.limits, self.attempts, self.tenants_of = {}, {}, {}, {}
+        heads: list[tuple[str, int, float, str]] = []
+        for sk, (usage, limits, flat, queued_tenants) in zip(shards, replies, strict=True):
+            self.queued_tenants_seen[sk.index] = int(queued_tenants)
+            self.usage.update({text(usage[i]): int(usage[i + 1]) for i in range(0, len(usage), 2)})
+            self.limits.update({text(limits[i]): int(limits[i + 1]) for i in range(0, len(limits), 2)})
+            self.attempts.update({text(flat[i]): int(flat[i + 4]) for i in range(0, len(flat), 5)})
+            self.tenants_of.update({text(flat[i]): text(flat[i + 3]) for i in range(0, len(flat), 5)})
+            heads += [(text(flat[i]), int(flat[i + 1]), float(flat[i + 2]), text(flat[i + 3]))
+                      for i in range(0, len(flat), 5)]  # fmt: skip
+        return heads
+
+    def _shares(self, shard: int, batch: int, max_tenants: int) -> tuple[int, int]:
+        """A job shard's part of a pass's batch and of its tenants, in proportion to its tenants with queued jobs
+        as the last pass found them (each tenant's share alike whatever its shard; at least 4 jobs a shard, so
+        a shard whose first tenant has just submitted is read this pass)."""
+        count = self.keys.shards
+        if count == 1:
+            return batch, max_tenants
+        seen = self.queued_tenants_seen
+        total = sum(seen.get(i, 0) for i in range(count))
+        if not total:
+            return max(4, -(-batch // count)), max(1, -(-max_tenants // count))
+        part = seen.get(shard, 0) / total
+        return max(4, round(batch * part)), max(1, round(max_tenants * part))
 
     async def queue_depths(self) -> dict[str, int]:
         """Queued jobs per priority."""
         async with translated():
-            raw = await self.redis.hgetall(self.keys.queue_depth)
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.hgetall(sk.queue_depth)
+            raws = await pipe.execute()
         depths = {p: 0 for p in PRIORITY_RANK}
-        depths.update({text(p): int(n) for p, n in raw.items()})
+        for raw in raws:
+            for p, n in raw.items():
+                depths[text(p)] = depths.get(text(p), 0) + int(n)
         return depths
 
     async def set_tenant_limit(self, tenant: str, devices: int | None) -> None:
+        limits = self.keys.for_tenant(tenant).tenant_limits
         async with translated():
             if devices is None:
-                await self.redis.hdel(self.keys.tenant_limits, tenant)
+                await self.redis.hdel(limits, tenant)
             else:
-                await self.redis.hset(self.keys.tenant_limits, tenant, devices)
+                await self.redis.hset(limits, tenant, devices)
+
+    async def _due(self, index: Callable[[ShardKeys], str], at_ms: int) -> list[str]:
+        """The members of a per-shard index scored at or before `at_ms`, every shard's, in one round trip."""
+        async with translated():
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.zrangebyscore(index(sk), "-inf", at_ms)
+            return [text(j) for rows in await pipe.execute() for j in rows]
 
     async def due_deadlines(self, at_ms: int) -> list[str]:
-        async with translated():
-            return [text(j) for j in await self.redis.zrangebyscore(self.keys.deadlines, "-inf", at_ms)]
+        return await self._due(lambda sk: sk.deadlines, at_ms)
 
     async def get_job(self, job_id: str) -> dict[str, str] | None:
         """The job from the hot set or else the archive (a finished job past the retention); None if neither."""
         async with translated():
-            raw = await self.redis.hgetall(self.keys.job(job_id))
+            raw = await self.redis.hgetall(self.keys.for_id(job_id).job(job_id))
         if raw:
             return decode_hash(raw)
         archived = await read_archived(self.redis, self.keys, job_id)
@@ -372,7 +408,7 @@ class JobQueue(Ledger):
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(self.keys.job(job_id))
+                pipe.hgetall(self.keys.for_id(job_id).job(job_id))
             raws = await pipe.execute()
         return [decode_hash(raw) if raw else await self.get_job(job_id) for job_id, raw in zip(ids, raws, strict=True)]
 
@@ -380,33 +416,45 @@ class JobQueue(Ledger):
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hmget(self.keys.job(job_id), *fields)
+                pipe.hmget(self.keys.for_id(job_id).job(job_id), *fields)
             rows = await pipe.execute()
         return [[v.decode() if v is not None else None for v in row] for row in rows]
 
     async def list_jobs(self, tenant: str, limit: int, state: str | None = None) -> list[dict[str, str]]:
         """The tenant's jobs in the hot set, newest first, at most `limit`; with a state, read through the
         tenant's index of jobs in that state, so only jobs in it are read. Two round trips."""
-        index = self.keys.tenant_state(tenant, state) if state else self.keys.tenant_jobs(tenant)
+        sk = self.keys.for_tenant(tenant)
+        index = sk.tenant_state(tenant, state) if state else sk.tenant_jobs(tenant)
         async with translated():
             ids = await self.redis.zrevrange(index, 0, limit - 1)
             if not ids:
                 return []
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(self.keys.job(text(job_id)))
+                pipe.hgetall(sk.job(text(job_id)))
             rows = await pipe.execute()
         jobs = [decode_hash(raw) for raw in rows if raw]
         # a job that moved on between the two reads is left out rather than listed in a state it has left
         return [job for job in jobs if state is None or job.get("state") == state]
 
     async def queued(self, start: int, count: int) -> list[str]:
+        """Queued jobs `start` to `start + count` in queue order (every shard's queue, merged by score)."""
+        shards = self.keys.each_shard
         async with translated():
-            return [text(j) for j in await self.redis.zrange(self.keys.queue, start, start + count - 1)]
+            if len(shards) == 1:
+                return [text(j) for j in await self.redis.zrange(shards[0].queue, start, start + count - 1)]
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in shards:
+                pipe.zrange(sk.queue, 0, start + count - 1, withscores=True)
+            rows = [(float(score), text(j)) for found in await pipe.execute() for j, score in found]
+        return [j for _score, j in sorted(rows)[start:start + count]]
 
     async def queue_length(self) -> int:
         async with translated():
-            return int(await self.redis.zcard(self.keys.queue))
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.zcard(sk.queue)
+            return sum(int(n) for n in await pipe.execute())
 
     async def allocate(self, placements: Sequence[Placement], accept_timeout_ms: int) -> list[Commit]:
         """Commit placements, each in two fenced steps (broker.state.ledger): its devices reserved on its site's
@@ -449,9 +497,11 @@ class JobQueue(Ledger):
             if tenants:
                 async with translated():
                     pipe = self.redis.pipeline(transaction=False)
-                    pipe.hmget(self.keys.tenant_limits, tenants)
-                    pipe.hmget(self.keys.tenant_usage, tenants)
-                    limits, usage = await pipe.execute()
+                    for tenant in tenants:
+                        pipe.hget(self.keys.for_tenant(tenant).tenant_limits, tenant)
+                        pipe.hget(self.keys.for_tenant(tenant).tenant_usage, tenant)
+                    raw = await pipe.execute()
+                limits, usage = raw[0::2], raw[1::2]
                 for tenant, limit, used in zip(tenants, limits, usage, strict=True):
                     if limit is not None:
                         self.limits[tenant] = int(limit)
@@ -554,7 +604,7 @@ class JobQueue(Ledger):
     def _bind_call(self, p: Placement, pool: tuple[str, str, str, int, float, float, str], accept_timeout_ms: int,
                    attempt: int | None, reserved: Reserved | None
                    ) -> tuple[AsyncScript, list[str], list[Any]]:  # fmt: skip
-        k = self.keys
+        k = self.keys.for_id(p.job)  # the job's shard, its hold's too (a hold is its tenant's)
         site, hub, model, count, price, latency, arch = pool
         return (self._bind,
                 [k.job(p.job), k.queue, k.assigned, k.events, k.queued_tenants, k.tenant_usage, k.tenant_limits,
@@ -571,16 +621,11 @@ class JobQueue(Ledger):
         return (await self.transitions([(job_id, action, site, attempt, reason)]))[0]
 
     async def transitions(self, actions: Iterable[tuple[str, str, str, int | str, str]]) -> list[str]:
-        """Apply lifecycle actions in one round trip on the job shard, then give back on the sites' shards the
+        """Apply lifecycle actions in one round trip on the jobs' shards, then give back on the sites' shards the
         devices of the jobs that left them (the outbox steps the transitions wrote)."""
-        k = self.keys
-        calls = [
-            (self._transition,
-             [k.job(job_id), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
-              k.tenant_usage, k.deadlines, k.job_history(job_id), k.queue_depth, k.usage],
-             [job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts, HALF_LIFE_MS])
-            for job_id, action, site, attempt, reason in actions
-        ]  # fmt: skip
+        calls = [(self._transition, self.transition_keys(job_id),
+                  [job_id, action, site, str(attempt), reason, "", self.events_maxlen, self.max_attempts,
+                   HALF_LIFE_MS]) for job_id, action, site, attempt, reason in actions]  # fmt: skip
         async with translated():
             replies = await self.run_scripts(calls)
         states, steps = [], []
@@ -593,9 +638,14 @@ class JobQueue(Ledger):
         await self.run_steps(steps)
         return states
 
+    def transition_keys(self, job_id: str) -> list[str]:
+        """transition.lua's KEYS for a job (on the job's shard)."""
+        k = self.keys.for_id(job_id)
+        return [k.job(job_id), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
+                k.tenant_usage, k.deadlines, k.job_history(job_id), k.queue_depth, k.usage]  # fmt: skip
+
     async def overdue_assignments(self, at_ms: int) -> list[str]:
-        async with translated():
-            return [text(j) for j in await self.redis.zrangebyscore(self.keys.assigned, "-inf", at_ms)]
+        return await self._due(lambda sk: sk.assigned, at_ms)
 
     async def set_reasons(self, reasons: Mapping[str, str], park: Collection[str] = (), seen: int = 0) -> int:
         """Record why queued jobs are still waiting, and park those in `park` (out of their tenant's window
@@ -604,9 +654,12 @@ class JobQueue(Ledger):
         jobs = {*reasons, *park}
         if not jobs:
             return 0
-        args: list[str] = [str(seen)]
+        by_shard: dict[int, list[str]] = {}
         for job_id in jobs:
-            args += [job_id, reasons.get(job_id, ""), "1" if job_id in park else "0"]
+            by_shard.setdefault(self.keys.id_shard(job_id), []).extend(
+                [job_id, reasons.get(job_id, ""), "1" if job_id in park else "0"])  # fmt: skip
+        calls = [(self._waiting, [self.keys.shard(i).prefix + ":"], [str(seen), *args])
+                 for i, args in by_shard.items()]  # fmt: skip
         async with translated():
-            return int(await self._waiting(keys=[self.keys.prefix + ":"], args=args))
+            return sum(int(n) for n in await self.run_scripts(calls))
 

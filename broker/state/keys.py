@@ -1,34 +1,101 @@
 """Every Redis key in one place.
 
-Two kinds of hash tag lay a deployment out over Redis Cluster's slots:
+Three kinds of hash tag lay a deployment out over Redis Cluster's slots:
 
-- `{namespace}`: jobs, queues, tenants, holds' records, identities, the event log and the outbox, the
-  job shard;
+- `{namespace}` (`Keys`): what every replica shares and rarely writes: where each site is, API tokens, the
+  site registry;
+- `{namespace:j<i>}` (`ShardKeys`), one per job shard (`shards` of them; with one, its tag is `{namespace}`
+  itself): the jobs and holds of the tenants that hash to it, with their histories, the tenants' queues,
+  usage and limits, the shard's share of the sites' reliability, its outbox and its event log;
 - `{namespace.hub}` (`HubKeys`), one per hub: its sites, their capacity, the ledger of who holds which of
   their devices, their heartbeats and the hub's change log, the site shard of that hub. Ingest, the
   heaviest write load, touches only these, so it spreads over the shards with the hubs.
 
-Each Lua script touches one tag. What changes both sides (an allocation, a release) is a fenced two-step
-protocol (broker.state.ledger). On one Redis the tags are only names.
+A tenant's job shard is a hash of its name (`shard_index`); a job's or a hold's id ends with its shard's
+number when there is more than one (`.3`), so every step on it finds its keys from the id alone. Each Lua
+script touches one tag. What changes a job shard and a site shard (an allocation, a release) is a fenced
+two-step protocol (broker.state.ledger). On one Redis the tags are only names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Keys:
     namespace: str = "sw"
+    shards: int = 1  # job shards; fixed for a deployment's life (a tenant's shard is a hash of its name)
+    _shards: tuple[ShardKeys, ...] = field(init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"job shards must be at least 1, not {self.shards}")
+        object.__setattr__(self, "_shards", tuple(ShardKeys(self.namespace, i, self.shards)
+                                                  for i in range(self.shards)))  # fmt: skip
+
+    # job shards ----------------------------------------------------------------------------------
+    def shard(self, index: int) -> ShardKeys:
+        return self._shards[index]
+
+    @property
+    def each_shard(self) -> tuple[ShardKeys, ...]:
+        return self._shards
+
+    def shard_index(self, tenant: str) -> int:
+        """The job shard of a tenant's jobs, holds, queue and usage."""
+        return zlib.crc32(tenant.encode()) % self.shards if self.shards > 1 else 0
+
+    def for_tenant(self, tenant: str) -> ShardKeys:
+        return self._shards[self.shard_index(tenant)]
+
+    def for_id(self, id_: str) -> ShardKeys:
+        """The job shard of a job or a hold, from its id (`with_shard`)."""
+        return self._shards[self.id_shard(id_)]
+
+    def for_owner(self, owner: str) -> ShardKeys:
+        """The job shard of a ledger owner: a job id, or `hold:<id>`."""
+        return self._shards[self.id_shard(owner.removeprefix("hold:"))]
+
+    def for_step(self, entry: str) -> ShardKeys:
+        """The job shard whose outbox holds a step (`op\thub\tsite\towner\t...`): its owner's."""
+        return self.for_owner(entry.split("\t", 4)[3])
+
+    def id_shard(self, id_: str) -> int:
+        if self.shards == 1:
+            return 0
+        _, dot, number = id_.rpartition(".")
+        return int(number) if dot and number.isdigit() and int(number) < self.shards else 0
+
+    @property
+    def only(self) -> ShardKeys:
+        """The job shard of a deployment that has one."""
+        if self.shards != 1:
+            raise ValueError(f"{self.shards} job shards, not one")
+        return self._shards[0]
+
+    def with_shard(self, base: str, tenant: str) -> str:
+        """A new job's or hold's id for `tenant`: `base` with the tenant's shard number (none with one shard)."""
+        return base if self.shards == 1 else f"{base}.{self.shard_index(tenant)}"
+
+    def with_shard_of(self, base: str, id_: str) -> str:
+        """A new id on the same job shard as the job or hold `id_`."""
+        return base if self.shards == 1 else f"{base}.{self.id_shard(id_)}"
+
+    # shared --------------------------------------------------------------------------------------
     @property
     def prefix(self) -> str:
         return "{" + self.namespace + "}"
 
-    # sites (their own keys are the hub's, `hub()`) ----------------------------------------------------
     def hub(self, hub: str) -> HubKeys:
         """The keys of one hub's site shard."""
         return HubKeys(self.namespace, hub)
+
+    @property
+    def job_shards(self) -> str:
+        """String: the deployment's number of job shards, recorded at its first start (StoreBase.use_layout)."""
+        return f"{self.prefix}:job-shards"
 
     @property
     def places(self) -> str:
@@ -40,6 +107,50 @@ class Keys:
     def hubs(self) -> str:
         """Set of the hubs that have sites (whose site shards the matcher and the sweeper read)."""
         return f"{self.prefix}:hubs"
+
+    def token(self, digest: str) -> str:
+        """Hash per API token, keyed by the token's SHA-256 (the token itself is never stored): id, role,
+        tenant, name, created."""
+        return f"{self.prefix}:token:{digest}"
+
+    @property
+    def tokens(self) -> str:
+        """Hash: token id -> the token's SHA-256, to list and revoke tokens by id."""
+        return f"{self.prefix}:tokens"
+
+    def rate_bucket(self, scope: str, subject: str) -> str:
+        """Hash: a token bucket (tokens, ts) of `scope` (e.g. quotes) for one subject (e.g. an API token id)."""
+        return f"{self.prefix}:bucket:{scope}:{subject}"
+
+    @property
+    def site_registry(self) -> str:
+        """Hash: registered site -> JSON (hub, cluster, MQTT password hash, created); its fields are the
+        set of sites allowed to speak."""
+        return f"{self.prefix}:site-registry"
+
+    @property
+    def mqtt_broker_account(self) -> str:
+        """String: `user password-hash` of the broker's own MQTT account, for the generated password file."""
+        return f"{self.prefix}:mqtt-broker-account"
+
+    @property
+    def mqtt_bridge_accounts(self) -> str:
+        """Hash: hub -> JSON (password, hash) of the hub's bridge account on the core broker (`mqtt-config
+        --bridge-to`); the password itself, since each run writes it into the hub's bridge.conf."""
+        return f"{self.prefix}:mqtt-bridge-accounts"
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """The keys of one job shard, all under its tag (`{namespace}` when it is the only one)."""
+
+    namespace: str
+    index: int
+    count: int
+
+    @property
+    def prefix(self) -> str:
+        return "{" + self.namespace + "}" if self.count == 1 else "{" + self.namespace + ":j" + str(self.index) + "}"
 
     def site_reliability(self, site: str) -> str:
         """Hash: the site's decayed reliability counters (broker.model.reliability.COUNTERS) and `t`, the ms
@@ -74,7 +185,6 @@ class Keys:
         -> when (ms); removed once done, done again by the sweeper when left behind."""
         return f"{self.prefix}:outbox"
 
-    # jobs ----------------------------------------------------------------------------------------
     def job(self, job: str) -> str:
         return f"{self.prefix}:job:{job}"
 
@@ -161,7 +271,6 @@ class Keys:
         Trimmed to the usage retention (the tenant's own stream, `tenant_usage_log`, is not)."""
         return f"{self.prefix}:usage"
 
-    # holds ---------------------------------------------------------------------------------------
     def hold(self, hold: str) -> str:
         """Hash: a quote's devices reserved at its price until `expires` (ms): state (held, used, expired,
         released), tenant, site, hub, model, arch, count, price, latency_ms, created, expires, resources (the
@@ -178,43 +287,10 @@ class Keys:
         """Sorted set: the tenant's standing holds -> when they expire (ms)."""
         return f"{self.prefix}:tenant:{tenant}:holds"
 
-    # identities --------------------------------------------------------------------------------
-    def token(self, digest: str) -> str:
-        """Hash per API token, keyed by the token's SHA-256 (the token itself is never stored): id, role,
-        tenant, name, created."""
-        return f"{self.prefix}:token:{digest}"
-
-    @property
-    def tokens(self) -> str:
-        """Hash: token id -> the token's SHA-256, to list and revoke tokens by id."""
-        return f"{self.prefix}:tokens"
-
     def submit_bucket(self, token_id: str) -> str:
         """Hash: the token bucket (tokens, ts) that rate-limits one API token's submissions."""
         return f"{self.prefix}:bucket:{token_id}"
 
-    def rate_bucket(self, scope: str, subject: str) -> str:
-        """Hash: a token bucket (tokens, ts) of `scope` (e.g. quotes) for one subject (e.g. an API token id)."""
-        return f"{self.prefix}:bucket:{scope}:{subject}"
-
-    @property
-    def site_registry(self) -> str:
-        """Hash: registered site -> JSON (hub, cluster, MQTT password hash, created); its fields are the
-        set of sites allowed to speak."""
-        return f"{self.prefix}:site-registry"
-
-    @property
-    def mqtt_broker_account(self) -> str:
-        """String: `user password-hash` of the broker's own MQTT account, for the generated password file."""
-        return f"{self.prefix}:mqtt-broker-account"
-
-    @property
-    def mqtt_bridge_accounts(self) -> str:
-        """Hash: hub -> JSON (password, hash) of the hub's bridge account on the core broker (`mqtt-config
-        --bridge-to`); the password itself, since each run writes it into the hub's bridge.conf."""
-        return f"{self.prefix}:mqtt-bridge-accounts"
-
-    # events --------------------------------------------------------------------------------------
     @property
     def events(self) -> str:
         """Stream: every allocation, release and job state change."""

@@ -171,7 +171,10 @@ class Ledger(StoreBase):
         if done:
             try:
                 async with translated():
-                    await self.redis.zrem(self.keys.outbox, *done)
+                    pipe = self.redis.pipeline(transaction=False)
+                    for outbox, entries in self.by_outbox(done).items():
+                        pipe.zrem(outbox, *entries)
+                    await pipe.execute()
             except BaseException:
                 self.steps_done[:0] = done
                 raise
@@ -181,8 +184,12 @@ class Ledger(StoreBase):
         how many of each."""
         moved = {"settled": 0, "released": 0, "steps": 0}
         async with translated():
-            rows = cast(list[tuple[bytes, float]], await self.redis.zrangebyscore(
-                self.keys.outbox, "-inf", now_ms - OUTBOX_AGE_MS, 0, limit, withscores=True))  # fmt: skip
+            pipe = self.redis.pipeline(transaction=False)
+            for sk in self.keys.each_shard:
+                pipe.zrangebyscore(sk.outbox, "-inf", now_ms - OUTBOX_AGE_MS, 0, limit, withscores=True)
+            # oldest first across the shards: a merge waits for the older step that brings its sources
+            rows = sorted(((e, at) for found in cast(list[list[tuple[bytes, float]]], await pipe.execute())
+                           for e, at in found), key=lambda row: row[1])  # fmt: skip
         old = [text(e) for e, _ in rows]
         late = {text(e) for e, at in rows if at < now_ms - MERGE_WAIT_MS}
         moved["steps"] = sum(1 for r in await self.run_steps(old, late) if not isinstance(r, Exception))
@@ -203,9 +210,10 @@ class Ledger(StoreBase):
             pipe = self.redis.pipeline(transaction=False)
             for _hub, _site, owner, _attempt in entries:
                 if owner.startswith(HOLD_OWNER):
-                    pipe.hmget(self.keys.hold(owner[len(HOLD_OWNER):]), "state", "site")
+                    hold = owner[len(HOLD_OWNER):]
+                    pipe.hmget(self.keys.for_id(hold).hold(hold), "state", "site")
                 else:
-                    pipe.hmget(self.keys.job(owner), "state", "site", "attempt")
+                    pipe.hmget(self.keys.for_id(owner).job(owner), "state", "site", "attempt")
             rows = await pipe.execute()
         calls = []
         for (hub, site, owner, attempt), row in zip(entries, rows, strict=True):

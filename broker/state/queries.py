@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, cast
 
-from broker.state.connection import StreamEntries, text, translated
+from broker.state.connection import StreamEntries, entry_key, text, translated
 from broker.state.events import decode_event
 from broker.state.store import Store
 
@@ -62,15 +62,19 @@ class Queries:
     async def queue_sample(self, queued: int, recent_events: int) -> QueueSample:
         """The first `queued` jobs of the queue and the newest `recent_events` events."""
         store = self.store
-        keys, redis = store.keys, store.redis
+        shards, redis = store.keys.each_shard, store.redis
         depths = await store.queue_depths()
+        ids = await store.queued(0, queued)
         async with translated():
             pipe = redis.pipeline(transaction=False)
-            pipe.zrange(keys.queue, 0, queued - 1)
-            pipe.zcard(keys.assigned)
-            pipe.xrevrange(keys.events, count=recent_events)
-            queued_ids, assigned, newest = await pipe.execute()
-        ids = [text(i) for i in queued_ids]
+            for sk in shards:
+                pipe.zcard(sk.assigned)
+                pipe.xrevrange(sk.events, count=recent_events)
+            replies = await pipe.execute()
+        assigned = sum(int(n) for n in replies[0::2])
+        # the newest of every shard's log, newest first (ids of two shards compare by their time)
+        newest = sorted((row for rows in replies[1::2] for row in cast(StreamEntries, rows)),
+                        key=lambda row: entry_key(text(row[0])), reverse=True)[:recent_events]  # fmt: skip
         fields = await store.get_jobs(ids, *QUEUED_FIELDS)
         return QueueSample(
             depths=depths,
@@ -87,7 +91,8 @@ class Queries:
         start, wanted = f"{since_ms}-0", job_id.encode()
         async with translated():
             for _ in range(rounds):
-                rows = cast(StreamEntries, await store.redis.xrange(store.keys.events, start, "+", count=page))
+                rows = cast(StreamEntries, await store.redis.xrange(store.keys.for_id(job_id).events, start, "+",
+                                                                    count=page))  # fmt: skip
                 events += [decode_event(event_id, fields) for event_id, fields in rows if fields.get(b"job") == wanted]
                 if len(rows) < page or (events and events[-1].get("type") in _TERMINAL):
                     return JobEvents(events, True)
@@ -99,16 +104,27 @@ class Queries:
         """Records of jobs that ended in [start_ms, end_ms] (open ends when None), oldest first, for one
         tenant (its own stream: the work is the size of the answer) or (None) all tenants (the global stream,
         which reaches back as far as the usage retention); at most MAX_USAGE_RECORDS."""
-        store = self.store
-        stream = store.keys.usage if tenant is None else store.keys.tenant_usage_log(tenant)
-        out: list[dict[str, Any]] = []
+        keys = self.store.keys
+        streams = ([sk.usage for sk in keys.each_shard] if tenant is None
+                   else [keys.for_tenant(tenant).tenant_usage_log(tenant)])  # fmt: skip
+        rows: list[tuple[tuple[int, int], dict[str, Any]]] = []
+        for stream in streams:
+            rows += await self._usage_rows(stream, start_ms, end_ms)
+        rows.sort(key=lambda row: row[0])  # every shard's records by end time
+        return [record for _key, record in rows[:MAX_USAGE_RECORDS]]
+
+    async def _usage_rows(self, stream: str, start_ms: int | None, end_ms: int | None
+                          ) -> list[tuple[tuple[int, int], dict[str, Any]]]:  # fmt: skip
+        """One usage stream's records in [start_ms, end_ms], oldest first, at most MAX_USAGE_RECORDS, each with
+        its entry id's (ms, seq)."""
+        out: list[tuple[tuple[int, int], dict[str, Any]]] = []
         after = str(start_ms) if start_ms is not None else "-"
         until = str(end_ms) if end_ms is not None else "+"
         async with translated():
             while len(out) < MAX_USAGE_RECORDS:
                 count = min(USAGE_PAGE, MAX_USAGE_RECORDS - len(out))
-                page = cast(StreamEntries, await store.redis.xrange(stream, after, until, count=count))
-                out += [usage_record(fields) for _entry_id, fields in page]
+                page = cast(StreamEntries, await self.store.redis.xrange(stream, after, until, count=count))
+                out += [(entry_key(text(entry_id)), usage_record(fields)) for entry_id, fields in page]
                 if len(page) < count:
                     break
                 after = "(" + text(page[-1][0])

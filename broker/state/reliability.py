@@ -7,13 +7,13 @@ reads it again) and logs a `reliability_reset` event, in one script.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
 
 from redis.commands.core import AsyncScript
 
-from broker.model.reliability import Reliability
+from broker.model.reliability import COUNTERS, Reliability
 from broker.state.connection import decode_hash, translated
 from broker.state.ledger import Ledger
 
@@ -23,6 +23,16 @@ _RESET = (resources.files("broker.state") / "lua" / "reliability_reset.lua").rea
 def reliability_of(raw: Mapping[Any, Any], now_ms: int) -> Reliability:
     """A record as read (its hash, empty when the site has none), decayed to `now_ms`."""
     return Reliability.from_fields(decode_hash(raw)).at(now_ms) if raw else Reliability()
+
+
+def reliability_across(raws: Sequence[Mapping[Any, Any]], now_ms: int) -> Reliability:
+    """A site's record from every job shard's share of it (each kept by the transitions of that shard's jobs):
+    each share decayed to `now_ms`, then summed (decay is a factor, so the sum decays as one record would)."""
+    shares = [reliability_of(raw, now_ms) for raw in raws if raw]
+    if len(shares) <= 1:
+        return shares[0] if shares else Reliability()
+    totals = {name: sum(getattr(r, name) for r in shares) for name in COUNTERS}
+    return Reliability(**totals, t=max(r.t for r in shares), updated=max(r.updated for r in shares))
 
 
 def redis_ms(reply: tuple[Any, Any] | list[Any]) -> int:
@@ -39,17 +49,21 @@ class SiteReliability(Ledger):
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
-            pipe.hgetall(self.keys.site_reliability(site))
-            now, raw = await pipe.execute()
-        return reliability_of(raw, redis_ms(now))
+            for sk in self.keys.each_shard:
+                pipe.hgetall(sk.site_reliability(site))
+            now, *raws = await pipe.execute()
+        return reliability_across(raws, redis_ms(now))
 
     async def reset_reliability(self, site: str, who: str = "operator", now_ms: int | None = None) -> bool | None:
         """Forget the site's record: True when it had one, False when it had none, None for an unknown site."""
         if self._reset_script is None:
             self._reset_script = self.redis.register_script(_RESET)
-        k = self.keys
+        if await self.place(site) is None:
+            return None
+        # every job shard's share of the record; the event is logged by the first shard's reset
+        calls = [(self._reset_script, [sk.site_reliability(site), sk.sites, sk.clock, sk.events],
+                  [site, self.events_maxlen, who, "" if now_ms is None else now_ms, 1 if sk.index == 0 else 0])
+                 for sk in self.keys.each_shard]  # fmt: skip
         async with translated():
-            done = int(await self._reset_script(
-                keys=[k.site_reliability(site), k.sites, k.clock, k.events, k.places],
-                args=[site, self.events_maxlen, who, "" if now_ms is None else now_ms]))  # fmt: skip
-        return None if done < 0 else bool(done)
+            done = await self.run_scripts(calls)
+        return any(int(d) for d in done)

@@ -12,7 +12,7 @@ import orjson
 from broker.model.records import Applied, SiteRecord
 from broker.state.connection import replication_ids, text, translated
 from broker.state.keys import Keys
-from broker.state.reliability import SiteReliability, redis_ms, reliability_of
+from broker.state.reliability import SiteReliability, redis_ms, reliability_across
 from common.errors import StoreUnavailable
 from common.protocol import Capacity, Pool
 
@@ -113,10 +113,10 @@ class SiteState(SiteReliability):
 
     async def changed_sites(self, since: int) -> list[tuple[str, int]]:
         """Sites changed after version `since`, each with the version after this read. The version is the sum
-        of the change logs' positions (every hub's and the job shard's, each its own counter), so it only grows:
+        of the change logs' positions (every hub's and every job shard's, each its own counter), so it only grows:
         given the version this replica's last call returned, only what changed since is read; given another
         (0: a first load), every site. Also reads the `wake` generation first (into `wake_seen`, the sum of
-        the job shard's and every hub's counters): a job found unplaceable on the view this loads is parked at
+        job shards' and every hub's counters): a job found unplaceable on the view this loads is parked at
         it, so any capacity change after this read wakes the job again. And Redis's clock (into `time_seen`),
         that the view's reliability scores decay by. One round trip (two when a hub is new to this replica)."""
         cursors = self.cursors
@@ -126,16 +126,17 @@ class SiteState(SiteReliability):
         wakes: dict[str, int] = {}
         changed: dict[str, None] = {}
 
-        def read(pipe: Any, shard_hubs: Sequence[str | None]) -> None:
-            for hub in shard_hubs:
-                wake, log = (self.keys.wake, self.keys.sites) if hub is None else (
-                    self.hub_keys(hub).wake, self.hub_keys(hub).sites)  # fmt: skip
+        def logs(of_hubs: Sequence[str]) -> list[tuple[str, str]]:
+            """(wake counter, change log) of each of the hubs' shards."""
+            return [(self.hub_keys(hub).wake, self.hub_keys(hub).sites) for hub in of_hubs]
+
+        def read(pipe: Any, shards: Sequence[tuple[str, str]]) -> None:
+            for wake, log in shards:
                 pipe.get(wake)
                 pipe.zrangebyscore(log, f"({cursors.get(log, 0)}", "+inf", withscores=True)
 
-        def take(replies: Sequence[Any], shard_hubs: Sequence[str | None]) -> None:
-            for i, hub in enumerate(shard_hubs):
-                log = self.keys.sites if hub is None else self.hub_keys(hub).sites
+        def take(replies: Sequence[Any], shards: Sequence[tuple[str, str]]) -> None:
+            for i, (_wake, log) in enumerate(shards):
                 wakes[log] = int(replies[2 * i] or 0)
                 for site, version in cast(list[tuple[bytes, float]], replies[2 * i + 1]):
                     changed[text(site)] = None
@@ -145,15 +146,15 @@ class SiteState(SiteReliability):
             pipe = self.redis.pipeline(transaction=False)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
             pipe.smembers(self.keys.hubs)
-            shards: list[str | None] = [None, *hubs]
+            shards = [(sk.wake, sk.sites) for sk in self.keys.each_shard] + logs(hubs)
             read(pipe, shards)
             now, members, *replies = await pipe.execute()
             take(replies, shards)
             new = sorted({text(h) for h in members} - set(hubs))
             if new:  # a hub this replica had not seen: its log and counter, read now
                 pipe = self.redis.pipeline(transaction=False)
-                read(pipe, new)
-                take(await pipe.execute(), new)
+                read(pipe, logs(new))
+                take(await pipe.execute(), logs(new))
                 hubs.extend(new)
         self.wake_seen = sum(wakes.values())
         self.time_seen = redis_ms(now)
@@ -175,7 +176,8 @@ class SiteState(SiteReliability):
         ids = [site for site in ids if site in places]
         if not ids:
             return []
-        k = self.keys
+        shards = self.keys.each_shard
+        per = 2 + len(shards)  # replies per site: its status, its capacity, each job shard's share of its record
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
@@ -183,11 +185,12 @@ class SiteState(SiteReliability):
                 h = self.hub_keys(places[site].hub)
                 pipe.hmget(h.site(site), "hub", "cluster", "status", "seen", "mv")
                 pipe.hgetall(h.capacity(site))
-                pipe.hgetall(k.site_reliability(site))
+                for sk in shards:
+                    pipe.hgetall(sk.site_reliability(site))
             now, *flat = await pipe.execute()
             read_ms = redis_ms(now)
-            raw = [item for i, item in enumerate(flat) if i % 3 != 2]
-            rels = flat[2::3]
+            raw = [item for i, item in enumerate(flat) if i % per < 2]
+            rels = [flat[i * per + 2:(i + 1) * per] for i in range(len(ids))]
             known = known_meta or {}
             need_meta = [
                 site for i, site in enumerate(ids)
@@ -211,7 +214,7 @@ class SiteState(SiteReliability):
                 SiteRecord(
                     id=site, hub=text(hub), cluster=text(cluster), status=text(status) or "unknown",
                     seen_ms=int(seen or 0), meta_version=int(mv or 0), meta=metas.get(site), capacity=capacity,
-                    reliability=reliability_of(rels[i], read_ms),
+                    reliability=reliability_across(rels[i], read_ms),
                 )
             )  # fmt: skip
         return records
@@ -227,9 +230,9 @@ class SiteState(SiteReliability):
         """The sites to reconcile when this replica is the first to find a shard on a primary the deployment
         has not run on before (a failover or a restart; primary.lua); [] otherwise. One INFO a node a call;
         the script runs only for a shard whose replication id is not the one this replica last saw recorded.
-        A new primary of the job shard puts every ledger entry up for the sweeper's check (`recheck_all`)."""
+        A new primary of a job shard puts every ledger entry up for the sweeper's check (`recheck_all`)."""
         hubs = await self.hub_ids()
-        shards = [("", self.keys.primary, self.keys.sites), *(
+        shards = [*(("", sk.primary, sk.sites) for sk in self.keys.each_shard), *(
             (self.hub_keys(h).prefix + ":", self.hub_keys(h).primary, self.hub_keys(h).sites) for h in hubs)]
         seen = self.primaries_seen
         out: list[str] = []

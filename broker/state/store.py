@@ -43,7 +43,7 @@ __all__ = [
 class Store(SiteState, HoldBook, JobArchive):
     @classmethod
     def from_url(cls, url: str, namespace: str = "sw", max_connections: int = 64,
-                 retention: Retention | None = None) -> Store:  # fmt: skip
+                 retention: Retention | None = None, job_shards: int = 1) -> Store:  # fmt: skip
         """A store on a blocking pool: a burst of callers waits for a connection instead of failing."""
         # A connection Redis closed (a restart) fails its next command before the command reaches Redis;
         # that command is sent again once on a fresh connection instead of failing the caller. Only for
@@ -59,7 +59,7 @@ class Store(SiteState, HoldBook, JobArchive):
             health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2, supported_errors=(redis_errors.ConnectionError,)),
         )  # fmt: skip
-        store = cls(client, Keys(namespace))
+        store = cls(client, Keys(namespace, job_shards))
         if retention is not None:
             store.retention = retention
         return store

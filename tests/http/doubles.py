@@ -42,6 +42,9 @@ class MemoryStore:
         self.reachable = True
         self.submit_rates: list[SubmitRate | None] = []
 
+    def id_for(self, base: str, tenant: str) -> str:
+        return base
+
     async def submit(self, job_id: str, spec: JobSpec, *, idempotency_key: str | None, body_hash: str,
                      rate_limit: SubmitRate | None, max_queued: int | None) -> tuple[dict[str, str], bool]:  # fmt: skip
         self.submit_rates.append(rate_limit)
@@ -181,6 +184,13 @@ class MemoryFeed:
 
     async def wait_started(self, timeout: float) -> None:
         return None  # the log is all there from the start
+
+    def valid(self, position: str) -> bool:
+        try:
+            id_after(position, "0-0")
+        except ValueError:
+            return False
+        return "," not in position  # one log
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[Subscription]:

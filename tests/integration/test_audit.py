@@ -65,7 +65,7 @@ async def test_a_consistent_network_has_no_findings(store: Store) -> None:
     """Sites, held, queued and parked jobs made by the scripts, read a few at a time: no violation, no warning."""
     await network(store)
     await store.set_reasons({"j-queued-acme": "fits nowhere"}, park=["j-queued-acme"])
-    assert await store.redis.zscore(store.keys.tenant_parked("acme"), "j-queued-acme") is not None
+    assert await store.redis.zscore(store.keys.only.tenant_parked("acme"), "j-queued-acme") is not None
     report = await audit_report(store, page=PAGE)
     assert report.violations == [] and report.warnings == []
 
@@ -169,37 +169,37 @@ async def _held_twice(store: Store, sites: list[str]) -> Break:
 
 
 async def _assigned_yet_queued(store: Store, sites: list[str]) -> Break:
-    await store.redis.zadd(store.keys.queue, {"j-held-02": 1})
+    await store.redis.zadd(store.keys.only.queue, {"j-held-02": 1})
     return "queue", "j-held-02"
 
 
 async def _queued_not_in_queue(store: Store, sites: list[str]) -> Break:
-    await store.redis.zrem(store.keys.tenant_queue("initech"), "j-queued-initech")
+    await store.redis.zrem(store.keys.only.tenant_queue("initech"), "j-queued-initech")
     return "queue", "j-queued-initech"
 
 
 async def _parked_and_in_window(store: Store, sites: list[str]) -> Break:
-    await store.redis.zadd(store.keys.tenant_parked("initech"), {"j-queued-initech": 0})
+    await store.redis.zadd(store.keys.only.tenant_parked("initech"), {"j-queued-initech": 0})
     return "queue", "j-queued-initech"
 
 
 async def _queue_count_off(store: Store, sites: list[str]) -> Break:
-    await store.redis.zincrby(store.keys.queued_tenants, 2, "acme")
+    await store.redis.zincrby(store.keys.only.queued_tenants, 2, "acme")
     return "queue_count", "acme"
 
 
 async def _usage_off(store: Store, sites: list[str]) -> Break:
-    await store.redis.hincrby(store.keys.tenant_usage, "initech", -4)
+    await store.redis.hincrby(store.keys.only.tenant_usage, "initech", -4)
     return "tenant_usage", "initech"
 
 
 async def _state_without_event(store: Store, sites: list[str]) -> Break:
-    await store.redis.hset(store.keys.job("j-queued-acme"), "state", "failed")
+    await store.redis.hset(store.keys.only.job("j-queued-acme"), "state", "failed")
     return "event_log", "j-queued-acme"
 
 
 async def _queued_ghost(store: Store, sites: list[str]) -> Break:
-    await store.redis.zadd(store.keys.queue, {"j-ghost": 5})
+    await store.redis.zadd(store.keys.only.queue, {"j-ghost": 5})
     return "unknown_job", "j-ghost"
 
 

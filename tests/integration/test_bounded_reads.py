@@ -107,7 +107,7 @@ async def index_by_state(store: Store, tenant: str) -> dict[str, set[str]]:
     """The tenant's state index: state -> the jobs it lists."""
     out = {}
     for state in STATES:
-        out[state] = {text(j) for j in await store.redis.zrange(store.keys.tenant_state(tenant, state), 0, -1)}
+        out[state] = {text(j) for j in await store.redis.zrange(store.keys.only.tenant_state(tenant, state), 0, -1)}
     return out
 
 
@@ -149,8 +149,8 @@ async def test_usage_of_a_tenant_is_read_from_its_own_stream_by_time(store):
     await run_to(store, mine[2:], "completed")
 
     q = Queries(store)
-    assert await store.redis.xlen(store.keys.tenant_usage_log("acme")) == 3
-    assert await store.redis.xlen(store.keys.tenant_usage_log("noisy")) == 10_000
+    assert await store.redis.xlen(store.keys.only.tenant_usage_log("acme")) == 3
+    assert await store.redis.xlen(store.keys.only.tenant_usage_log("noisy")) == 10_000
     await store.redis.config_resetstat()
     middle = await q.usage_records(first_done, second_done, "acme")
     assert await calls(store.redis, "xrange") == 1
@@ -182,7 +182,8 @@ async def test_global_usage_log_is_trimmed_to_the_retention(store):
     old = [f"old{i}" for i in range(300)]
     pipe = store.redis.pipeline(transaction=False)
     for i, job in enumerate(old):  # usage from long ago, written before any current record
-        pipe.xadd(store.keys.usage, {"job": job, "tenant": "acme", "cost": "1.0", "hub": "guizhou"}, id=f"1000-{i}")
+        pipe.xadd(store.keys.only.usage, {"job": job, "tenant": "acme", "cost": "1.0", "hub": "guizhou"},
+                  id=f"1000-{i}")
     await pipe.execute()
     await open_site(store, 100)
     jobs = await submit_many(store, "acme", 5, "r")
@@ -191,12 +192,12 @@ async def test_global_usage_log_is_trimmed_to_the_retention(store):
     now = await store.clock_ms()
 
     await store.retire(now)
-    left = [text(f[b"job"]) for _, f in await store.redis.xrange(store.keys.usage)]
+    left = [text(f[b"job"]) for _, f in await store.redis.xrange(store.keys.only.usage)]
     assert left[-5:] == jobs
     assert len(left) - 5 <= 100, "trimming leaves at most the one stream node that reaches past the cutoff"
     day = await Queries(store).usage_records(now - DAY_MS, None, None)
     assert [r["job"] for r in day] == jobs
-    assert await store.redis.xlen(store.keys.tenant_usage_log("acme")) == 5
+    assert await store.redis.xlen(store.keys.only.tenant_usage_log("acme")) == 5
 
 
 # --------------------------------------------------------------------------- listing by state
@@ -276,8 +277,8 @@ async def test_finished_jobs_are_archived_in_bounded_batches(store):
     sweep_at = cutoff + HOUR_MS
     assert [await store.retire(sweep_at) for _ in range(4)] == [3, 3, 1, 0]
     for job in old:
-        assert not await store.redis.exists(store.keys.job(job), store.keys.job_history(job))
-        assert 29 * DAY_MS < await store.redis.pttl(store.keys.archived_job(job)) <= 30 * DAY_MS
+        assert not await store.redis.exists(store.keys.only.job(job), store.keys.only.job_history(job))
+        assert 29 * DAY_MS < await store.redis.pttl(store.keys.only.archived_job(job)) <= 30 * DAY_MS
         archived = await store.archived(job)
         assert archived is not None and archived.archived_ms == sweep_at
         assert archived.history == history_before[job]
@@ -289,7 +290,7 @@ async def test_finished_jobs_are_archived_in_bounded_batches(store):
     assert hot == {recent[0], live[0]}
     assert await index_by_state(store, "acme") == {**{s: set() for s in STATES}, "completed": {recent[0]},
                                                    "assigned": {live[0]}}  # fmt: skip
-    assert [text(j) for j in await store.redis.zrange(store.keys.finished, 0, -1)] == [recent[0]]
+    assert [text(j) for j in await store.redis.zrange(store.keys.only.finished, 0, -1)] == [recent[0]]
 
 
 async def test_an_archived_job_is_still_served_with_its_history(
@@ -312,10 +313,10 @@ async def test_an_archived_job_is_still_served_with_its_history(
         keys = broker.store.keys
 
         async def archived() -> bool:
-            return bool(await broker.store.redis.exists(keys.archived_job(job_id)))
+            return bool(await broker.store.redis.exists(keys.only.archived_job(job_id)))
 
         await eventually(archived, "the job to be archived")
-        assert not await broker.store.redis.exists(keys.job(job_id), keys.job_history(job_id))
+        assert not await broker.store.redis.exists(keys.only.job(job_id), keys.only.job_history(job_id))
         status, view = await get_json(http, f"/v1/jobs/{job_id}")
         assert status == 200
         assert view == done

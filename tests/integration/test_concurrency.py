@@ -163,9 +163,9 @@ async def quiet(redis: aioredis.Redis, keys: Keys, sites: list[str]) -> None:
     async with asyncio.timeout(WAIT):
         while stable < 3:
             pipe = redis.pipeline(transaction=False)
-            pipe.zcard(keys.queue)
-            pipe.zcard(keys.assigned)
-            pipe.xlen(keys.events)
+            pipe.zcard(keys.only.queue)
+            pipe.zcard(keys.only.assigned)
+            pipe.xlen(keys.only.events)
             for site in sites:
                 pipe.hlen(keys.hub(PLACES[site][0]).held(site))
             queued, assigned, logged, *held = await pipe.execute()
@@ -206,7 +206,7 @@ async def test_two_replicas_never_over_allocate_lose_or_duplicate_jobs(
             assert states["queued"] > 0 and states["running"] > 0, states
 
             # --- what Redis holds
-            queue = set(await redis.zrange(keys.queue, 0, -1))
+            queue = set(await redis.zrange(keys.only.queue, 0, -1))
             # each site's ledger: owner -> "attempt model count seq" (no holds in this test: every owner a job)
             ledgers = {site: await redis.hgetall(keys.hub(PLACES[site][0]).held(site)) for site in sites}
             held_at = {site: set(ledger) for site, ledger in ledgers.items()}

@@ -125,7 +125,7 @@ def pool_of(site_view: dict[str, Any], model: str) -> dict[str, Any]:
 
 async def job_events(broker: Broker, job_id: str) -> list[dict[str, Any]]:
     """The job's entries in the event log (the Redis stream), oldest first."""
-    rows = await broker.store.redis.xrange(broker.store.keys.events)
+    rows = await broker.store.redis.xrange(broker.store.keys.only.events)
     return [e for e in (decode_event(i, f) for i, f in rows) if e.get("job") == job_id]
 
 
@@ -290,7 +290,7 @@ async def test_sse_resumes_after_last_event_id_without_gaps_or_duplicates(
     async with sse(http, resume_from) as stream:
         for _ in range(2):  # logged while the backlog is being replayed or just after
             await submit(http, job_body())
-        rows = await broker.store.redis.xrange(Keys(namespace).events, f"({resume_from}", "+")
+        rows = await broker.store.redis.xrange(Keys(namespace).only.events, f"({resume_from}", "+")
         expected = [i.decode() for i, _ in rows]
         assert len(expected) == 3 + 3 + 2
         got = [await stream.next() for _ in expected]
@@ -309,7 +309,7 @@ async def _mirror_ready(broker: Broker, namespace: str) -> None:
     async def mirror_group_exists() -> bool:
         # XPENDING rather than XINFO GROUPS, whose key redis-py's cluster client cannot find
         with contextlib.suppress(aioredis.ResponseError):  # NOGROUP: not made yet
-            await redis.xpending(Keys(namespace).events, MIRROR_GROUP)
+            await redis.xpending(Keys(namespace).only.events, MIRROR_GROUP)
             return True
         return False
 
@@ -327,7 +327,7 @@ async def test_events_are_mirrored_on_the_mqtt_allocations_topic(
         jobs = [await submit(http, job_body(2)) for _ in range(3)]
         for job_id in jobs:
             await job_when(http, job_id, lambda j: j["state"] == "running")
-        rows = await broker.store.redis.xrange(Keys(namespace).events)
+        rows = await broker.store.redis.xrange(Keys(namespace).only.events)
         expected = [decode_event(i, f) for i, f in rows]
         assert {e["type"] for e in expected} >= {"queued", "allocated", "accepted", "running"}
         mirrored: list[dict[str, Any]] = []
@@ -481,7 +481,7 @@ async def test_queued_job_explains_why_and_can_be_cancelled_once(
             assert (await response.json())["error"]["code"] == "conflict"
         _, view = await get_json(http, f"/v1/jobs/{job_id}")
         assert view["state"] == "cancelled" and "waiting" not in view
-        assert await broker.store.redis.zscore(broker.store.keys.queue, job_id) is None
+        assert await broker.store.redis.zscore(broker.store.keys.only.queue, job_id) is None
 
 
 async def test_waiting_job_is_placed_when_a_site_grows(
@@ -629,7 +629,7 @@ async def test_the_batch_mirror_carries_every_event_once_in_order(
             jobs = [await submit(http, job_body(2)) for _ in range(4)]
             for job_id in jobs:
                 await job_when(http, job_id, lambda j: j["state"] == "running")
-            expected = [decode_event(i, f) for i, f in await broker.store.redis.xrange(Keys(namespace).events)]
+            expected = [decode_event(i, f) for i, f in await broker.store.redis.xrange(Keys(namespace).only.events)]
             mirrored: list[dict[str, Any]] = []
             messages = 0
             async with asyncio.timeout(WAIT):

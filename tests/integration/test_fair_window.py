@@ -74,13 +74,13 @@ async def test_a_parked_job_is_placed_when_devices_come_free(redis_client: aiore
     assert await scheduler.run_once() == 1
     await store.submit("second", spec(16))
     assert await scheduler.run_once() == 0  # nothing free: parked
-    assert await redis_client.zscore(store.keys.tenant_parked("acme"), "second") is not None
+    assert await redis_client.zscore(store.keys.only.tenant_parked("acme"), "second") is not None
     assert await scheduler.run_once() == 0
     assert await store.transition("first", "completed", SITE, 1) == "completed"
     assert await scheduler.run_once() == 1
     second = await store.get_job("second")
     assert second is not None and second["state"] == "assigned"
-    assert await redis_client.zcard(store.keys.tenant_parked("acme")) == 0
+    assert await redis_client.zcard(store.keys.only.tenant_parked("acme")) == 0
 
 
 async def test_a_parked_job_can_be_cancelled_and_leaves_no_trace(redis_client: aioredis.Redis, namespace: str) -> None:
@@ -89,10 +89,10 @@ async def test_a_parked_job_can_be_cancelled_and_leaves_no_trace(redis_client: a
     scheduler = Scheduler(store, Snapshot(GEO), RecordingPublisher(), batch=8)
     await store.submit("huge", spec(64))
     await scheduler.run_once()
-    assert await redis_client.zscore(store.keys.tenant_parked("acme"), "huge") is not None
+    assert await redis_client.zscore(store.keys.only.tenant_parked("acme"), "huge") is not None
     assert await store.transition("huge", "cancel", reason="by user") == "cancelled"
-    assert await redis_client.zcard(store.keys.tenant_parked("acme")) == 0
-    assert await redis_client.zscore(store.keys.queued_tenants, "acme") is None
+    assert await redis_client.zcard(store.keys.only.tenant_parked("acme")) == 0
+    assert await redis_client.zscore(store.keys.only.queued_tenants, "acme") is None
 
 
 async def test_a_waiting_reason_never_lands_on_a_job_another_replica_placed(
@@ -106,7 +106,7 @@ async def test_a_waiting_reason_never_lands_on_a_job_another_replica_placed(
     assert await store.set_reasons({"j1": "no site has 8 x A100-80G free"}, park={"j1"}) == 0
     job = await store.get_job("j1")
     assert job is not None and job["state"] == "assigned" and job["reason"] == ""
-    assert await redis_client.zcard(store.keys.tenant_parked("acme")) == 0
+    assert await redis_client.zcard(store.keys.only.tenant_parked("acme")) == 0
 
 
 class CapacityArrivesWhileParking(Store):

@@ -38,7 +38,7 @@ async def test_concurrent_submits_share_round_trips(redis_client: aioredis.Redis
     assert [stored["id"] for stored, created in results] == [f"job-{i}" for i in range(64)]
     assert all(created for _, created in results)
     assert sum(sizes) == 65 and len(sizes) < 10, f"64 concurrent submits in a few round trips, not 64: {sizes}"
-    assert await redis_client.zcard(store.keys.queue) == 65
+    assert await redis_client.zcard(store.keys.only.queue) == 65
 
 
 async def test_each_gathered_submit_keeps_its_own_limits_and_replays(redis_client: aioredis.Redis,
@@ -78,7 +78,7 @@ async def test_more_submits_than_one_round_trip_carries(redis_client: aioredis.R
     store = Store(redis_client, Keys(namespace))
     results = await asyncio.gather(*(store.submit(f"job-{i}", spec()) for i in range(n)))
     assert len({stored["id"] for stored, _ in results}) == n
-    assert await redis_client.zcard(store.keys.queue) == n
+    assert await redis_client.zcard(store.keys.only.queue) == n
 
 
 async def test_connections_redis_closed_are_replaced_without_failing_the_caller(own_redis: RedisServer,
@@ -103,5 +103,5 @@ async def test_a_submission_sent_twice_makes_one_job(redis_client: aioredis.Redi
     first, created = await store.submit("job-1", spec())
     again, created_again = await store.submit("job-1", spec())
     assert created and not created_again and again["id"] == first["id"] == "job-1"
-    assert await redis_client.zcard(store.keys.queue) == 1
-    assert int(await redis_client.zscore(store.keys.queued_tenants, first["tenant"]) or 0) == 1
+    assert await redis_client.zcard(store.keys.only.queue) == 1
+    assert int(await redis_client.zscore(store.keys.only.queued_tenants, first["tenant"]) or 0) == 1

@@ -99,7 +99,7 @@ async def test_histories_the_scripts_write_have_no_violations(store: Store) -> N
     report = await check_history(store)
     assert report.violations == ()
     assert (report.jobs, report.trimmed, report.partial_jobs, report.live_jobs) == (15, False, 0, 3)
-    assert report.events == len(await store.redis.xrange(store.keys.events))
+    assert report.events == len(await store.redis.xrange(store.keys.only.events))
     assert report.first_event is not None and report.last_event is not None
 
 
@@ -137,7 +137,7 @@ class Log:
         if kind != "queued":
             fields |= {"site": site, "hub": hub or ("gansu" if site == GANSU else "guizhou"), "model": MODEL,
                        "count": 8, "attempt": attempt if attempt is not None else 0}  # fmt: skip
-        await self.store.redis.xadd(self.store.keys.events, fields)
+        await self.store.redis.xadd(self.store.keys.only.events, fields)
 
     async def run(self, job: str, attempt: int, site: str = GUIZHOU, end: str = "completed") -> None:
         """One attempt from allocation to `end` (completed, failed, requeued, cancelled; '' to leave it live)."""
@@ -150,7 +150,7 @@ class Log:
     async def record(self, job: str, state: str, attempt: int, site: str = "", **spec_extra: Any) -> None:
         fields = {"id": job, "state": state, "attempt": attempt, "tenant": "default",
                   "spec": spec(**spec_extra).model_dump_json(), **({"site": site} if site else {})}  # fmt: skip
-        await self.store.redis.hset(self.store.keys.job(job), mapping=fields)
+        await self.store.redis.hset(self.store.keys.only.job(job), mapping=fields)
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ async def test_a_job_in_the_log_without_a_record_is_lost(store: Store, log: Log)
         await log.run(job, 1, end=end)
     await log.record("kept", "completed", 1)
     for job in ("archived", "archived-live"):
-        await store.redis.set(store.keys.archived_job(job), orjson.dumps({"job": {"id": job}, "history": []}))
+        await store.redis.set(store.keys.only.archived_job(job), orjson.dumps({"job": {"id": job}, "history": []}))
     report = await check_history(store)
     assert sorted((v.job, v.kind) for v in report.violations) == [("archived-live", "unfinished"), ("gone", "lost")]
 
@@ -327,7 +327,7 @@ async def test_a_hold_is_taken_once_and_ends_once(store: Store, log: Log) -> Non
                                   "tenant": "default", "ts": T0}  # fmt: skip
         if job:
             fields |= {"job": job, "state": "assigned", "attempt": 1, "hub": "guizhou"}
-        await store.redis.xadd(store.keys.events, fields)
+        await store.redis.xadd(store.keys.only.events, fields)
 
     for hold in ("used", "twice_ended", "other_pool", "released", "taken_twice"):
         await hold_event("held", hold)
@@ -360,17 +360,17 @@ def test_audit_history_prints_the_report_and_exits_1_on_violations(redis_server:
     sync = redis.Redis.from_url(redis_server.url)
     keys = Keys(namespace)
     try:
-        sync.xadd(keys.events, {"type": "queued", "job": "j", "state": "queued", "ts": T0})
-        sync.hset(keys.job("j"), mapping={"state": "queued", "attempt": 0, "tenant": "default"})
-        sync.zadd(keys.queue, {"j": T0})
-        sync.zadd(keys.tenant_queue("default"), {"j": T0})
-        sync.zadd(keys.queued_tenants, {"default": 1})
-        sync.zadd(keys.tenant_jobs("default"), {"j": T0})
+        sync.xadd(keys.only.events, {"type": "queued", "job": "j", "state": "queued", "ts": T0})
+        sync.hset(keys.only.job("j"), mapping={"state": "queued", "attempt": 0, "tenant": "default"})
+        sync.zadd(keys.only.queue, {"j": T0})
+        sync.zadd(keys.only.tenant_queue("default"), {"j": T0})
+        sync.zadd(keys.only.queued_tenants, {"default": 1})
+        sync.zadd(keys.only.tenant_jobs("default"), {"j": T0})
         args = ["audit", "--history", "--redis", redis_server.url, "--namespace", namespace]
         clean = CliRunner().invoke(main, [*args, "--json"])
         assert clean.exit_code == 0, clean.output
         assert orjson.loads(clean.output)["history"]["violations"] == []
-        sync.xadd(keys.events, {"type": "queued", "job": "gone", "state": "queued", "ts": T0})
+        sync.xadd(keys.only.events, {"type": "queued", "job": "gone", "state": "queued", "ts": T0})
         found = CliRunner().invoke(main, [*args, "--json"])
         assert found.exit_code == 1, found.output
         report = orjson.loads(found.output)

@@ -33,7 +33,7 @@ def option(site: str = SITE, count: int = 8, price: float = 12.5) -> HoldOption:
 
 
 async def usage(store: Store, tenant: str = "default") -> int:
-    return int(await store.redis.hget(store.keys.tenant_usage, tenant) or 0)
+    return int(await store.redis.hget(store.keys.only.tenant_usage, tenant) or 0)
 
 
 async def test_a_hold_takes_the_devices_and_the_held_job_gets_them_at_the_quoted_price(store: Store) -> None:
@@ -178,7 +178,7 @@ async def test_the_history_checker_knows_a_hold_ends_once(store: Store) -> None:
     await store.submit_held("j1", job.model_copy(update={"hold": "h1"}), 30_000)
     assert (await check_history(store)).ok
     # a hold ended a second time after it was used: the log the scripts never write
-    await store.redis.xadd(store.keys.events, {"type": "hold_expired", "hold": "h1", "site": SITE, "model": MODEL,
+    await store.redis.xadd(store.keys.only.events, {"type": "hold_expired", "hold": "h1", "site": SITE, "model": MODEL,
                                                "count": 8})  # fmt: skip
     report = await check_history(store)
     assert [(v.job, v.kind) for v in report.violations] == [("h1", "hold")]

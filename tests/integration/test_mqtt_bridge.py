@@ -190,7 +190,7 @@ async def until_job(http: aiohttp.ClientSession, job: str, state: str) -> dict[s
 
 
 async def event_kinds(broker: Broker, job: str) -> list[str]:
-    rows = cast(StreamEntries, await broker.store.redis.xrange(broker.store.keys.events))
+    rows = cast(StreamEntries, await broker.store.redis.xrange(broker.store.keys.only.events))
     return [e["type"] for e in (decode_event(i, f) for i, f in rows) if e.get("job") == job]
 
 

@@ -28,7 +28,7 @@ def store(redis_client: aioredis.Redis, namespace: str) -> Store:
 
 async def failed_over(store: Store) -> None:
     """Every shard's recorded primary made an old one's, as a failover of the (one) Redis leaves them."""
-    for key in [store.keys.primary, *(store.keys.hub(hub).primary for hub in await store.hub_ids())]:
+    for key in [store.keys.only.primary, *(store.keys.hub(hub).primary for hub in await store.hub_ids())]:
         await store.redis.set(key, "the-old-primary's-id")
 
 
@@ -41,7 +41,7 @@ async def test_a_first_primary_is_recorded_and_changes_nothing(store: Store) -> 
     before = await aseq(store, "guian-01")
     assert before == 1
     assert await store.new_primary() == []
-    recorded = await store.redis.get(store.keys.primary)
+    recorded = await store.redis.get(store.keys.only.primary)
     assert recorded == (await store.redis.info("replication"))["master_replid"].encode()
     assert await store.new_primary() == [] and await aseq(store, "guian-01") == before
 

@@ -84,7 +84,7 @@ async def test_a_job_preempted_n_times_is_no_longer_preemptible_and_never_preemp
     await store.release_hold("p1")
     await store.submit("lower", spec(priority="low", count=8).model_copy(update={"preemptible": True}), at_ms=T0)
     await store.allocate([placement("lower", count=8)], 60_000)
-    await store.redis.hset(store.keys.job("low"), "priority", "normal")  # as if it outranked the running one
+    await store.redis.hset(store.keys.only.job("low"), "priority", "normal")  # as if it outranked the running one
     _, refusal = await store.preempt("low", "p2", option(count=8), 0, 3, [("lower", 1)])
     assert refusal is Refusal.NO_CASCADE
 

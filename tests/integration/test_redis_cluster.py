@@ -73,17 +73,17 @@ async def test_commands_without_keys_go_to_the_node_serving_the_namespace(cluste
             assert await store.clock_ms() > 0
             # the namespace's first primary is the node's own replication id (INFO replication read there)
             assert await store.new_primary() == [] and await store.new_primary() == []
-            assert await store.redis.get(store.keys.primary) == cluster.replication_id(node.port).encode()
-            await store.redis.set(store.keys.job("x"), "1")
+            assert await store.redis.get(store.keys.only.primary) == cluster.replication_id(node.port).encode()
+            await store.redis.set(store.keys.only.job("x"), "1")
             cursor, found = await store.redis.scan(0, match=store.keys.prefix + ":*", count=1000)
             assert cursor == 0, "one cursor, as one Redis gives it"
-            assert sorted(found) == sorted(k.encode() for k in (store.keys.job("x"), store.keys.primary))
+            assert sorted(found) == sorted(k.encode() for k in (store.keys.only.job("x"), store.keys.only.primary))
             assert sorted([key async for key in store.redis.scan_iter(match=store.keys.prefix + ":*")]) == sorted(found)
             async with store.redis.pipeline(transaction=True) as watch:
-                await watch.watch(store.keys.job("x"))
-                await store.redis.set(store.keys.job("x"), "2")
+                await watch.watch(store.keys.only.job("x"))
+                await store.redis.set(store.keys.only.job("x"), "2")
                 watch.multi()
-                watch.get(store.keys.job("x"))
+                watch.get(store.keys.only.job("x"))
                 with pytest.raises(WatchError):
                     await watch.execute()
         finally:

@@ -69,9 +69,7 @@ async def placed(store: Store, job: str, site: str = A, accept_timeout_ms: int =
 
 async def transition_at(store: Store, job: str, action: str, site: str, attempt: int, now_ms: int) -> str:
     """`store.transition`, timed by `now_ms` instead of Redis's clock (the script's own argument)."""
-    k = store.keys
-    keys = [k.job(job), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
-            k.tenant_usage, k.deadlines, k.job_history(job), k.queue_depth, k.usage]  # fmt: skip
+    keys = store.transition_keys(job)
     args = [job, action, site, str(attempt), "", now_ms, store.events_maxlen, store.max_attempts, HALF_LIFE_MS]
     (result,) = await store.run_scripts([(store._transition, keys, args)])
     if isinstance(result, list):  # it gave devices back: the site shard's step it wrote, done as transitions() does
@@ -81,12 +79,12 @@ async def transition_at(store: Store, job: str, action: str, site: str, attempt:
 
 
 async def record(store: Store, site: str = A) -> dict[str, float]:
-    raw = await store.redis.hgetall(store.keys.site_reliability(site))
+    raw = await store.redis.hgetall(store.keys.only.site_reliability(site))
     return {text(k): float(v) for k, v in raw.items()}
 
 
 async def version(store: Store, site: str = A) -> float:
-    return float(await store.redis.zscore(store.keys.sites, site) or 0)
+    return float(await store.redis.zscore(store.keys.only.sites, site) or 0)
 
 
 async def clean(store: Store) -> None:
@@ -188,7 +186,7 @@ async def test_an_operator_reset_forgets_the_record_marks_the_site_and_logs_it(s
     assert await store.reset_reliability(A, who="tok-ops") is True
     assert await record(store) == {} and (await store.reliability(A)) == Reliability()
     assert await version(store) > before
-    ((_, last),) = await store.redis.xrevrange(store.keys.events, count=1)
+    ((_, last),) = await store.redis.xrevrange(store.keys.only.events, count=1)
     assert {text(k): text(v) for k, v in last.items() if k != b"ts"} == {
         "type": "reliability_reset",
         "site": A,
@@ -196,7 +194,7 @@ async def test_an_operator_reset_forgets_the_record_marks_the_site_and_logs_it(s
     }
     assert await store.reset_reliability(A) is False
     assert await store.reset_reliability("nowhere-01") is None
-    assert await store.redis.zscore(store.keys.sites, "nowhere-01") is None
+    assert await store.redis.zscore(store.keys.only.sites, "nowhere-01") is None
     await clean(store)
 
 

@@ -44,7 +44,7 @@ async def test_a_flushed_script_cache_is_reloaded_and_every_call_runs_once(own_r
         await redis.script_flush()  # as after a Redis restart
         results = await store.submit_many([Submission(f"job-{i}", spec()) for i in range(1, 6)])
         assert all(not isinstance(r, Exception) and r[1] for r in results)
-        assert await redis.zcard(store.keys.queue) == 6, "each job queued once, none twice, none lost"
+        assert await redis.zcard(store.keys.only.queue) == 6, "each job queued once, none twice, none lost"
         await redis.script_flush()
         commits = await store.allocate([placement(f"job-{i}") for i in range(6)], 30_000)
         assert outcomes(commits) == [1] * 6

@@ -637,7 +637,7 @@ class BrokerNetwork(RuleBasedStateMachine):
         store = self.replicas[replica].store
         while True:
             now = await store.clock_ms()
-            if not await store.redis.zrangebyscore(self.keys.assigned, f"({now}", now + 60_000):
+            if not await store.redis.zrangebyscore(self.keys.only.assigned, f"({now}", now + 60_000):
                 break
             await asyncio.sleep(0.001)
         ttl = 10**12
@@ -668,7 +668,7 @@ class BrokerNetwork(RuleBasedStateMachine):
         then the first option whose site is online with the devices free; else the first option's refusal."""
         store = self.replicas["a"].store
         pipe = store.redis.pipeline(transaction=True)
-        pipe.zcard(self.keys.tenant_holds(spec.tenant))
+        pipe.zcard(self.keys.only.tenant_holds(spec.tenant))
         for o in options:
             pipe.hget(self.keys.hub(HUB_OF[o.site]).site(o.site), "status")
             pipe.hmget(self.keys.hub(HUB_OF[o.site]).capacity(o.site), f"t:{o.model}", f"x:{o.model}", f"a:{o.model}")
@@ -885,7 +885,7 @@ class BrokerNetwork(RuleBasedStateMachine):
         assert hold is not None and hold.standing and hold.for_job == job and after["state"] == "queued", (after, hold)
         victims = []
         for name in self.jobs:
-            for entry in map(orjson.loads, await r.store.redis.lrange(self.keys.job_history(name), 0, -1)):
+            for entry in map(orjson.loads, await r.store.redis.lrange(self.keys.only.job_history(name), 0, -1)):
                 if entry.get("preempted_by") == job and entry.get("ts") == hold.created_ms:
                     victims.append((name, entry))
         assert victims, f"{job} preempting at {hold.site} with no victims"
@@ -945,29 +945,29 @@ class BrokerNetwork(RuleBasedStateMachine):
         # nothing ends a hold in the step that takes it. In order of the job each is for, so that a replay
         # lists them in the same order.
         known = set(self.hold_ids)
-        new = [h for h in map(_text, await redis.zrange(k.holds, 0, -1)) if h not in known]
+        new = [h for h in map(_text, await redis.zrange(k.only.holds, 0, -1)) if h not in known]
         if new:
-            fors = [_text(await redis.hget(k.hold(h), "for") or b"") for h in new]
+            fors = [_text(await redis.hget(k.only.hold(h), "for") or b"") for h in new]
             self.hold_ids += [h for _, h in sorted(zip(fors, new, strict=True))]
         pipe = redis.pipeline(transaction=True)
         for job in self.jobs:
-            pipe.hmget(k.job(job), *JOB_FIELDS)
-            pipe.lrange(k.job_history(job), 0, -1)
+            pipe.hmget(k.only.job(job), *JOB_FIELDS)
+            pipe.lrange(k.only.job_history(job), 0, -1)
         for site in SITE_IDS:
             pipe.hgetall(k.hub(HUB_OF[site]).capacity(site))
             pipe.hgetall(k.hub(HUB_OF[site]).held(site))
             pipe.hget(k.hub(HUB_OF[site]).site(site), "status")
-        pipe.zrange(k.queue, 0, -1)
+        pipe.zrange(k.only.queue, 0, -1)
         for tenant in TENANTS:
-            pipe.zrange(k.tenant_queue(tenant), 0, -1)
-            pipe.zrange(k.tenant_parked(tenant), 0, -1)
-        pipe.zrange(k.assigned, 0, -1)
-        pipe.hgetall(k.tenant_usage)
+            pipe.zrange(k.only.tenant_queue(tenant), 0, -1)
+            pipe.zrange(k.only.tenant_parked(tenant), 0, -1)
+        pipe.zrange(k.only.assigned, 0, -1)
+        pipe.hgetall(k.only.tenant_usage)
         for hold in self.hold_ids:
-            pipe.hgetall(k.hold(hold))
-        pipe.zrange(k.holds, 0, -1)
+            pipe.hgetall(k.only.hold(hold))
+        pipe.zrange(k.only.holds, 0, -1)
         for tenant in TENANTS:
-            pipe.zrange(k.tenant_holds(tenant), 0, -1)
+            pipe.zrange(k.only.tenant_holds(tenant), 0, -1)
         raw = list(await pipe.execute())
         raw.reverse()
         jobs, history = {}, {}

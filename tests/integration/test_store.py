@@ -65,7 +65,7 @@ async def counters(store: Store, site: str = SITE) -> dict[str, int]:
 
 async def events(store: Store) -> list[dict[str, str]]:
     """The event stream, oldest first, as decoded field maps."""
-    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await store.redis.xrange(store.keys.events))
+    rows = cast(list[tuple[bytes, dict[bytes, bytes]]], await store.redis.xrange(store.keys.only.events))
     return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in rows]
 
 
@@ -145,7 +145,7 @@ async def test_allocate_commits_the_placement(store):
     assert await store.queued(0, 10) == []
     assert await store.jobs_at(SITE) == ["j1"]
     assert (await counters(store))[f"a:{MODEL}"] == 8
-    assert await store.redis.zscore(store.keys.assigned, "j1") is not None
+    assert await store.redis.zscore(store.keys.only.assigned, "j1") is not None
 
 
 async def test_placements_in_one_call_see_each_others_allocation(store):
@@ -243,7 +243,7 @@ async def test_full_lifecycle_releases_capacity_exactly_once(store):
     """accepted -> running -> completed frees the devices once; a duplicate completed returns '' and changes nothing."""
     attempt = await site_with_job(store, total=100, count=8)
     assert await store.transition("j1", "accepted", SITE, attempt) == "assigned"
-    assert await store.redis.zscore(store.keys.assigned, "j1") is None
+    assert await store.redis.zscore(store.keys.only.assigned, "j1") is None
     assert await store.transition("j1", "running", SITE, attempt) == "running"
     assert await state(store, "j1") == "running"
     assert (await counters(store))[f"a:{MODEL}"] == 8
@@ -291,7 +291,7 @@ async def test_rejected_returns_the_job_to_its_place_in_the_queue(store):
     await store.submit("later", spec("high"), at_ms=T0 + 5_000)
     assert outcomes(await store.allocate([placement("early")], 60_000)) == [1]
     assert await store.transition("early", "rejected", SITE, 1, "no room") == "queued"
-    assert await store.redis.zscore(store.keys.queue, "early") == queue_score("high", T0)
+    assert await store.redis.zscore(store.keys.only.queue, "early") == queue_score("high", T0)
     assert await store.queued(0, 10) == ["early", "later"]
     assert (await counters(store))[f"a:{MODEL}"] == 0
     job = await store.get_job("early")
@@ -329,7 +329,7 @@ async def test_cancel_of_an_assigned_job_releases_its_devices(store):
     assert await store.transition("j1", "cancel") == "cancelled"
     assert (await counters(store))[f"a:{MODEL}"] == 0
     assert await store.jobs_at(SITE) == []
-    assert await store.redis.zscore(store.keys.assigned, "j1") is None
+    assert await store.redis.zscore(store.keys.only.assigned, "j1") is None
     assert await store.queue_length() == 0
     assert await event_types(store) == ["queued", "allocated", "released", "cancelled"]
 
@@ -379,7 +379,7 @@ async def test_overdue_assignments_lists_only_expired_deadlines(store):
     assert outcomes(await store.allocate([placement("soon")], 0)) == [1]
     assert outcomes(await store.allocate([placement("late")], 3_600_000)) == [1]
     assert await store.overdue_assignments(2**50) == ["soon", "late"]
-    now = int(await store.redis.zscore(store.keys.assigned, "soon"))
+    now = int(await store.redis.zscore(store.keys.only.assigned, "soon"))
     assert await store.overdue_assignments(now) == ["soon"]
 
 

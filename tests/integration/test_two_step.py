@@ -87,8 +87,7 @@ async def test_a_release_left_in_the_outbox_is_done_by_the_sweeper(store: Store)
     # the job shard's step alone, as a broker that stopped before the site shard's step would leave it
     k = store.keys
     reply = await store._transition(
-        keys=[k.job("j1"), k.queue, k.assigned, k.events, k.sites, k.clock, k.prefix + ":", k.queued_tenants,
-              k.tenant_usage, k.deadlines, k.job_history("j1"), k.queue_depth, k.usage],
+        keys=store.transition_keys("j1"),
         args=["j1", "completed", SITE, "1", "", "", store.events_maxlen, store.max_attempts, ""])  # fmt: skip
     assert reply[0] == b"completed"
     assert (await counters(store))[f"a:{MODEL}"] == 8, "the devices come back only with the second step"
@@ -98,7 +97,7 @@ async def test_a_release_left_in_the_outbox_is_done_by_the_sweeper(store: Store)
     moved = await store.sweep_ledger(now + OUTBOX_AGE_MS + 1)
     assert moved["steps"] == 1
     assert (await counters(store))[f"a:{MODEL}"] == 0 and await ledger(store, SITE) == {}
-    assert await store.redis.zcard(k.outbox) == 0
+    assert await store.redis.zcard(k.only.outbox) == 0
     # done again (a sweeper that stopped before removing the entry): nothing changes
     hub = (await site_keys(store, SITE)).hub_id
     (again,) = await store.run_scripts([store.ledger_call(hub, "release", SITE, "j1", 1)])
@@ -143,11 +142,11 @@ async def test_a_merge_waits_for_a_missing_source_only_so_long_then_goes_on_and_
                              store.ledger_call(hub, "settle", SITE, "v", 1)])  # fmt: skip
     now = await store.clock_ms()
     step = "\t".join(["merge", hub, SITE, "j", "1", "4", "hold:a", "0", "hold:b", "0"])
-    await store.redis.zadd(store.keys.outbox, {step: now})
+    await store.redis.zadd(store.keys.only.outbox, {step: now})
     assert (await store.sweep_ledger(now + OUTBOX_AGE_MS + 1))["steps"] == 0, "hold:b may still come"
-    assert set(await ledger(store, SITE)) == {"hold:a", "v"} and await store.redis.zcard(store.keys.outbox) == 1
+    assert set(await ledger(store, SITE)) == {"hold:a", "v"} and await store.redis.zcard(store.keys.only.outbox) == 1
     assert (await store.sweep_ledger(now + MERGE_WAIT_MS + 1))["steps"] == 1
-    assert await store.redis.zcard(store.keys.outbox) == 0
+    assert await store.redis.zcard(store.keys.only.outbox) == 0
     held = await ledger(store, SITE)
     assert set(held) == {"j", "v"} and held["j"][0] == 1 and held["j"][2] == 4
     assert (await counters(store))[f"a:{MODEL}"] == 8
@@ -194,6 +193,6 @@ async def test_a_batch_of_transitions_costs_two_round_trips_and_its_outbox_entri
     assert states == ["completed", "completed"]
     assert len(sent) == 2, f"round trips: {sent}"
     assert (await counters(store))[f"a:{MODEL}"] == 0 and await ledger(store, SITE) == {}
-    assert await store.redis.zcard(store.keys.outbox) == 2, "done, their entries not yet removed"
+    assert await store.redis.zcard(store.keys.only.outbox) == 2, "done, their entries not yet removed"
     await store.transitions([("j1", "completed", SITE, 1, "")])  # any next round trip carries the removal
-    assert await store.redis.zcard(store.keys.outbox) == 0 and store.steps_done == []
+    assert await store.redis.zcard(store.keys.only.outbox) == 0 and store.steps_done == []

@@ -418,11 +418,11 @@ class TwoStepBroker(RuleBasedStateMachine):
     async def _rows(self, jobs: Sequence[str]) -> list[dict[str, str]]:
         pipe = self.reader.pipeline(transaction=True)
         for job in jobs:
-            pipe.hgetall(self.keys.job(job))
+            pipe.hgetall(self.keys.only.job(job))
         return [{_text(k): _text(v) for k, v in raw.items()} for raw in await pipe.execute()]
 
     async def _hold_row(self, hold: str) -> dict[str, str]:
-        return {_text(k): _text(v) for k, v in (await self.reader.hgetall(self.keys.hold(hold))).items()}
+        return {_text(k): _text(v) for k, v in (await self.reader.hgetall(self.keys.only.hold(hold))).items()}
 
     # ------------------------------------------------------------------ rules: jobs
 
@@ -543,7 +543,7 @@ class TwoStepBroker(RuleBasedStateMachine):
             spec = job_spec("quoted", (tenant, (model,), count, "normal", False))
             call = (
                 store._hold,
-                [self.keys.hold(hold_id), self.keys.prefix + ":"],
+                [self.keys.only.hold(hold_id), self.keys.prefix + ":"],
                 [
                     "take",
                     hold_id,
@@ -780,20 +780,20 @@ class TwoStepBroker(RuleBasedStateMachine):
         k, redis = self.keys, self.reader
         pipe = redis.pipeline(transaction=True)
         for job in self.jobs:
-            pipe.hgetall(k.job(job))
+            pipe.hgetall(k.only.job(job))
         for hold in self.holds:
-            pipe.hgetall(k.hold(hold))
+            pipe.hgetall(k.only.hold(hold))
         for site in SITES:
             pipe.hgetall(k.hub(site.hub).capacity(site.id))
             pipe.hgetall(k.hub(site.hub).held(site.id))
         for hub in HUBS:
             pipe.zrange(k.hub(hub).pending, 0, -1, withscores=True)
-        pipe.zrange(k.outbox, 0, -1, withscores=True)
-        pipe.hgetall(k.tenant_usage)
+        pipe.zrange(k.only.outbox, 0, -1, withscores=True)
+        pipe.hgetall(k.only.tenant_usage)
         for job in self.never_stored:
-            pipe.exists(k.job(job))
+            pipe.exists(k.only.job(job))
         for hold in self.never_held:
-            pipe.exists(k.hold(hold))
+            pipe.exists(k.only.hold(hold))
         raw = iter(await pipe.execute())
 
         def decoded(row: dict[Any, Any]) -> dict[str, str]:

@@ -9,14 +9,17 @@
 -- KEYS: prefix ('{ns}:'), queued_tenants, tenant_usage, tenant_limits
 -- ARGV: replica, batch, max_tenants, claim_ms, wake (the generation as the caller last read it: the job
 --       shard's and every hub's counters summed, broker.state.sites)
--- Returns {usage (flat hash), limits (flat hash), {job, position, score, tenant, attempt, ...}}.
+-- Returns {usage (flat hash), limits (flat hash), {job, position, score, tenant, attempt, ...}, the number of
+-- tenants with queued jobs here} (with several job shards, the caller shares its batch among the shards by
+-- that number: each tenant's share is then alike whatever its shard).
 local replica, batch, claim_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4])
 local usage = redis.call('HGETALL', KEYS[3])
 local limits = redis.call('HGETALL', KEYS[4])
 local tenants = redis.call('ZRANGE', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 local heads = {}
+local queued_tenants = redis.call('ZCARD', KEYS[2])
 if #tenants == 0 then
-  return {usage, limits, heads}
+  return {usage, limits, heads, queued_tenants}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -57,4 +60,4 @@ for _, tenant in ipairs(tenants) do
   take(tenant, redis.call('ZRANGE', base .. ':queue', 0, per * 3 - 1, 'WITHSCORES'), 0)
   take(tenant, redis.call('ZRANGEBYSCORE', base .. ':parked', '-inf', '(' .. wake, 'WITHSCORES', 'LIMIT', 0, per * 3), per)
 end
-return {usage, limits, heads}
+return {usage, limits, heads, queued_tenants}
