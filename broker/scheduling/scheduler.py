@@ -131,7 +131,7 @@ class Scheduler:
         sites = [site for site, _ in changed]
         for start in range(0, len(sites), LOAD_CHUNK):
             part = sites[start : start + LOAD_CHUNK]
-            for record in await self.store.load_sites(part, self.snapshot.meta_versions(part)):
+            for record in await self.store.load_sites(part, self.snapshot.meta_versions(part), cached=True):
                 self.snapshot.apply(record)
         self.snapshot.version = max(self.snapshot.version, max(version for _, version in changed))
         return len(changed)
@@ -168,7 +168,7 @@ class Scheduler:
 
     async def _reload(self, sites: set[str]) -> None:
         """Load again the sites where a commit was refused: Redis holds the truth, the view is not guessed."""
-        for record in await self.store.load_sites(sorted(sites), self.snapshot.meta_versions(sites)):
+        for record in await self.store.load_sites(sorted(sites), self.snapshot.meta_versions(sites), cached=True):
             self.snapshot.apply(record)
 
     async def _plan(self, batch: Batch) -> Plan:

@@ -60,6 +60,10 @@ class StoreBase:
         self.usage: dict[str, int] = {}  # devices held per tenant, as of the last queue_heads()
         self.limits: dict[str, int] = {}  # most devices a tenant may hold, as of the last queue_heads()
         self.queued_tenants_seen: dict[int, int] = {}  # job shard -> its tenants with queued jobs, likewise
+        # each site's reliability record as last read, one share per job shard (sites.load_sites, cached), and
+        # the (site, shard) shares changed since, as changed_sites() found them
+        self.shares: dict[str, list[Any]] = {}
+        self.shares_stale: set[tuple[str, int]] = set()
         # outbox steps done whose entries are still to remove: sent with the next round trip (`_send`), not one
         # of their own (a broker that stops first leaves them to the sweeper, which does them again, harmlessly)
         self.steps_done: list[str] = []

@@ -4,8 +4,8 @@ Three kinds of hash tag lay a deployment out over Redis Cluster's slots:
 
 - `{namespace}` (`Keys`): what every replica shares and rarely writes: where each site is, API tokens, the
   site registry;
-- `{namespace:j<i>}` (`ShardKeys`), one per job shard (`shards` of them; with one, its tag is `{namespace}`
-  itself): the jobs and holds of the tenants that hash to it, with their histories, the tenants' queues,
+- `{namespace:j<i>}` (`ShardKeys`, `shard_tag`), one per job shard (`shards` of them; with one, its tag is
+  `{namespace}` itself): the jobs and holds of the tenants that hash to it, with their histories, the tenants' queues,
   usage and limits, the shard's share of the sites' reliability, its outbox and its event log;
 - `{namespace.hub}` (`HubKeys`), one per hub: its sites, their capacity, the ledger of who holds which of
   their devices, their heartbeats and the hub's change log, the site shard of that hub. Ingest, the
@@ -22,6 +22,9 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
+from redis.crc import key_slot
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -32,8 +35,9 @@ class Keys:
     def __post_init__(self) -> None:
         if self.shards < 1:
             raise ValueError(f"job shards must be at least 1, not {self.shards}")
-        object.__setattr__(self, "_shards", tuple(ShardKeys(self.namespace, i, self.shards)
-                                                  for i in range(self.shards)))  # fmt: skip
+        shards = tuple(ShardKeys(self.namespace, i, self.shards, shard_tag(self.namespace, i, self.shards))
+                       for i in range(self.shards))  # fmt: skip
+        object.__setattr__(self, "_shards", shards)
 
     # job shards ----------------------------------------------------------------------------------
     def shard(self, index: int) -> ShardKeys:
@@ -140,17 +144,34 @@ class Keys:
         return f"{self.prefix}:mqtt-bridge-accounts"
 
 
+def shard_tag(namespace: str, index: int, count: int) -> str:
+    """Job shard `index`'s hash tag: the namespace's own with one shard; else `namespace:j<index>` with the first
+    suffix (`-<n>`, none for n = 0) that puts it in the index-th of `count` equal ranges of Redis Cluster's
+    16,384 slots. Masters made with even slot ranges (`redis-cli --cluster create`) then serve equal numbers
+    of shards when `count` is a multiple of theirs, rather than as the hash happens to fall."""
+    if count == 1:
+        return namespace
+    low, high = SLOTS * index // count, SLOTS * (index + 1) // count
+    n = 0
+    while True:
+        tag = f"{namespace}:j{index}" + (f"-{n}" if n else "")
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+        n += 1
+
+
 @dataclass(frozen=True)
 class ShardKeys:
-    """The keys of one job shard, all under its tag (`{namespace}` when it is the only one)."""
+    """The keys of one job shard, all under its tag (`{namespace}` when it is the only one, `shard_tag`)."""
 
     namespace: str
     index: int
     count: int
+    tag: str
 
     @property
     def prefix(self) -> str:
-        return "{" + self.namespace + "}" if self.count == 1 else "{" + self.namespace + ":j" + str(self.index) + "}"
+        return "{" + self.tag + "}"
 
     def site_reliability(self, site: str) -> str:
         """Hash: the site's decayed reliability counters (broker.model.reliability.COUNTERS) and `t`, the ms

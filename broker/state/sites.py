@@ -122,6 +122,7 @@ class SiteState(SiteReliability):
         cursors = self.cursors
         if since == 0 or since != sum(cursors.values()):
             cursors.clear()
+            self.shares.clear()  # a full load: every share read again
         hubs = self.hubs_seen
         wakes: dict[str, int] = {}
         changed: dict[str, None] = {}
@@ -135,11 +136,15 @@ class SiteState(SiteReliability):
                 pipe.get(wake)
                 pipe.zrangebyscore(log, f"({cursors.get(log, 0)}", "+inf", withscores=True)
 
+        job_logs = {sk.sites: sk.index for sk in self.keys.each_shard}
+
         def take(replies: Sequence[Any], shards: Sequence[tuple[str, str]]) -> None:
             for i, (_wake, log) in enumerate(shards):
                 wakes[log] = int(replies[2 * i] or 0)
                 for site, version in cast(list[tuple[bytes, float]], replies[2 * i + 1]):
                     changed[text(site)] = None
+                    if log in job_logs:  # that job shard's share of the site's reliability changed
+                        self.shares_stale.add((text(site), job_logs[log]))
                     cursors[log] = max(cursors.get(log, 0), int(version))
 
         async with translated():
@@ -169,15 +174,24 @@ class SiteState(SiteReliability):
                 pipe.zrange(self.hub_keys(hub).sites, 0, -1)
             return sorted(text(s) for members in await pipe.execute() for s in members)
 
-    async def load_sites(self, ids: Sequence[str], known_meta: dict[str, int] | None = None) -> list[SiteRecord]:
+    async def load_sites(self, ids: Sequence[str], known_meta: dict[str, int] | None = None, *,
+                         cached: bool = False) -> list[SiteRecord]:  # fmt: skip
         """Load sites in one round trip (two when pool metadata changed since `known_meta` versions), each with
-        its reliability record decayed to Redis's clock as of the read."""
+        its reliability record decayed to Redis's clock as of the read. `cached`: each job shard's share of a
+        record is read only when this replica has none or changed_sites() found it changed since (the
+        matcher's loads; a share that changes without a change of score is then read with the next one)."""
         places = await self.places(ids)
         ids = [site for site in ids if site in places]
         if not ids:
             return []
         shards = self.keys.each_shard
-        per = 2 + len(shards)  # replies per site: its status, its capacity, each job shard's share of its record
+
+        # which job shards' shares of each site's record to read now
+        reading = {(site, sk.index) for site in ids for sk in shards
+                   if not cached or site not in self.shares or (site, sk.index) in self.shares_stale}  # fmt: skip
+
+        def wanted(site: str, shard: int) -> bool:
+            return (site, shard) in reading
         async with translated():
             pipe = self.redis.pipeline(transaction=False)
             pipe.execute_command("TIME")  # as pipe.time() sends it, which a cluster pipeline refuses
@@ -186,11 +200,20 @@ class SiteState(SiteReliability):
                 pipe.hmget(h.site(site), "hub", "cluster", "status", "seen", "mv")
                 pipe.hgetall(h.capacity(site))
                 for sk in shards:
-                    pipe.hgetall(sk.site_reliability(site))
+                    if wanted(site, sk.index):
+                        pipe.hgetall(sk.site_reliability(site))
             now, *flat = await pipe.execute()
             read_ms = redis_ms(now)
-            raw = [item for i, item in enumerate(flat) if i % per < 2]
-            rels = [flat[i * per + 2:(i + 1) * per] for i in range(len(ids))]
+            replies = iter(flat)
+            raw, rels = [], []
+            for site in ids:
+                raw += [next(replies), next(replies)]
+                shares = self.shares.setdefault(site, [{}] * len(shards)) if cached else [{}] * len(shards)
+                for sk in shards:
+                    if wanted(site, sk.index):
+                        shares[sk.index] = next(replies)
+                        self.shares_stale.discard((site, sk.index))
+                rels.append(shares)
             known = known_meta or {}
             need_meta = [
                 site for i, site in enumerate(ids)

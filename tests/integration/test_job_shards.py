@@ -69,8 +69,8 @@ async def test_every_step_of_a_job_runs_on_its_tenants_shard_and_every_reader_me
 ) -> None:
     tenants = tenants_one_per_shard(store.keys)
     if isinstance(redis_target, RedisClusterGroup):
-        nodes = {redis_target.node_for(sk.prefix).port for sk in store.keys.each_shard}
-        assert len(nodes) >= 2, "the shards' tags spread over the cluster's nodes"
+        nodes = [redis_target.node_for(sk.prefix).port for sk in store.keys.each_shard]
+        assert len(set(nodes)) == 3, f"the shards' tags spread over the three masters: {nodes}"
     await store.apply_capacity(capacity(1, {MODEL: (64, 0)}))
     jobs = await submit_each(store, tenants)
     for job, tenant in jobs.items():
@@ -253,3 +253,27 @@ async def test_a_broker_on_four_job_shards_runs_jobs_of_every_shard_end_to_end(
     with pytest.raises(InvalidInput, match="4 job shards"):
         async with running_broker(redis_target, own_mosquitto, namespace, job_shards=2):
             pass
+
+
+async def test_the_matchers_loads_read_a_shards_share_of_a_sites_record_only_once_it_changed(store: Store) -> None:
+    tenants = tenants_one_per_shard(store.keys)
+    await store.apply_capacity(capacity(1, {MODEL: (16, 0)}))
+
+    async def run_one(tenant: str, name: str) -> None:
+        job = store.id_for(name, tenant)
+        await store.submit(job, tenant_spec(tenant, 4), at_ms=T0)
+        assert (await store.allocate([placement(job, count=4)], 30_000))[0].ok
+        for action in ("accepted", "running", "completed"):
+            await store.transition(job, action, SITE, 1)
+
+    await run_one(tenants[1], "a")
+    version = (await store.changed_sites(0))[0][1]
+    (record,) = await store.load_sites([SITE], cached=True)
+    assert round(record.reliability.completed) == 1 and store.shares_stale == set()
+    await run_one(tenants[3], "b")
+    changed = await store.changed_sites(version)
+    assert [site for site, _ in changed] == [SITE]
+    assert store.shares_stale == {(SITE, 3)}, "only shard 3's share changed"
+    (record,) = await store.load_sites([SITE], cached=True)
+    assert round(record.reliability.completed) == 2, "shard 1's share as cached, shard 3's read again"
+    assert store.shares_stale == set()

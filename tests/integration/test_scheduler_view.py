@@ -82,9 +82,9 @@ async def test_the_view_is_brought_up_to_date_a_chunk_at_a_time(redis_client: ai
     asked: list[tuple[list[str], set[str]]] = []
     real = store.load_sites
 
-    async def load(ids: Sequence[str], known: dict[str, int] | None = None) -> Any:
+    async def load(ids: Sequence[str], known: dict[str, int] | None = None, *, cached: bool = False) -> Any:
         asked.append((list(ids), set(known or {})))
-        return await real(ids, known)
+        return await real(ids, known, cached=cached)
 
     monkeypatch.setattr(store, "load_sites", load)
     scheduler = Scheduler(store, Snapshot(load_geography()), RecordingPublisher())
