@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
+from broker.model.records import Placement
 from broker.state.audit import audit
 from broker.state.keys import Keys
 from broker.state.ledger import GONE_MS, LEASE_MS, MARGIN_MS, MERGE_WAIT_MS, OUTBOX_AGE_MS, Reserved
 from broker.state.store import Store
+from tests.integration.test_holds import option
 from tests.integration.test_store import MODEL, SITE, T0, capacity, counters, placement, spec
 from tests.support import ledger, site_keys
 
@@ -196,3 +198,27 @@ async def test_a_batch_of_transitions_costs_two_round_trips_and_its_outbox_entri
     assert await store.redis.zcard(store.keys.only.outbox) == 2, "done, their entries not yet removed"
     await store.transitions([("j1", "completed", SITE, 1, "")])  # any next round trip carries the removal
     assert await store.redis.zcard(store.keys.only.outbox) == 0 and store.steps_done == []
+
+
+async def test_a_job_bound_through_a_hold_at_an_attempt_a_stopped_try_had_reserved_gets_the_holds_devices(
+    store: Store,
+) -> None:
+    """A try reserved devices for the job's first attempt and stopped; the sweeper released them after the lease.
+    The job is then placed on a hold at the same site, which makes it that same first attempt: the hold's devices
+    pass to it (a released reservation is no tombstone: the attempt was never bound, and its number is used
+    again)."""
+    await store.apply_capacity(capacity(1, {MODEL: (8, 0)}))
+    job = spec(count=4)
+    await store.submit("j1", job, at_ms=T0)
+    assert isinstance(await _reserve(store, "j1", count=4), list)
+    await store.sweep_ledger(await store.clock_ms() + LEASE_MS + MARGIN_MS + 1)
+    assert await ledger(store, SITE) == {}, "the stopped try's reservation given back"
+    taken = await store.take_hold("h1", "default", [option(count=4)], 60_000, job.placement_hash())
+    assert taken.hold is not None
+    p = placement("j1", count=4)
+    (commit,) = await store.allocate([Placement(p.job, p.site, p.hub, p.model, p.count, p.price, p.latency_ms,
+                                                hold="h1")], 30_000)  # fmt: skip
+    assert commit.ok and commit.attempt == 1
+    assert {owner: entry[:3] for owner, entry in (await ledger(store, SITE)).items()} == {"j1": (1, MODEL, 4)}
+    assert (await counters(store))[f"a:{MODEL}"] == 4
+    assert await audit(store) == []

@@ -31,7 +31,7 @@ local function off_lease(owner, attempt)
 end
 
 -- Tombstones: an owner a step took off the ledger ahead of a merge that may still come for it (a release that
--- found no entry of its attempt, a hold's or a leased entry's release, a merge's sources), with the highest
+-- found no entry of its attempt, a hold's release, a merge's sources), with the highest
 -- attempt taken off; a merge into or from an owner buried at its attempt knows it is late. Kept an hour.
 local gone, gone_at = prefix .. 'gone', prefix .. 'gone-at'
 local function now_ms()
@@ -65,8 +65,11 @@ if action == 'release' then
     bury(owner, attempt)
     return 0
   end
-  local leased = redis.call('ZSCORE', prefix .. 'pending', site .. '\t' .. owner .. '\t' .. a)
-  if leased or string.sub(owner, 1, 5) == 'hold:' then bury(owner, a) end
+  -- a hold's release may come ahead of the merge that gives it devices (a preemption's). A job's entry
+  -- released here is not buried: a reservation that was never bound leaves its attempt's number to be used
+  -- again (by a binding through a hold at this site, whose merge must then make the entry), and a bound
+  -- attempt's devices are released only once, after any merge into it
+  if string.sub(owner, 1, 5) == 'hold:' then bury(owner, a) end
   redis.call('HDEL', held, owner)
   redis.call('HINCRBY', capacity, 'a:' .. model, -count)
   off_lease(owner, a)
