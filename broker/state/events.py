@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -24,7 +23,6 @@ log = logs.get("suanwang.events")
 _NUMBERS = {"count": int, "attempt": int, "price": float, "latency_ms": float, "ts": int}
 MIRROR_GROUP = "mirror"
 CLAIM_IDLE_MS = 30_000  # a replica silent this long on an entry is taken to be dead
-CLAIM_EVERY_S = 10.0  # how often a mirror looks for a dead replica's entries
 
 
 def decode_event(event_id: bytes | str, fields: dict[bytes, bytes]) -> dict[str, Any]:
@@ -196,32 +194,21 @@ async def _mirror_log(store: Store, key: str, consumer: str, publish: Callable[[
                       stop: asyncio.Event, publish_batch: Callable[[bytes], Awaitable[None]] | None) -> None:
     redis = store.redis
     created = False
-    claimed_at = -CLAIM_EVERY_S  # monotonic s of the last look for a dead replica's entries
-    pending = True  # whether this consumer may have entries read but not acknowledged
     while not stop.is_set():
         try:
             if not created:
                 with contextlib.suppress(redis_errors.ResponseError):  # BUSYGROUP: it exists
                     await redis.xgroup_create(key, MIRROR_GROUP, id="$", mkstream=True)
                 created = True
-            # Now and then, entries a dead replica read but never acknowledged (they become ours); then our own
-            # pending ones (published but not acknowledged before an error), then new ones: in the steady state
-            # one command a read.
-            if time.monotonic() - claimed_at >= CLAIM_EVERY_S:
-                claimed = await redis.xautoclaim(key, MIRROR_GROUP, consumer, min_idle_time=CLAIM_IDLE_MS,
-                                                 count=500)  # fmt: skip
-                claimed_at = time.monotonic()
-                if claimed and claimed[1]:
-                    log.info("mirror.claimed", entries=len(claimed[1]))
-                    pending = True
-            reply, from_pending = None, False
-            if pending:
-                reply = cast(StreamReply, await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500))
-                from_pending = bool(reply and reply[0][1])
-            if not from_pending:
+            # First entries a dead replica read but never acknowledged, then our own pending ones
+            # (published but not acknowledged before a reconnect), then new ones.
+            claimed = await redis.xautoclaim(key, MIRROR_GROUP, consumer, min_idle_time=CLAIM_IDLE_MS, count=500)
+            if claimed and claimed[1]:
+                log.info("mirror.claimed", entries=len(claimed[1]))
+            reply = cast(StreamReply, await redis.xreadgroup(MIRROR_GROUP, consumer, {key: "0"}, count=500))
+            if not reply or not reply[0][1]:
                 reply = cast(StreamReply, await redis.xreadgroup(MIRROR_GROUP, consumer, {key: ">"}, count=500,
                                                                  block=1000))  # fmt: skip
-            pending = True  # until what was read is acknowledged (an error below leaves it to read again)
             for _stream, entries in reply or ():
                 if not entries:
                     continue
@@ -231,7 +218,6 @@ async def _mirror_log(store: Store, key: str, consumer: str, publish: Callable[[
                 if publish_batch is not None:
                     await publish_batch(orjson.dumps(events))
                 await redis.xack(key, MIRROR_GROUP, *[event_id for event_id, _ in entries])
-            pending = from_pending  # our pending entries are read again until none is left
         except redis_errors.ResponseError as exc:
             if "NOGROUP" in str(exc):
                 created = False  # the stream was deleted (Redis restarted without persistence)

@@ -27,7 +27,6 @@ async def test_a_dead_replicas_events_are_taken_over_and_a_failed_publish_is_don
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(events, "CLAIM_IDLE_MS", 200)
-    monkeypatch.setattr(events, "CLAIM_EVERY_S", 0.3)
     log = store.keys.only.events
     await store.redis.xgroup_create(log, MIRROR_GROUP, id="$", mkstream=True)
     for i in range(3):
